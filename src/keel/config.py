@@ -1,0 +1,351 @@
+"""keel.toml, `KEEL_*` environment overrides, and the embedded defaults.
+
+Where the file comes from: `KEEL_CONFIG`, else `./keel.toml`, else nothing
+(the embedded defaults: a local model, the SQLite store, no keys). A user file
+is merged over the defaults, so it only names what it changes.
+
+Environment overrides, applied last:
+  KEEL_STORE             store.url (a file path, or a postgresql:// URL)
+  KEEL_DEFAULT_MODEL     default_model
+  KEEL_CAPTURE_CONTENT   tracing.capture_content (true/false)
+  KEEL_TIMEOUT           timeout (seconds)
+  KEEL_MAX_RETRIES       max_retries
+  KEEL_<A>__<B>__<C>     any field by path, e.g. KEEL_MODELS__LOCAL__TIMEOUT=30
+                         (names match case-insensitively, `_` matches `-`)
+
+Validation errors name the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from keel.errors import ConfigError, UnknownModel
+
+__all__ = [
+    "CircuitConfig",
+    "Config",
+    "KeyConfig",
+    "ModelConfig",
+    "PriceConfig",
+    "StoreConfig",
+    "TracingConfig",
+    "default_store_path",
+    "load_config",
+]
+
+Provider = Literal["openai", "anthropic", "gemini", "local", "test", "onnx"]
+
+DEFAULT_KEY_ENV: dict[str, str] = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PriceConfig(_Strict):
+    """USD per million tokens; overrides genai-prices (self-hosted or negotiated prices)."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+
+
+class ModelConfig(_Strict):
+    provider: Provider
+    model: str = Field(min_length=1, description="the provider's model id (local: 'smollm2' or a .gguf path)")
+    kind: Literal["chat", "embedding"] = "chat"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    context_window: int | None = Field(default=None, gt=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
+    max_retries: int | None = Field(default=None, ge=0, le=20)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    fallbacks: tuple[str, ...] = ()
+    context_fallbacks: tuple[str, ...] = ()
+    price: PriceConfig | None = None
+    price_model: str | None = None
+    price_provider: str | None = None
+    script: tuple[str, ...] = ()  # provider "test": the answers, in order
+
+    def key_env(self) -> str | None:
+        return self.api_key_env or DEFAULT_KEY_ENV.get(self.provider)
+
+
+class KeyConfig(_Strict):
+    """Limits and budgets of one caller (a team, a feature, a virtual key)."""
+
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    daily_budget_usd: float | None = Field(default=None, ge=0)
+    monthly_budget_usd: float | None = Field(default=None, ge=0)
+    models: tuple[str, ...] | None = None
+
+
+class StoreConfig(_Strict):
+    url: str = ""  # empty: default_store_path()
+
+
+class TracingConfig(_Strict):
+    capture_content: bool = True
+    redact_patterns: tuple[str, ...] = ()
+    max_queue: int = Field(default=10_000, gt=0)
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> TracingConfig:
+        for pattern in self.redact_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redact pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+        return self
+
+
+class CircuitConfig(_Strict):
+    failures: int = Field(default=5, gt=0)  # consecutive failures that open the circuit
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class Config(_Strict):
+    default_model: str = "local"
+    default_embedding_model: str = "local-embed"
+    timeout: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=20)
+    retry_base_s: float = Field(default=0.5, gt=0)
+    retry_max_s: float = Field(default=20.0, gt=0)
+    store: StoreConfig = StoreConfig()
+    tracing: TracingConfig = TracingConfig()
+    circuit_breaker: CircuitConfig = CircuitConfig()
+    models: dict[str, ModelConfig] = {}
+    aliases: dict[str, str] = {}
+    keys: dict[str, KeyConfig] = {}
+    source: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Config:
+        known = set(self.models)
+        for alias, target in self.aliases.items():
+            if target not in known:
+                raise _Ref(("aliases", alias), f"alias {alias!r} points at unknown model {target!r}")
+            if alias in known:
+                raise _Ref(("aliases", alias), f"alias {alias!r} has the name of a model")
+        for name, model in self.models.items():
+            for field in ("fallbacks", "context_fallbacks"):
+                for target in getattr(model, field):
+                    if self.resolve_name(target) is None:
+                        raise _Ref(("models", name, field), f"{field} of {name!r} names unknown model {target!r}")
+                    if self.resolve_name(target) == name:
+                        raise _Ref(("models", name, field), f"model {name!r} falls back to itself")
+        for key, key_config in self.keys.items():
+            for target in key_config.models or ():
+                if self.resolve_name(target) is None:
+                    raise _Ref(("keys", key, "models"), f"key {key!r} allows unknown model {target!r}")
+        return self
+
+    def resolve_name(self, name: str) -> str | None:
+        """The model name an alias or model name refers to, or None."""
+        if name in self.models:
+            return name
+        return self.aliases.get(name)
+
+    def resolve(self, name: str | None, *, kind: str = "chat") -> str:
+        wanted = name or (self.default_model if kind == "chat" else self.default_embedding_model)
+        resolved = self.resolve_name(wanted)
+        if resolved is None:
+            raise UnknownModel(wanted, [*self.models, *self.aliases])
+        return resolved
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or str(default_store_path())
+
+
+class _Ref(ValueError):
+    """A reference error with the path of the field it concerns."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def default_store_path() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "keel" / "keel.db"
+
+
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "models": {
+        "local": {"provider": "local", "model": "smollm2", "context_window": 8192, "max_output_tokens": 512},
+        "local-embed": {"provider": "onnx", "model": "all-MiniLM-L6-v2", "kind": "embedding", "context_window": 256},
+        "gpt-4o-mini": {"provider": "openai", "model": "gpt-4o-mini"},
+        "gpt-4.1": {"provider": "openai", "model": "gpt-4.1"},
+        "text-embedding-3-small": {"provider": "openai", "model": "text-embedding-3-small", "kind": "embedding"},
+        "claude-haiku-4-5": {"provider": "anthropic", "model": "claude-haiku-4-5"},
+        "claude-sonnet-4-5": {"provider": "anthropic", "model": "claude-sonnet-4-5"},
+        "gemini-2.5-flash": {"provider": "gemini", "model": "gemini-2.5-flash"},
+        "gemini-embedding-001": {"provider": "gemini", "model": "gemini-embedding-001", "kind": "embedding"},
+    },
+}
+
+
+# --- loading ----------------------------------------------------------------------
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "models":
+            out[key] = _merge(out[key], value)
+        elif key == "models" and isinstance(value, Mapping):
+            out[key] = {**out.get(key, {}), **value}  # a user's model replaces the default of that name
+        else:
+            out[key] = value
+    return out
+
+
+_SHORT_ENV = {
+    "KEEL_STORE": ("store", "url"),
+    "KEEL_DEFAULT_MODEL": ("default_model",),
+    "KEEL_CAPTURE_CONTENT": ("tracing", "capture_content"),
+    "KEEL_TIMEOUT": ("timeout",),
+    "KEEL_MAX_RETRIES": ("max_retries",),
+}
+
+
+def _env_value(raw: str) -> Any:
+    if raw[:1] in "[{":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _match_key(mapping: Mapping[str, Any], part: str) -> str:
+    wanted = part.lower().replace("_", "-")
+    for key in mapping:
+        if key.lower().replace("_", "-") == wanted:
+            return key
+    return part.lower()
+
+
+def _set_path(data: dict[str, Any], parts: Sequence[str], value: Any) -> None:
+    node = data
+    for part in parts[:-1]:
+        key = _match_key(node, part)
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {} if child is None else dict(child)
+        node[key] = child = dict(child)
+        node = child
+    node[_match_key(node, parts[-1])] = value
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    applied = []
+    for name, raw in environ.items():
+        if name in _SHORT_ENV:
+            _set_path(data, _SHORT_ENV[name], _env_value(raw))
+        elif name.startswith("KEEL_") and "__" in name:
+            _set_path(data, name[5:].split("__"), _env_value(raw))
+        else:
+            continue
+        applied.append(name)
+    return applied
+
+
+def locate(text: str, loc: Sequence[str | int]) -> int | None:
+    """The 1-based line of a field path in TOML text (best effort), or None."""
+    path = [str(p) for p in loc]
+    table: list[str] = []
+    best: int | None = None
+    best_depth = 0
+    header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    assign = re.compile(r"^\s*([A-Za-z0-9_\-\"'.]+)\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := header.match(line):
+            table = [p.strip().strip("\"'") for p in m.group(1).split(".")]
+            full = table
+        elif m := assign.match(line):
+            full = table + [p.strip().strip("\"'") for p in m.group(1).split(".")]
+        else:
+            continue
+        depth = 0
+        for a, b in zip(full, path, strict=False):
+            if a != b:
+                break
+            depth += 1
+        if depth > best_depth and depth == len(full):
+            best, best_depth = number, depth
+    return best
+
+
+def _config_error(exc: ValidationError, text: str | None, file: str | None) -> ConfigError:
+    problems = []
+    first_line = None
+    first_field = None
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _Ref):
+            loc = ctx_error.loc
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = locate(text, loc) if text else None
+        message = str(ctx_error) if ctx_error else err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append(f"{file or '<config>'}{f':{line}' if line else ''} [{field}]: {message}")
+        if first_field is None:
+            first_line, first_field = line, field
+    error = ConfigError("\n".join(problems))
+    error.file, error.line, error.field = file, first_line, first_field
+    return error
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    defaults: bool = True,
+) -> Config:
+    """Load and validate the configuration (see the module docstring for the order)."""
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = environ.get("KEEL_CONFIG") or ("keel.toml" if Path("keel.toml").is_file() else None)
+    data: dict[str, Any] = dict(EMBEDDED_DEFAULTS) if defaults else {}
+    text: str | None = None
+    file: str | None = None
+    if path is not None:
+        file = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file: {exc.strerror}", file=file) from exc
+        try:
+            user = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            line_match = re.search(r"line (\d+)", str(exc))
+            raise ConfigError(
+                f"not valid TOML: {exc}", file=file, line=int(line_match.group(1)) if line_match else None
+            ) from exc
+        data = _merge(data, user)
+    _apply_env(data, environ)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, text, file) from None
+    return config.model_copy(update={"source": file})

@@ -1,0 +1,307 @@
+"""keel's one exception tree.
+
+The caller's mistakes and the provider's failures are separate branches, so
+code can catch "anything I did wrong" apart from "anything upstream did":
+
+    KeelError
+    ├── ConfigError                 keel.toml or environment is wrong (file, line, field)
+    │   └── MissingAPIKey           names the environment variable to set
+    ├── InputError                  the request itself is wrong
+    │   ├── UnknownModel
+    │   ├── InvalidMessages
+    │   ├── InvalidSchema
+    │   └── ContextWindowExceeded   prompt larger than every usable context window
+    ├── LimitError                  refused by keel before anything was sent
+    │   ├── RateLimited             requests or tokens per minute (retry_after)
+    │   ├── BudgetExceeded          daily or monthly budget of a key
+    │   └── CircuitOpen             a deployment is cooling down after failures
+    ├── ProviderError               the provider failed (status, retryable, retry_after)
+    │   ├── BadRequest              400
+    │   ├── AuthenticationFailed    401
+    │   ├── PermissionDenied        403
+    │   ├── ModelNotFound           404
+    │   ├── ProviderTimeout         408 or no answer within the timeout
+    │   ├── ProviderRateLimited     429
+    │   ├── ServerError             5xx
+    │   ├── ProviderConnectionError connection refused or reset
+    │   └── MalformedResponse       the provider's answer could not be understood
+    ├── StructuredOutputError       no valid instance after the re-ask limit
+    └── AllModelsFailed             every model of a fallback chain failed
+
+Every error carries `attempts` (how many provider calls were made) and
+`usage` (tokens spent before it failed) so the trace and the caller see the
+real cost of a failure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keel.types import Usage
+
+__all__ = [
+    "AllModelsFailed",
+    "AuthenticationFailed",
+    "BadRequest",
+    "BudgetExceeded",
+    "CircuitOpen",
+    "ConfigError",
+    "ContextWindowExceeded",
+    "InputError",
+    "InvalidMessages",
+    "InvalidSchema",
+    "KeelError",
+    "LimitError",
+    "MalformedResponse",
+    "MissingAPIKey",
+    "ModelNotFound",
+    "PermissionDenied",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderRateLimited",
+    "ProviderTimeout",
+    "RateLimited",
+    "ServerError",
+    "StructuredOutputError",
+    "UnknownModel",
+    "error_for_status",
+]
+
+
+class KeelError(Exception):
+    """Base of every error keel raises on purpose."""
+
+    #: HTTP status the server answers with for this error.
+    http_status: int = 500
+    #: Short machine-readable code (OpenAI error shape `code`).
+    code: str = "keel_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.attempts: int = 0
+        self.usage: Usage | None = None
+
+    @property
+    def error_type(self) -> str:
+        """The `error.type` span attribute: the class name."""
+        return type(self).__name__
+
+
+# --- configuration -------------------------------------------------------
+
+
+class ConfigError(KeelError):
+    """The configuration is invalid; says where."""
+
+    http_status = 500
+    code = "config_error"
+
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None
+    ) -> None:
+        where = ""
+        if file:
+            where = file + (f":{line}" if line else "")
+        if field:
+            where = f"{where} [{field}]" if where else f"[{field}]"
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file = file
+        self.line = line
+        self.field = field
+
+
+class MissingAPIKey(ConfigError):
+    code = "missing_api_key"
+
+    def __init__(self, env_var: str, model: str) -> None:
+        super().__init__(f"model {model!r} needs an API key: set the environment variable {env_var}")
+        self.env_var = env_var
+
+
+# --- the caller's mistakes ----------------------------------------------------
+
+
+class InputError(KeelError):
+    http_status = 400
+    code = "invalid_request"
+
+
+class UnknownModel(InputError):
+    http_status = 404
+    code = "model_not_found"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        known_text = ", ".join(sorted(known)) or "none configured"
+        super().__init__(f"unknown model or alias {name!r}; configured: {known_text}")
+        self.name = name
+
+
+class InvalidMessages(InputError):
+    code = "invalid_messages"
+
+
+class InvalidSchema(InputError):
+    code = "invalid_schema"
+
+
+class ContextWindowExceeded(InputError):
+    code = "context_length_exceeded"
+
+    def __init__(self, message: str, *, tokens: int | None = None, context_window: int | None = None) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+        self.context_window = context_window
+
+
+# --- refused by keel before sending -------------------------------------------
+
+
+class LimitError(KeelError):
+    http_status = 429
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(LimitError):
+    code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(LimitError):
+    http_status = 402
+    code = "budget_exceeded"
+
+
+class CircuitOpen(LimitError):
+    http_status = 503
+    code = "circuit_open"
+
+
+# --- the provider's failures ---------------------------------------------------
+
+
+class ProviderError(KeelError):
+    """The provider (or the network to it) failed."""
+
+    http_status = 502
+    code = "provider_error"
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+        body: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.model = model
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+
+
+class BadRequest(ProviderError):
+    http_status = 400
+    code = "bad_request"
+
+
+class AuthenticationFailed(ProviderError):
+    http_status = 401
+    code = "authentication_failed"
+
+
+class PermissionDenied(ProviderError):
+    http_status = 403
+    code = "permission_denied"
+
+
+class ModelNotFound(ProviderError):
+    http_status = 404
+    code = "upstream_model_not_found"
+
+
+class ProviderTimeout(ProviderError):
+    http_status = 504
+    code = "timeout"
+    retryable = True
+
+
+class ProviderRateLimited(ProviderError):
+    http_status = 429
+    code = "upstream_rate_limited"
+    retryable = True
+
+
+class ServerError(ProviderError):
+    http_status = 502
+    code = "upstream_server_error"
+    retryable = True
+
+
+class ProviderConnectionError(ProviderError):
+    http_status = 502
+    code = "upstream_connection_error"
+    retryable = True
+
+
+class MalformedResponse(ProviderError):
+    http_status = 502
+    code = "malformed_response"
+
+
+# --- composite failures -------------------------------------------------------
+
+
+class StructuredOutputError(KeelError):
+    http_status = 422
+    code = "structured_output_invalid"
+
+    def __init__(self, message: str, *, last_text: str | None = None) -> None:
+        super().__init__(message)
+        self.last_text = last_text
+
+
+class AllModelsFailed(KeelError):
+    """Every model of a fallback chain failed; `errors` holds each one's error."""
+
+    code = "all_models_failed"
+
+    def __init__(self, errors: list[tuple[str, KeelError]]) -> None:
+        parts = "; ".join(f"{name}: {err.error_type}: {err.message}" for name, err in errors)
+        super().__init__(f"all models failed: {parts}")
+        self.errors = errors
+        self.http_status = errors[-1][1].http_status if errors else 502
+
+    @property
+    def last(self) -> KeelError:
+        return self.errors[-1][1]
+
+
+_STATUS_ERRORS: dict[int, type[ProviderError]] = {
+    400: BadRequest,
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    404: ModelNotFound,
+    408: ProviderTimeout,
+    409: ServerError,
+    422: BadRequest,
+    429: ProviderRateLimited,
+}
+
+
+def error_for_status(status: int) -> type[ProviderError]:
+    """The ProviderError subclass for an HTTP status from a provider."""
+    if status in _STATUS_ERRORS:
+        return _STATUS_ERRORS[status]
+    if status >= 500:
+        return ServerError
+    return ProviderError

@@ -1,0 +1,89 @@
+"""The one interface every model adapter and every wrapper implements.
+
+An adapter needs only `complete`. Streaming, embeddings and exact token
+counting are optional: the defaults here stream a completed answer as one
+piece, refuse embeddings, and count tokens with the documented
+approximation in `keel.tokens`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+
+from keel import tokens
+from keel.types import ChatRequest, EmbeddingResult, ModelResponse, StreamDelta
+
+__all__ = ["Model", "StreamItem", "WrapperModel"]
+
+StreamItem = StreamDelta | ModelResponse
+"""A stream yields deltas and ends with exactly one ModelResponse."""
+
+
+class Model(ABC):
+    """One deployment: a provider client plus the model id it calls."""
+
+    #: `gen_ai.provider.name` (OpenTelemetry GenAI): openai, anthropic, gcp.gemini, local, test...
+    provider: str = "unknown"
+
+    def __init__(self, model_id: str, *, context_window: int | None = None) -> None:
+        self.model_id = model_id
+        self.context_window = context_window
+
+    @abstractmethod
+    async def complete(self, request: ChatRequest) -> ModelResponse:
+        """Make one provider call. Raise `keel.errors.ProviderError` subclasses."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+        response = await self.complete(request)
+        if response.text:
+            yield StreamDelta(text=response.text)
+        yield response
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
+        raise NotImplementedError(f"{self.provider} model {self.model_id!r} does not embed")
+
+    def count_tokens(self, request: ChatRequest) -> int:
+        """Input tokens of `request` before it is sent (approximate by default)."""
+        return tokens.approx_request_tokens(request)
+
+    @property
+    def exact_token_count(self) -> bool:
+        return False
+
+    async def aclose(self) -> None:
+        """Release connections; the default has none."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model_id!r})"
+
+
+class WrapperModel(Model):
+    """A model that adds behaviour around another one (retry, limits, ...)."""
+
+    def __init__(self, inner: Model) -> None:
+        super().__init__(inner.model_id, context_window=inner.context_window)
+        self.inner = inner
+        self.provider = inner.provider
+
+    async def complete(self, request: ChatRequest) -> ModelResponse:
+        return await self.inner.complete(request)
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+        return self.inner.stream(request)
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
+        return await self.inner.embed(texts)
+
+    def count_tokens(self, request: ChatRequest) -> int:
+        return self.inner.count_tokens(request)
+
+    @property
+    def exact_token_count(self) -> bool:
+        return self.inner.exact_token_count
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"

@@ -1,0 +1,242 @@
+"""The store interface, and the SQL both backends share.
+
+A backend supplies connections and its dialect (placeholder style, column
+types); queries are written once here. Writes happen in one transaction per
+batch, so a crash leaves either the whole span or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from keel.store.migrations import MIGRATIONS
+from keel.trace import Span, dumps
+
+__all__ = ["SpanFilter", "StatsRow", "Store"]
+
+SPAN_COLUMNS = (
+    "span_id", "trace_id", "parent_id", "name", "operation", "start_time", "end_time", "duration_ms", "day",
+    "status", "error_type", "error_message", "provider", "model", "request_model", "response_model",
+    "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens", "cost_usd", "attempts",
+    "api_key", "attributes", "input", "output",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SpanFilter:
+    trace_id: str | None = None
+    model: str | None = None
+    status: str | None = None  # "ok" | "error"
+    api_key: str | None = None
+    operation: str | None = None
+    since: float | None = None  # epoch seconds
+    until: float | None = None
+    text: str | None = None  # substring of input, output or error
+    roots_only: bool = False
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    model: str
+    day: str
+    calls: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None  # None when no call of the group had a known price
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.calls if self.calls else 0.0
+
+
+def span_row(span: Span) -> tuple[Any, ...]:
+    a = span.attributes
+    return (
+        span.span_id, span.trace_id, span.parent_id, span.name, a.get("gen_ai.operation.name"),
+        span.start_time, span.end_time, span.duration_ms, span.day, span.status, span.error_type,
+        span.error_message, a.get("gen_ai.provider.name"), a.get("keel.model"), a.get("gen_ai.request.model"),
+        a.get("gen_ai.response.model"), a.get("gen_ai.usage.input_tokens"), a.get("gen_ai.usage.output_tokens"),
+        a.get("keel.usage.cached_input_tokens"), a.get("keel.usage.reasoning_tokens"), a.get("keel.cost_usd"),
+        a.get("keel.attempts"), a.get("keel.api_key"), dumps(span.attributes), dumps(span.input), dumps(span.output),
+    )  # fmt: skip
+
+
+def _json(value: Any) -> Any:
+    if value is None or not isinstance(value, str):
+        return value  # PostgreSQL JSONB arrives decoded
+    return json.loads(value)
+
+
+def span_from_row(row: Sequence[Any]) -> Span:
+    r = dict(zip(SPAN_COLUMNS, row, strict=True))
+    return Span(
+        trace_id=r["trace_id"], span_id=r["span_id"], parent_id=r["parent_id"], name=r["name"],
+        start_time=r["start_time"], end_time=r["end_time"], status=r["status"], error_type=r["error_type"],
+        error_message=r["error_message"], attributes=_json(r["attributes"]) or {},
+        input=_json(r["input"]), output=_json(r["output"]),
+    )  # fmt: skip
+
+
+class Store(ABC):
+    """Where spans (and later: keys, jobs, collections) live."""
+
+    #: DB-API placeholder of the backend: "?" or "%s".
+    placeholder = "?"
+    #: Column types substituted into migrations.
+    types = {"json": "TEXT", "real": "REAL"}
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    # --- what a backend provides --------------------------------------------
+
+    @abstractmethod
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A cursor inside one transaction: committed on success, rolled back on error."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections."""
+
+    def json_param(self, value: str | None) -> Any:
+        """How a JSON text is passed as a parameter (PostgreSQL wraps it)."""
+        return value
+
+    # --- migrations -----------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations; returns the names applied now."""
+        applied_now: list[str] = []
+        with self.transaction() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS keel_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        with self.transaction() as cur:
+            cur.execute("SELECT name FROM keel_migrations")
+            done = {row[0] for row in cur.fetchall()}
+        for migration in MIGRATIONS:
+            if migration.name in done:
+                continue
+            with self.transaction() as cur:
+                for statement in migration.statements:
+                    cur.execute(statement.format(**self.types))
+                cur.execute(
+                    self._sql("INSERT INTO keel_migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)"),
+                    (migration.name,),
+                )
+            applied_now.append(migration.name)
+        return applied_now
+
+    def applied_migrations(self) -> list[str]:
+        with self.transaction() as cur:
+            cur.execute("SELECT name FROM keel_migrations ORDER BY name")
+            return [row[0] for row in cur.fetchall()]
+
+    # --- spans ----------------------------------------------------------------
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    def write_spans(self, spans: Sequence[Span]) -> None:
+        if not spans:
+            return
+        marks = ", ".join("?" for _ in SPAN_COLUMNS)
+        sql = self._sql(f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) VALUES ({marks})")
+        rows = []
+        for span in spans:
+            row = list(span_row(span))
+            for i in (-3, -2, -1):
+                row[i] = self.json_param(row[i])
+            rows.append(tuple(row))
+        with self.transaction() as cur:
+            cur.executemany(sql, rows)
+
+    def _where(self, f: SpanFilter) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("trace_id", f.trace_id), ("model", f.model), ("status", f.status),
+            ("api_key", f.api_key), ("operation", f.operation),
+        ):  # fmt: skip
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if f.since is not None:
+            clauses.append("start_time >= ?")
+            params.append(f.since)
+        if f.until is not None:
+            clauses.append("start_time < ?")
+            params.append(f.until)
+        if f.roots_only:
+            clauses.append("parent_id IS NULL")
+        if f.text:
+            clauses.append(f"(LOWER({self._text('input')}) LIKE ? OR LOWER({self._text('output')}) LIKE ? OR LOWER(COALESCE(error_message, '')) LIKE ?)")
+            params += [f"%{f.text.lower()}%"] * 3
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def _text(self, column: str) -> str:
+        """A JSON column as text, for LIKE."""
+        return f"COALESCE({column}, '')"
+
+    def list_spans(self, f: SpanFilter = SpanFilter()) -> list[Span]:
+        where, params = self._where(f)
+        sql = f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans{where} ORDER BY start_time DESC LIMIT ?"
+        with self.transaction() as cur:
+            cur.execute(self._sql(sql), [*params, f.limit])
+            return [span_from_row(r) for r in cur.fetchall()]
+
+    def get_trace(self, trace_id: str) -> list[Span]:
+        """All spans of a trace, oldest first."""
+        sql = f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans WHERE trace_id = ? ORDER BY start_time"
+        with self.transaction() as cur:
+            cur.execute(self._sql(sql), [trace_id])
+            return [span_from_row(r) for r in cur.fetchall()]
+
+    def find_trace_ids(self, prefix: str, limit: int = 5) -> list[str]:
+        """Trace ids starting with `prefix` (or whose span id does), for short ids in the CLI."""
+        sql = "SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE ? OR span_id LIKE ? LIMIT ?"
+        with self.transaction() as cur:
+            cur.execute(self._sql(sql), [f"{prefix}%", f"{prefix}%", limit])
+            return [r[0] for r in cur.fetchall()]
+
+    def stats(self, *, since: float | None = None, operation: str | None = "chat") -> list[StatsRow]:
+        """Calls, error rate, nearest-rank p50/p95 latency, tokens and cost by model and day."""
+        where, params = self._where(SpanFilter(since=since, operation=operation))
+        sql = f"""
+            WITH r AS (
+                SELECT COALESCE(model, request_model, '?') AS m, day, status, duration_ms, input_tokens,
+                       output_tokens, cost_usd,
+                       ROW_NUMBER() OVER (PARTITION BY COALESCE(model, request_model, '?'), day ORDER BY duration_ms) AS rn,
+                       COUNT(*) OVER (PARTITION BY COALESCE(model, request_model, '?'), day) AS n
+                FROM spans{where}
+            )
+            SELECT m, day, COUNT(*), SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END),
+                   MIN(CASE WHEN rn >= 0.50 * n THEN duration_ms END),
+                   MIN(CASE WHEN rn >= 0.95 * n THEN duration_ms END),
+                   COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), SUM(cost_usd)
+            FROM r GROUP BY m, day ORDER BY day DESC, m
+        """
+        with self.transaction() as cur:
+            cur.execute(self._sql(sql), params)
+            return [
+                StatsRow(r[0], r[1], int(r[2]), int(r[3]), _float(r[4]), _float(r[5]), int(r[6]), int(r[7]), _float(r[8]))
+                for r in cur.fetchall()
+            ]
+
+    def spend(self, api_key: str, since: float) -> float:
+        """USD spent by a key since a time (budgets read this at start-up)."""
+        sql = "SELECT COALESCE(SUM(cost_usd), 0) FROM spans WHERE api_key = ? AND start_time >= ? AND parent_id IS NULL"
+        with self.transaction() as cur:
+            cur.execute(self._sql(sql), [api_key, since])
+            return float(cur.fetchone()[0])
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)

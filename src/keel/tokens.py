@@ -1,0 +1,81 @@
+"""Counting tokens before a call, offline.
+
+- OpenAI models: the model's own encoding from `bpe-openai` (o200k_base or
+  cl100k_base), plus OpenAI's documented chat framing (3 tokens per message
+  and 3 to prime the reply).
+- The local model: its own tokenizer (see `keel.models.local`).
+- Everything else (Anthropic, Gemini, unknown servers): an **approximation**,
+  the o200k_base count plus 10%, rounded up. Modern BPE vocabularies agree
+  within about that margin on English text; the margin keeps context-window
+  and budget checks on the safe side. Exact counts come back in the usage of
+  the response and are what cost is computed from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import bpe_openai
+
+if TYPE_CHECKING:
+    from keel.types import ChatRequest, Message
+
+__all__ = ["APPROX_MARGIN", "approx_request_tokens", "count_text", "encoding_for", "request_tokens"]
+
+APPROX_MARGIN = 1.10
+PER_MESSAGE = 3
+REPLY_PRIMING = 3
+
+
+@lru_cache(maxsize=8)
+def _encoding(name: str) -> Any:
+    return bpe_openai.get_encoding(name)
+
+
+def encoding_for(model_id: str) -> str | None:
+    """The tiktoken encoding name of an OpenAI model, or None if not an OpenAI model."""
+    try:
+        return str(bpe_openai.encoding_name_for_model(model_id))
+    except (KeyError, bpe_openai.UnsupportedModelError):
+        return None
+
+
+def count_text(text: str, encoding: str = "o200k_base") -> int:
+    return len(_encoding(encoding).encode(text, allowed_special="all"))
+
+
+def _message_text(message: Message) -> str:
+    parts = [message.role, message.content or ""]
+    for call in message.tool_calls:
+        parts += [call.name, call.arguments]
+    if message.name:
+        parts.append(message.name)
+    return " ".join(parts)
+
+
+def _options_text(request: ChatRequest) -> str:
+    opts = request.options
+    extra = [json.dumps(t.to_openai()) for t in opts.tools]
+    if opts.response_format is not None:
+        extra.append(json.dumps(dict(opts.response_format.schema)))
+    return "\n".join(extra)
+
+
+def request_tokens(request: ChatRequest, encoding: str = "o200k_base") -> int:
+    """Input tokens of a chat request under an OpenAI encoding."""
+    enc = _encoding(encoding)
+    total = REPLY_PRIMING
+    for message in request.messages:
+        total += PER_MESSAGE + len(enc.encode(_message_text(message), allowed_special="all"))
+    extra = _options_text(request)
+    if extra:
+        total += len(enc.encode(extra, allowed_special="all"))
+    return total
+
+
+def approx_request_tokens(request: ChatRequest) -> int:
+    """The documented approximation for models without an offline tokenizer."""
+    return math.ceil(request_tokens(request) * APPROX_MARGIN)

@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests never reach a hosted provider."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# PostgreSQL fixtures (pgserver) live in their own module.
+from fixtures_pg import *  # noqa: F403
+
+os.environ.pop("OPENAI_API_KEY", None)
+os.environ.pop("ANTHROPIC_API_KEY", None)
+os.environ.pop("GEMINI_API_KEY", None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own store and no keel.toml from the working directory."""
+    monkeypatch.setenv("KEEL_STORE", str(tmp_path / "keel.db"))  # type: ignore[operator]
+    monkeypatch.delenv("KEEL_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]
