@@ -10,6 +10,7 @@ code can catch "anything I did wrong" apart from "anything upstream did":
     │   ├── UnknownModel
     │   ├── InvalidMessages
     │   ├── InvalidSchema
+    │   ├── ModelNotAllowed         the caller's key may not use this model
     │   └── ContextWindowExceeded   prompt larger than every usable context window
     ├── LimitError                  refused by keel before anything was sent
     │   ├── RateLimited             requests or tokens per minute (retry_after)
@@ -55,6 +56,7 @@ __all__ = [
     "LimitError",
     "MalformedResponse",
     "MissingAPIKey",
+    "ModelNotAllowed",
     "ModelNotFound",
     "PermissionDenied",
     "ProviderConnectionError",
@@ -144,6 +146,11 @@ class InvalidMessages(InputError):
 
 class InvalidSchema(InputError):
     code = "invalid_schema"
+
+
+class ModelNotAllowed(InputError):
+    http_status = 403
+    code = "model_not_allowed"
 
 
 class ContextWindowExceeded(InputError):

@@ -83,7 +83,7 @@ def current_span() -> Span | None:
 DEFAULT_SECRET_PATTERNS = (
     r"sk-[A-Za-z0-9_\-]{16,}",  # OpenAI, Anthropic (sk-ant-...), keel virtual keys
     r"AIza[0-9A-Za-z_\-]{30,}",  # Google API keys
-    r"(?i)bearer\s+[A-Za-z0-9._\-]{12,}",
+    r"[Bb][Ee][Aa][Rr][Ee][Rr]\s+[A-Za-z0-9._\-]{12,}",
 )
 REDACTED = "[REDACTED]"
 

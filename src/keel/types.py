@@ -166,7 +166,8 @@ class ModelResponse:
     model: str = ""  # the model the provider says answered
     provider: str = ""
     attempts: int = 1  # provider calls made, counted by the retry/fallback wrappers
-    cost_usd: float | None = None  # filled by the cost wrapper; None = unknown price
+    cost_usd: float | None = None  # filled by the deployment wrapper; None = unknown price
+    deployment: str = ""  # the configured name of the model that answered
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from keel.store.migrations import MIGRATIONS
+from keel.store.migrations import MIGRATIONS, Migration
 from keel.trace import Span, dumps
 
 __all__ = ["SpanFilter", "StatsRow", "Store"]
@@ -114,25 +114,41 @@ class Store(ABC):
     # --- migrations -----------------------------------------------------------
 
     def migrate(self) -> list[str]:
-        """Apply pending migrations; returns the names applied now."""
-        applied_now: list[str] = []
+        """Apply pending migrations; returns the names applied now.
+
+        Safe when several processes start at once: each step holds the
+        backend's migration lock and re-reads what is applied under it.
+        """
         with self.transaction() as cur:
+            self._lock_migrations(cur)
             cur.execute("CREATE TABLE IF NOT EXISTS keel_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
-        with self.transaction() as cur:
-            cur.execute("SELECT name FROM keel_migrations")
-            done = {row[0] for row in cur.fetchall()}
+        done = set(self.applied_migrations())
+        applied_now: list[str] = []
         for migration in MIGRATIONS:
-            if migration.name in done:
-                continue
-            with self.transaction() as cur:
-                for statement in migration.statements:
-                    cur.execute(statement.format(**self.types))
-                cur.execute(
-                    self._sql("INSERT INTO keel_migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)"),
-                    (migration.name,),
-                )
-            applied_now.append(migration.name)
+            if migration.name not in done and self._apply_migration(migration):
+                applied_now.append(migration.name)
         return applied_now
+
+    def _apply_migration(self, migration: Migration) -> bool:
+        """Apply one migration unless another process just did; True when applied here."""
+        with self.transaction() as cur:
+            self._lock_migrations(cur)
+            cur.execute(self._sql("SELECT 1 FROM keel_migrations WHERE name = ?"), (migration.name,))
+            if cur.fetchone() is not None:
+                return False
+            for statement in migration.statements:
+                cur.execute(statement.format(**self.types))
+            cur.execute(
+                self._sql("INSERT INTO keel_migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)"),
+                (migration.name,),
+            )
+        return True
+
+    def _lock_migrations(self, cur: Any) -> None:  # noqa: B027 - optional
+        """Hold a lock that serialises migrate() across processes until the transaction ends.
+
+        PostgreSQL takes an advisory lock; the default (SQLite) takes none.
+        """
 
     def applied_migrations(self) -> list[str]:
         with self.transaction() as cur:

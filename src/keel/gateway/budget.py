@@ -1,0 +1,101 @@
+"""Daily and monthly budgets per key, checked before the call is made.
+
+Before a call, its worst-case cost (prompt tokens at the input price plus
+max_tokens, or the model's max output, at the output price) is reserved; a
+reservation that would pass the budget refuses the call with
+`BudgetExceeded`. After the call the reservation is replaced by the real
+cost. Concurrent calls therefore cannot overshoot together. Spend survives
+restarts: a key's spend for the current day and month is read from the
+store the first time the key is seen in that period. A call whose price is
+unknown cannot be priced and is let through (its cost is also unknown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from keel.config import KeyConfig
+from keel.errors import BudgetExceeded
+from keel.store.base import Store
+
+__all__ = ["BudgetTracker", "Reservation"]
+
+
+def _period_starts(now: float) -> dict[str, float]:
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return {"daily": day.timestamp(), "monthly": day.replace(day=1).timestamp()}
+
+
+@dataclass
+class _Ledger:
+    start: float
+    spent: float
+    reserved: float = 0.0
+
+
+@dataclass
+class Reservation:
+    key: str
+    amount: float
+    ledgers: list[_Ledger] = field(default_factory=list)
+
+
+class BudgetTracker:
+    def __init__(self, store: Store | None, keys: dict[str, KeyConfig]) -> None:
+        self.store = store
+        self.keys = keys
+        self._ledgers: dict[tuple[str, str], _Ledger] = {}
+        self._lock = asyncio.Lock()
+        self._now = time.time
+
+    def _limits(self, key: str) -> dict[str, float]:
+        config = self.keys.get(key)
+        if config is None:
+            return {}
+        limits = {"daily": config.daily_budget_usd, "monthly": config.monthly_budget_usd}
+        return {period: value for period, value in limits.items() if value is not None}
+
+    async def _ledger(self, key: str, period: str, start: float) -> _Ledger:
+        ledger = self._ledgers.get((key, period))
+        if ledger is None or ledger.start != start:
+            spent = await asyncio.to_thread(self.store.spend, key, start) if self.store else 0.0
+            ledger = self._ledgers[(key, period)] = _Ledger(start, spent)
+        return ledger
+
+    async def reserve(self, key: str | None, worst_case: float | None) -> Reservation | None:
+        """Reserve the worst case of a call, or raise BudgetExceeded."""
+        if key is None:
+            return None
+        limits = self._limits(key)
+        if not limits:
+            return None
+        amount = worst_case or 0.0
+        async with self._lock:
+            starts = _period_starts(self._now())
+            reservation = Reservation(key, amount)
+            for period, limit in limits.items():
+                ledger = await self._ledger(key, period, starts[period])
+                if ledger.spent + ledger.reserved + amount > limit:
+                    raise BudgetExceeded(
+                        f"key {key!r} would pass its {period} budget of ${limit:.2f}: spent ${ledger.spent:.4f}, "
+                        f"in flight ${ledger.reserved:.4f}, this call up to ${amount:.4f}"
+                    )
+                reservation.ledgers.append(ledger)
+            for ledger in reservation.ledgers:
+                ledger.reserved += amount
+            return reservation
+
+    def settle(self, reservation: Reservation | None, actual: float | None) -> None:
+        """Replace a reservation by what the call really cost."""
+        if reservation is None:
+            return
+        for ledger in reservation.ledgers:
+            ledger.reserved = max(0.0, ledger.reserved - reservation.amount)
+            ledger.spent += actual or 0.0
+
+    def spent(self, key: str, period: str = "daily") -> float:
+        ledger = self._ledgers.get((key, period))
+        return ledger.spent if ledger else 0.0

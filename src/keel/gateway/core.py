@@ -1,0 +1,508 @@
+"""`Gateway`: the one object an application talks to.
+
+It resolves a model name or alias to a fallback chain of deployments, applies
+the caller key's limits and budget, runs structured output, and records one
+span per call (success or failure) with usage, cost, latency and attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from keel.config import Config, ModelConfig, load_config
+from keel.errors import InputError, InvalidMessages, KeelError, ModelNotAllowed, UnknownModel
+from keel.gateway.budget import BudgetTracker, Reservation
+from keel.gateway.deployment import Deployment
+from keel.gateway.fallback import FallbackModel
+from keel.gateway.limits import Limiter
+from keel.gateway.registry import build_adapter, wrap
+from keel.gateway.structured import StructuredSpec, run_structured, spec_for
+from keel.gateway.sync import LoopThread
+from keel.models.base import Model
+from keel.store import Store, open_store
+from keel.trace import Redactor, Span, SpanWriter, Tracer, _current
+from keel.types import (
+    ChatOptions,
+    ChatRequest,
+    ChatResult,
+    EmbeddingResult,
+    Message,
+    MessageLike,
+    ModelResponse,
+    StreamDelta,
+    Tool,
+    Usage,
+    parse_messages,
+)
+
+__all__ = ["ChatStream", "Gateway"]
+
+T = TypeVar("T")
+DEFAULT_MAX_OUTPUT = 4096
+_PROVIDERS = {"openai", "anthropic", "gemini", "local", "test", "onnx"}
+
+
+def _tools(tools: Sequence[Tool | Mapping[str, Any]] | None) -> tuple[Tool, ...]:
+    out = []
+    for i, tool in enumerate(tools or ()):
+        if isinstance(tool, Tool):
+            out.append(tool)
+            continue
+        fn = tool.get("function", tool) if isinstance(tool, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise InputError(f"tools[{i}] needs a function name")
+        out.append(Tool(fn["name"], str(fn.get("description", "")), dict(fn.get("parameters") or {"type": "object"})))
+    return tuple(out)
+
+
+def _check_options(o: ChatOptions) -> None:
+    if o.temperature is not None and not 0 <= o.temperature <= 2:
+        raise InputError(f"temperature must be between 0 and 2, got {o.temperature}")
+    if o.max_tokens is not None and o.max_tokens <= 0:
+        raise InputError(f"max_tokens must be positive, got {o.max_tokens}")
+    if o.timeout is not None and o.timeout <= 0:
+        raise InputError(f"timeout must be positive, got {o.timeout}")
+    if o.top_p is not None and not 0 < o.top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {o.top_p}")
+
+
+class Gateway:
+    """Every configured model behind one typed API (async, with `*_sync` twins).
+
+    >>> gw = Gateway()                                # keel.toml or the embedded defaults
+    >>> result = gw.chat_sync("What is RAG?", model="local")
+    >>> result.text, result.usage, result.cost_usd, result.trace_id
+    """
+
+    def __init__(
+        self,
+        config: Config | str | Path | None = None,
+        *,
+        store: Store | str | bool | None = None,
+        models: Mapping[str, Model] | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.store: Store | None
+        if store is False:
+            self.store = None
+        elif isinstance(store, Store):
+            self.store = store
+        else:
+            self.store = open_store(store if isinstance(store, str) else self.config.store_url)
+        self.key = key
+        self._extra: dict[str, Model] = dict(models or {})
+        self._deployments: dict[str, Deployment] = {}
+        self._routers: dict[str, FallbackModel] = {}
+        self._key_limiters: dict[str, Limiter] = {}
+        self.budgets = BudgetTracker(self.store, dict(self.config.keys))
+        secret_envs = {m.key_env() for m in self.config.models.values()} - {None}
+        tracing = self.config.tracing
+        writer = SpanWriter(self.store, max_queue=tracing.max_queue) if self.store is not None else None
+        self.tracer = Tracer(
+            writer, Redactor(tracing.redact_patterns, secret_envs), capture_content=tracing.capture_content  # type: ignore[arg-type]
+        )
+        self._loop_thread: LoopThread | None = None
+
+    # --- models ---------------------------------------------------------------
+
+    @property
+    def model_names(self) -> list[str]:
+        return [*self.config.models, *self._extra]
+
+    def resolve(self, model: str | None, kind: str = "chat") -> str:
+        if model is not None and model in self._extra:
+            return model
+        try:
+            return self.config.resolve(model, kind=kind)
+        except UnknownModel as exc:
+            raise UnknownModel(exc.name, [*self.model_names, *self.config.aliases]) from None
+
+    def _model_config(self, name: str) -> ModelConfig:
+        if name in self.config.models:
+            return self.config.models[name]
+        model = self._extra[name]
+        provider = model.provider if model.provider in _PROVIDERS else "test"
+        return ModelConfig(provider=provider, model=model.model_id, context_window=model.context_window)  # type: ignore[arg-type]
+
+    def deployment(self, name: str) -> Deployment:
+        """The wrapped deployment of a configured model (built on first use)."""
+        deployment = self._deployments.get(name)
+        if deployment is None:
+            model_config = self._model_config(name)
+            adapter = self._extra.get(name) or build_adapter(
+                name,
+                model_config,
+                timeout=model_config.timeout or self.config.timeout,
+                context_window=model_config.context_window,
+            )
+            deployment = self._deployments[name] = wrap(name, adapter, model_config, self.config)
+        return deployment
+
+    def _router(self, name: str) -> FallbackModel:
+        router = self._routers.get(name)
+        if router is None:
+            model_config = self.config.models.get(name)
+            chain = [name]
+            context_chain: list[str] = []
+            if model_config is not None:
+                chain += [self.resolve(n) for n in model_config.fallbacks]
+                context_chain = [self.resolve(n) for n in model_config.context_fallbacks]
+            router = self._routers[name] = FallbackModel(chain, context_chain, self.deployment)
+        return router
+
+    # --- per-key limits and budgets ---------------------------------------------
+
+    def _key_limiter(self, key: str) -> Limiter | None:
+        key_config = self.config.keys.get(key)
+        if key_config is None or not (key_config.rpm or key_config.tpm):
+            return None
+        if key not in self._key_limiters:
+            self._key_limiters[key] = Limiter(f"key {key}", rpm=key_config.rpm, tpm=key_config.tpm)
+        return self._key_limiters[key]
+
+    def _check_key_model(self, key: str | None, name: str) -> None:
+        allowed = self.config.keys[key].models if key in self.config.keys else None  # type: ignore[index]
+        if allowed is not None and name not in {self.resolve(m) for m in allowed}:
+            raise ModelNotAllowed(f"key {key!r} may not use model {name!r}; allowed: {', '.join(allowed)}")
+
+    def _worst_case(self, router: FallbackModel, request: ChatRequest) -> float | None:
+        worst: float | None = None
+        prompt = router.count_tokens(request)
+        for name in [*router.chain, *router.context_chain]:
+            deployment = self.deployment(name)
+            if deployment.price is None:
+                continue
+            out = request.options.max_tokens or deployment.max_output_tokens or DEFAULT_MAX_OUTPUT
+            cost = deployment.price.cost(Usage(input_tokens=prompt, output_tokens=out))
+            worst = cost if worst is None else max(worst, cost)
+        return worst
+
+    async def _admit(self, key: str | None, name: str, router: FallbackModel, request: ChatRequest) -> Reservation | None:
+        self._check_key_model(key, name)
+        if key is None:
+            return None
+        limiter = self._key_limiter(key)
+        if limiter is not None:
+            await limiter.acquire(router.count_tokens(request) if limiter.tpm else 0)
+        key_config = self.config.keys.get(key)
+        if key_config is None or (key_config.daily_budget_usd is None and key_config.monthly_budget_usd is None):
+            return None
+        return await self.budgets.reserve(key, self._worst_case(router, request))
+
+    # --- chat -------------------------------------------------------------------
+
+    def _request(
+        self, messages: str | Sequence[MessageLike], name: str, system: str | None, options: ChatOptions
+    ) -> ChatRequest:
+        parsed = parse_messages(messages)
+        if system is not None:
+            parsed = (Message.system(system), *parsed)
+        _check_options(options)
+        return ChatRequest(name, parsed, options)
+
+    def _start_span(self, operation: str, model: str | None, key: str | None, metadata: Mapping[str, Any] | None) -> Span:
+        span = self.tracer.start(f"{operation} {model or self.config.default_model}")
+        span.set(gen_ai__operation__name=operation, gen_ai__request__model=model or self.config.default_model)
+        if key is not None:
+            span.attributes["keel.api_key"] = key
+        for k, v in (metadata or {}).items():
+            span.attributes[f"keel.metadata.{k}"] = v
+        return span
+
+    def _record_request(self, span: Span, request: ChatRequest) -> None:
+        o = request.options
+        span.set(keel__model=request.model)
+        for attr, value in (
+            ("gen_ai.request.temperature", o.temperature), ("gen_ai.request.max_tokens", o.max_tokens),
+            ("gen_ai.request.seed", o.seed), ("gen_ai.request.top_p", o.top_p),
+            ("gen_ai.request.stop_sequences", list(o.stop) or None),
+        ):  # fmt: skip
+            if value is not None:
+                span.attributes[attr] = value
+        span.input = {"messages": [m.to_openai() for m in request.messages]}
+        if o.tools:
+            span.input["tools"] = [t.to_openai() for t in o.tools]
+        if o.response_format is not None:
+            span.input["response_format"] = {"name": o.response_format.name, "schema": dict(o.response_format.schema)}
+
+    def _record_usage(self, span: Span, usage: Usage | None, cost: float | None, attempts: int) -> None:
+        if usage is not None:
+            span.set(gen_ai__usage__input_tokens=usage.input_tokens, gen_ai__usage__output_tokens=usage.output_tokens)
+            span.set(keel__usage__cached_input_tokens=usage.cached_input_tokens)
+            span.set(keel__usage__reasoning_tokens=usage.reasoning_tokens)
+        span.set(keel__cost_usd=cost, keel__attempts=attempts)
+
+    def _result(self, span: Span, response: ModelResponse, started: float, parsed: Any = None) -> ChatResult:
+        latency = time.perf_counter() - started
+        span.set(gen_ai__provider__name=response.provider, gen_ai__response__model=response.model)
+        span.set(gen_ai__response__finish_reasons=[response.finish_reason], keel__model=response.deployment)
+        span.set(keel__cache_hit=False)
+        self._record_usage(span, response.usage, response.cost_usd, response.attempts)
+        span.output = {
+            "text": response.text,
+            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in response.tool_calls],
+        }
+        return ChatResult(
+            text=response.text, tool_calls=response.tool_calls, finish_reason=response.finish_reason,
+            usage=response.usage, cost_usd=response.cost_usd, latency_s=latency, model=response.deployment,
+            response_model=response.model, provider=response.provider, attempts=response.attempts,
+            trace_id=span.trace_id, span_id=span.span_id, parsed=parsed,
+        )  # fmt: skip
+
+    def _failed(self, span: Span, error: BaseException, reservation: Reservation | None) -> None:
+        span.fail(error)
+        usage = getattr(error, "usage", None)
+        self._record_usage(span, usage, None, getattr(error, "attempts", 0))
+        self.budgets.settle(reservation, None)
+
+    async def chat(
+        self,
+        messages: str | Sequence[MessageLike],
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        top_p: float | None = None,
+        tools: Sequence[Tool | Mapping[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        timeout: float | None = None,
+        response_model: type[BaseModel] | Mapping[str, Any] | None = None,
+        max_reasks: int = 2,
+        key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ChatResult:
+        """One chat call: messages in, a `ChatResult` out (or a `KeelError`)."""
+        key = key or self.key
+        span = self._start_span("chat", model, key, metadata)
+        token = _current.set(span)
+        reservation: Reservation | None = None
+        started = time.perf_counter()
+        try:
+            name = self.resolve(model)
+            spec = spec_for(response_model) if response_model is not None else None
+            options = ChatOptions(
+                temperature=temperature, max_tokens=max_tokens, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+                seed=seed, top_p=top_p, tools=_tools(tools), tool_choice=tool_choice, timeout=timeout,
+                response_format=spec.format if spec else None,
+            )  # fmt: skip
+            request = self._request(messages, name, system, options)
+            self._record_request(span, request)
+            router = self._router(name)
+            reservation = await self._admit(key, name, router, request)
+            response, parsed = await self._complete(router, request, spec, max_reasks, span)
+            self.budgets.settle(reservation, response.cost_usd)
+            return self._result(span, response, started, parsed)
+        except BaseException as error:
+            self._failed(span, error, reservation)
+            raise
+        finally:
+            _current.reset(token)
+            self.tracer.finish(span)
+
+    async def _complete(
+        self, router: FallbackModel, request: ChatRequest, spec: StructuredSpec | None, max_reasks: int, span: Span
+    ) -> tuple[ModelResponse, Any]:
+        if spec is None:
+            return await router.complete(request), None
+
+        async def call(messages: tuple[Message, ...]) -> ModelResponse:
+            return await router.complete(replace(request, messages=messages))
+
+        response, parsed, tries = await run_structured(call, request.messages, spec, max_reasks)
+        span.set(keel__structured__tries=tries)
+        return response, parsed
+
+    def stream(self, messages: str | Sequence[MessageLike], model: str | None = None, **kwargs: Any) -> ChatStream:
+        """Stream a chat call: iterate for `StreamDelta`s, then read `.result`."""
+        if "response_model" in kwargs:
+            raise InputError("structured output cannot be streamed; use chat()")
+        return ChatStream(self._stream(messages, model, **kwargs))
+
+    async def _stream(
+        self,
+        messages: str | Sequence[MessageLike],
+        model: str | None,
+        *,
+        system: str | None = None,
+        key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        stop: Sequence[str] | str | None = None,
+        tools: Sequence[Tool | Mapping[str, Any]] | None = None,
+        **options: Any,
+    ) -> AsyncIterator[StreamDelta | ChatResult]:
+        key = key or self.key
+        span = self._start_span("chat", model, key, metadata)
+        span.set(keel__stream=True)
+        reservation: Reservation | None = None
+        started = time.perf_counter()
+        token = _current.set(span)
+        try:
+            name = self.resolve(model)
+            stop_t = (stop,) if isinstance(stop, str) else tuple(stop or ())
+            request = self._request(messages, name, system, ChatOptions(stop=stop_t, tools=_tools(tools), **options))
+            self._record_request(span, request)
+            router = self._router(name)
+            reservation = await self._admit(key, name, router, request)
+            _current.reset(token)
+            token = None
+            async for item in router.stream(request):
+                if isinstance(item, ModelResponse):
+                    self.budgets.settle(reservation, item.cost_usd)
+                    span.set(keel__time_to_first_token_ms=span.attributes.get("keel.time_to_first_token_ms"))
+                    yield self._result(span, item, started)
+                    return
+                if "keel.time_to_first_token_ms" not in span.attributes:
+                    span.attributes["keel.time_to_first_token_ms"] = round((time.perf_counter() - started) * 1000, 2)
+                yield item
+            raise InvalidMessages("the stream ended without a final response")  # pragma: no cover
+        except BaseException as error:
+            self._failed(span, error, reservation)
+            raise
+        finally:
+            if token is not None:
+                _current.reset(token)
+            self.tracer.finish(span)
+
+    # --- embeddings and tokens -----------------------------------------------------
+
+    async def embed(
+        self, texts: Sequence[str], model: str | None = None, *, key: str | None = None
+    ) -> EmbeddingResult:
+        key = key or self.key
+        span = self._start_span("embeddings", model or self.config.default_embedding_model, key, None)
+        token = _current.set(span)
+        try:
+            if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+                raise InputError("texts must be a list of strings")
+            name = self.resolve(model, kind="embedding")
+            self._check_key_model(key, name)
+            deployment = self.deployment(name)
+            span.set(keel__model=name, gen_ai__provider__name=deployment.provider)
+            result = await deployment.embed(list(texts))
+            span.set(gen_ai__response__model=result.model, gen_ai__usage__input_tokens=result.usage.input_tokens)
+            span.set(keel__cost_usd=result.cost_usd, keel__attempts=1, keel__embedding__count=len(texts))
+            return replace(result, trace_id=span.trace_id)
+        except BaseException as error:
+            span.fail(error)
+            raise
+        finally:
+            _current.reset(token)
+            self.tracer.finish(span)
+
+    def count_tokens(self, messages: str | Sequence[MessageLike], model: str | None = None) -> int:
+        """Input tokens of `messages` for `model`, counted offline (see keel.tokens)."""
+        name = self.resolve(model)
+        return self.deployment(name).count_tokens(ChatRequest(name, parse_messages(messages)))
+
+    # --- sync twins and lifecycle ------------------------------------------------------
+
+    def _loop(self) -> LoopThread:
+        if self._loop_thread is None:
+            self._loop_thread = LoopThread()
+        return self._loop_thread
+
+    def chat_sync(self, messages: str | Sequence[MessageLike], model: str | None = None, **kwargs: Any) -> ChatResult:
+        return self._loop().run(self.chat(messages, model, **kwargs))
+
+    def stream_sync(
+        self, messages: str | Sequence[MessageLike], model: str | None = None, **kwargs: Any
+    ) -> SyncChatStream:
+        return SyncChatStream(self.stream(messages, model, **kwargs), self._loop())
+
+    def embed_sync(self, texts: Sequence[str], model: str | None = None, **kwargs: Any) -> EmbeddingResult:
+        return self._loop().run(self.embed(texts, model, **kwargs))
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every span so far is in the store."""
+        return self.tracer.writer.flush(timeout) if self.tracer.writer else True
+
+    async def aclose(self) -> None:
+        for deployment in self._deployments.values():
+            await deployment.aclose()
+        self._deployments.clear()
+        self._routers.clear()
+        if self.tracer.writer:
+            await asyncio.to_thread(self.tracer.writer.close)
+        if self.store is not None:
+            self.store.close()
+
+    def close(self) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.run(self.aclose())
+            self._loop_thread.stop()
+            self._loop_thread = None
+        else:
+            asyncio.run(self.aclose())
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChatStream:
+    """Async iterator of `StreamDelta`s; `.result` holds the `ChatResult` at the end."""
+
+    def __init__(self, source: AsyncIterator[StreamDelta | ChatResult]) -> None:
+        self._source = source
+        self.result: ChatResult | None = None
+        self.text = ""
+
+    def __aiter__(self) -> AsyncIterator[StreamDelta]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[StreamDelta]:
+        async for item in self._source:
+            if isinstance(item, ChatResult):
+                self.result = item
+            else:
+                self.text += item.text
+                yield item
+
+    async def collect(self) -> ChatResult:
+        """Read the whole stream and return its result."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    async def aclose(self) -> None:
+        await self._source.aclose()  # type: ignore[attr-defined]
+
+
+class SyncChatStream(Generic[T]):
+    """`ChatStream` for synchronous code: a plain iterator of deltas."""
+
+    def __init__(self, stream: ChatStream, loop: LoopThread) -> None:
+        self._stream = stream
+        self._loop = loop
+        self._iterator = aiter(stream)
+
+    def __iter__(self) -> Iterator[StreamDelta]:
+        while True:
+            try:
+                yield self._loop.run(anext(self._iterator))
+            except StopAsyncIteration:
+                return
+
+    @property
+    def result(self) -> ChatResult | None:
+        return self._stream.result
