@@ -20,3 +20,22 @@ def _isolated_store(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     monkeypatch.setenv("KEEL_STORE", str(tmp_path / "keel.db"))  # type: ignore[operator]
     monkeypatch.delenv("KEEL_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def openai_stub_server():  # type: ignore[no-untyped-def]
+    from stubs import OpenAIStub
+
+    stub = OpenAIStub().start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def openai_stub(openai_stub_server, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The shared stub with an empty script and OPENAI_API_KEY set to a fake key."""
+    openai_stub_server.script.clear()
+    openai_stub_server.requests.clear()
+    openai_stub_server.headers.clear()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdefghijklmnop")
+    return openai_stub_server

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -144,6 +145,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     stub: StubServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that time out or drop a stream reset the connection: expected here.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class StubServer:

@@ -104,7 +104,9 @@ def model_facts(config: ModelConfig) -> ModelFacts:
         price, looked = FREE, ModelFacts(None, None)
     else:
         ref = config.price_model or config.model
-        provider_id = config.price_provider or (None if config.base_url else _PRICE_PROVIDER.get(config.provider))
+        # A self-hosted server (base_url) is priced only if its model id is a known model of the
+        # provider's own API (e.g. a proxy in front of OpenAI); otherwise set `price` or `price_provider`.
+        provider_id = config.price_provider or _PRICE_PROVIDER.get(config.provider)
         with _lock:
             key = (ref, provider_id)
             if key not in _cache:

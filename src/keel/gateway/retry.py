@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
-from keel.errors import KeelError, ProviderError
+from keel.errors import KeelError, LimitError, ProviderError
 from keel.models.base import Model, StreamItem, WrapperModel
 from keel.types import ChatRequest, EmbeddingResult, ModelResponse
 
@@ -47,8 +47,8 @@ class RetryModel(WrapperModel):
 
     def _delay_or_raise(self, error: KeelError, attempt: int) -> float:
         """How long to wait before the next attempt; raises when there is none."""
-        # a provider error means a call went out; a local refusal (limit, open circuit) means it did not
-        error.attempts = attempt if isinstance(error, ProviderError) else attempt - 1
+        # a local refusal (rate limit, open circuit) means no call went out this time
+        error.attempts = attempt - 1 if isinstance(error, LimitError) else attempt
         if not isinstance(error, ProviderError) or not error.retryable or attempt > self.max_retries:
             raise error
         if error.retry_after is not None:

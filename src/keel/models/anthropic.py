@@ -295,14 +295,13 @@ def _status_error(exc: anthropic.APIStatusError, provider: str, model: str) -> K
     )
 
 
-def translate_error(exc: BaseException, provider: str, model: str) -> KeelError:
+def translate_error(exc: Exception, provider: str, model: str) -> KeelError:
     """An `anthropic` SDK (or transport) exception as a keel error."""
-    if isinstance(exc, KeelError):
-        return exc
     if isinstance(exc, (anthropic.APITimeoutError, *_TIMEOUTS)):
         return ProviderTimeout(f"{provider} did not answer in time", provider=provider, model=model)
     if isinstance(exc, (anthropic.APIConnectionError, *_TRANSPORT)):
-        return ProviderConnectionError(f"cannot reach {provider}: {exc}", provider=provider, model=model)
+        reason = exc.__cause__ or exc  # the SDK's own message is a bare "Connection error."
+        return ProviderConnectionError(f"cannot reach {provider}: {reason}", provider=provider, model=model)
     if isinstance(exc, anthropic.APIStatusError):
         return _status_error(exc, provider, model)
     if isinstance(exc, (anthropic.APIResponseValidationError, ValueError, KeyError, TypeError, AttributeError)):
@@ -425,6 +424,8 @@ class AnthropicModel(Model):
         try:
             raw = await self.client.messages.create(**self._params(request))
             return self._response(raw, request.options.response_format)
+        except KeelError:
+            raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
 
@@ -459,10 +460,11 @@ class AnthropicModel(Model):
                     f"{self.provider} ended the stream before message_stop", provider=self.provider, model=request.model
                 )
             final = state.response(self.provider)
+        except KeelError:
+            raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
         yield final
 
     async def aclose(self) -> None:
         await self.client.close()
-
