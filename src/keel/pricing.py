@@ -51,12 +51,18 @@ class Price:
         return uncached * self.input + usage.cached_input_tokens * cached_rate + usage.output_tokens * self.output
 
     @property
-    def input_per_mtok(self) -> float | None:
-        return None if self.tiered is not None else self.input * 1e6
+    def input_per_mtok(self) -> float:
+        """USD per million input tokens (the first tier of a tiered price)."""
+        return _base_rate(self.tiered, "input_mtok") if self.tiered is not None else self.input * 1e6
 
     @property
-    def output_per_mtok(self) -> float | None:
-        return None if self.tiered is not None else self.output * 1e6
+    def output_per_mtok(self) -> float:
+        return _base_rate(self.tiered, "output_mtok") if self.tiered is not None else self.output * 1e6
+
+
+def _base_rate(model_price: Any, field: str) -> float:
+    value = getattr(model_price, field, None)
+    return float(getattr(value, "base", value) or 0)
 
 
 FREE = Price()

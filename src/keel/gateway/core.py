@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from keel.config import Config, ModelConfig, load_config
-from keel.errors import InputError, InvalidMessages, KeelError, ModelNotAllowed, UnknownModel
+from keel.errors import InputError, MalformedResponse, ModelNotAllowed, UnknownModel
 from keel.gateway.budget import BudgetTracker, Reservation
 from keel.gateway.deployment import Deployment
 from keel.gateway.fallback import FallbackModel
@@ -356,16 +356,18 @@ class Gateway:
             reservation = await self._admit(key, name, router, request)
             _current.reset(token)
             token = None
-            async for item in router.stream(request):
+            final: ModelResponse | None = None
+            async for item in router.stream(request):  # read to the end, so every wrapper closes cleanly
                 if isinstance(item, ModelResponse):
-                    self.budgets.settle(reservation, item.cost_usd)
-                    span.set(keel__time_to_first_token_ms=span.attributes.get("keel.time_to_first_token_ms"))
-                    yield self._result(span, item, started)
-                    return
+                    final = item
+                    continue
                 if "keel.time_to_first_token_ms" not in span.attributes:
                     span.attributes["keel.time_to_first_token_ms"] = round((time.perf_counter() - started) * 1000, 2)
                 yield item
-            raise InvalidMessages("the stream ended without a final response")  # pragma: no cover
+            if final is None:
+                raise MalformedResponse("the stream ended without a final response", provider=router.provider)
+            self.budgets.settle(reservation, final.cost_usd)
+            yield self._result(span, final, started)
         except BaseException as error:
             self._failed(span, error, reservation)
             raise

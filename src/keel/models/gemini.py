@@ -252,6 +252,7 @@ class _Answer:
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish: str | None = None
     blocked: bool = False
+    answered: bool = False  # a candidate or a prompt block seen: a real answer has one
     usage: Any = None
     model: str = ""
 
@@ -262,8 +263,10 @@ class _Answer:
         if not chunk.candidates:
             feedback = chunk.prompt_feedback
             self.blocked = self.blocked or bool(feedback is not None and feedback.block_reason)
+            self.answered = self.answered or self.blocked
             return []
         candidate = chunk.candidates[0]
+        self.answered = self.answered or candidate.content is not None or candidate.finish_reason is not None
         self.finish = _enum_name(candidate.finish_reason) or self.finish
         parts = candidate.content.parts if candidate.content is not None else None
         return [d for part in parts or () if (d := self._add_part(part, signatures)) is not None]
@@ -389,12 +392,17 @@ class GeminiModel(Model):
         timeout: float = 60,
         context_window: int | None = None,
         max_output_tokens: int | None = None,
+        api_version: str | None = None,
     ) -> None:
         super().__init__(model_id, context_window=context_window)
         self.max_output_tokens = max_output_tokens
         self._signatures = _Signatures()
+        # api_version None: the SDK's default ("v1" in google-genai 3.x, or $GOOGLE_GENAI_API_VERSION).
         http_options = gtypes.HttpOptions(
-            base_url=base_url, timeout=_millis(timeout), retry_options=gtypes.HttpRetryOptions(attempts=1)
+            base_url=base_url,
+            api_version=api_version,
+            timeout=_millis(timeout),
+            retry_options=gtypes.HttpRetryOptions(attempts=1),
         )
         self.client = genai.Client(api_key=api_key, vertexai=False, http_options=http_options)
 
@@ -412,7 +420,16 @@ class GeminiModel(Model):
             raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
-        return answer.response(self.provider, request.model)
+        return self._final(answer, request.model)
+
+    def _final(self, answer: _Answer, model: str) -> ModelResponse:
+        if not answer.answered:
+            raise MalformedResponse(
+                f"{self.provider} answered with neither a candidate nor a prompt block",
+                provider=self.provider,
+                model=model,
+            )
+        return answer.response(self.provider, model)
 
     def _fold(self, answer: _Answer, chunk: Any, model: str) -> list[StreamDelta]:
         if not isinstance(chunk, gtypes.GenerateContentResponse):
@@ -435,15 +452,18 @@ class GeminiModel(Model):
             raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
-        yield answer.response(self.provider, request.model)
+        yield self._final(answer, request.model)
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         vectors: list[list[float]] = []
         counts: list[int | None] = []
         for start in range(0, len(texts), _EMBED_BATCH):
             batch = list(texts[start : start + _EMBED_BATCH])
+            # One Content per text: for multimodal embedding models the SDK joins
+            # a list of plain strings into a single content (one vector for all).
+            contents = [gtypes.Content(role="user", parts=[gtypes.Part(text=t)]) for t in batch]
             try:
-                raw = await self.client.aio.models.embed_content(model=self.model_id, contents=batch)
+                raw = await self.client.aio.models.embed_content(model=self.model_id, contents=contents)
             except Exception as exc:
                 raise translate_error(exc, self.provider, self.model_id) from exc
             vectors += self._vectors(raw, len(batch))

@@ -1,0 +1,219 @@
+"""The keel server: an OpenAI-compatible API over the same gateway.
+
+`POST /v1/chat/completions` (plain and server-sent events) and
+`GET /v1/models`, so the official `openai` SDK works unchanged with
+`base_url` pointed here. Errors use OpenAI's error shape with the status of
+the keel error. Every response carries `x-keel-trace-id`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from keel.config import Config
+from keel.errors import InputError, KeelError
+from keel.gateway import Gateway
+from keel.server.schemas import ChatCompletionRequest
+from keel.types import ChatResult, StreamDelta
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("keel.server")
+
+
+def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def keel_error_response(error: KeelError) -> JSONResponse:
+    type_ = "invalid_request_error" if error.http_status < 500 else "api_error"
+    response = error_response(error.http_status, error.message, type_, error.code)
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after:
+        response.headers["retry-after"] = str(max(1, round(retry_after)))
+    return response
+
+
+def _response_model(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not fmt or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "object"}
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise InputError("response_format.json_schema.schema must be a JSON schema object")
+        return schema
+    raise InputError(f"response_format.type {fmt.get('type')!r} is not supported (text, json_object, json_schema)")
+
+
+def _tool_choice(choice: str | dict[str, Any] | None) -> str | None:
+    if isinstance(choice, dict):
+        return str((choice.get("function") or {}).get("name") or "") or None
+    return choice
+
+
+def _usage(result: ChatResult) -> dict[str, Any]:
+    u = result.usage
+    return {
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+    }
+
+
+def _message(result: ChatResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.text if result.text or not result.tool_calls else None}
+    if result.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in result.tool_calls
+        ]
+    return message
+
+
+def completion_body(result: ChatResult, created: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{result.span_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": result.model,
+        "choices": [{"index": 0, "message": _message(result), "finish_reason": result.finish_reason, "logprobs": None}],
+        "usage": _usage(result),
+    }
+
+
+def _headers(result: ChatResult) -> dict[str, str]:
+    headers = {"x-keel-trace-id": result.trace_id, "x-keel-model": result.model}
+    if result.cost_usd is not None:
+        headers["x-keel-cost-usd"] = f"{result.cost_usd:.8f}"
+    return headers
+
+
+def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    for m in messages:
+        if m["role"] == "developer":
+            m["role"] = "system"
+    metadata: dict[str, Any] = dict(body.metadata or {})
+    if body.user:
+        metadata["user"] = body.user
+    return {
+        "messages": messages,
+        "model": body.model,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "max_tokens": body.max_completion_tokens or body.max_tokens,
+        "stop": body.stop,
+        "seed": body.seed,
+        "tools": body.tools,
+        "tool_choice": _tool_choice(body.tool_choice),
+        "metadata": metadata or None,
+    }
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }  # fmt: skip
+
+
+def _delta_body(delta: StreamDelta) -> dict[str, Any]:
+    if delta.tool_call_index is None:
+        return {"content": delta.text}
+    call: dict[str, Any] = {"index": delta.tool_call_index, "function": {"arguments": delta.tool_arguments}}
+    if delta.tool_call_id:
+        call["id"] = delta.tool_call_id
+        call["type"] = "function"
+    if delta.tool_name:
+        call["function"]["name"] = delta.tool_name
+    return {"tool_calls": [call]}
+
+
+async def _stream_events(gw: Gateway, kwargs: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    cid = "chatcmpl-stream"
+    model = kwargs["model"]
+    stream = gw.stream(kwargs.pop("messages"), kwargs.pop("model"), **kwargs)
+    try:
+        yield _sse(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
+        async for delta in stream:
+            yield _sse(_chunk(cid, created, model, _delta_body(delta)))
+        result = stream.result
+        assert result is not None
+        yield _sse(_chunk(cid, created, result.model, {}, result.finish_reason))
+        if include_usage:
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": result.model,
+                        "choices": [], "usage": _usage(result)})  # fmt: skip
+    except KeelError as error:
+        yield _sse({"error": {"message": error.message, "type": "api_error", "param": None, "code": error.code}})
+    yield b"data: [DONE]\n\n"
+
+
+def create_app(config: Config | None = None, *, gateway: Gateway | None = None) -> FastAPI:
+    """The ASGI app; pass a gateway (tests) or let it build one from the configuration."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gw = gateway or Gateway(config)
+        app.state.gateway = gw
+        log.info("keel serving models: %s", ", ".join(gw.model_names))
+        yield
+        if gateway is None:
+            await gw.aclose()
+
+    app = FastAPI(title="keel", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(KeelError)
+    async def _keel_error(request: Request, error: KeelError) -> JSONResponse:
+        return keel_error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid")
+        return error_response(400, f"{'.'.join(loc) or 'body'}: {message}", "invalid_request_error", "invalid_request", ".".join(loc) or None)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        kwargs = _call_kwargs(body, request)
+        schema = _response_model(body.response_format)
+        if body.stream:
+            if schema is not None:
+                raise InputError("response_format with stream is not supported yet")
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream_events(gw, kwargs, include_usage), media_type="text/event-stream")
+        result = await gw.chat(kwargs.pop("messages"), kwargs.pop("model"), response_model=schema, **kwargs)
+        return JSONResponse(completion_body(result, int(time.time())), headers=_headers(result))
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        gw: Gateway = request.app.state.gateway
+        names = [n for n in gw.model_names if gw._model_config(n).kind == "chat"] + list(gw.config.aliases)
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "keel"} for n in names]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

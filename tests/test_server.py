@@ -1,0 +1,120 @@
+"""The OpenAI-compatible server, driven by the official openai SDK over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from pydantic import BaseModel
+from stubs import free_port
+
+from keel import Gateway, TestModel
+from keel.errors import ServerError
+from keel.server.app import create_app
+
+
+class Server:
+    def __init__(self, gateway: Gateway) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        config = uvicorn.Config(create_app(gateway=gateway), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Server, Gateway, openai.OpenAI]]:
+    tool_answer = TestModel.tool_call("weather", '{"city": "Oslo"}')
+    gw = Gateway(
+        models={
+            "t": TestModel("Hello from keel."),
+            "tools": TestModel(tool_answer),
+            "json": TestModel('{"name": "Oslo", "population": 709000}'),
+            "broken": TestModel(ServerError("upstream down", status=503)),
+        }
+    )
+    gw.config = gw.config.model_copy(update={"max_retries": 0})
+    server = Server(gw)
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    yield server, gw, client
+    server.stop()
+    gw.close()
+
+
+def test_plain_completion(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    server, gw, client = served
+    raw = client.chat.completions.with_raw_response.create(model="t", messages=[{"role": "user", "content": "hi"}])
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Hello from keel."
+    assert completion.usage is not None and completion.usage.prompt_tokens > 0
+    assert completion.choices[0].finish_reason == "stop"
+    trace_id = raw.headers["x-keel-trace-id"]
+    gw.flush()
+    assert gw.store is not None and gw.store.get_trace(trace_id)[0].status == "ok"
+
+
+def test_stream_with_usage(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    _, _, client = served
+    stream = client.chat.completions.create(
+        model="t", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from keel."
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_tool_calls(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    _, _, client = served
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    completion = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "w?"}], tools=tools)  # type: ignore[arg-type]
+    call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name == "weather" and json.loads(call.function.arguments) == {"city": "Oslo"}  # type: ignore[union-attr]
+    assert completion.choices[0].finish_reason == "tool_calls"
+
+
+class City(BaseModel):
+    name: str
+    population: int
+
+
+def test_json_schema_response_format(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    _, _, client = served
+    parsed = client.chat.completions.parse(model="json", messages=[{"role": "user", "content": "city"}], response_format=City)
+    assert parsed.choices[0].message.parsed == City(name="Oslo", population=709000)
+
+
+def test_models_list(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    _, _, client = served
+    ids = {m.id for m in client.models.list()}
+    assert {"t", "tools", "local", "gpt-4o-mini"} <= ids and "local-embed" not in ids
+
+
+def test_errors_in_openai_shape(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    server, _, client = served
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert "unknown model" in not_found.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="t", messages=[{"role": "wizard", "content": "hi"}])  # type: ignore[misc,list-item]
+    with pytest.raises(openai.InternalServerError) as upstream:
+        client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
+    assert upstream.value.status_code == 502
+    bad = httpx.post(f"{server.url}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "error" in bad.json()
+    extra = httpx.post(f"{server.url}/chat/completions", json={"model": "t", "messages": [{"role": "user", "content": "x"}], "bogus": 1})
+    assert extra.status_code == 400 and extra.json()["error"]["param"] == "bogus"
