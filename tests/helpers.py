@@ -31,4 +31,5 @@ def spans(gw: Gateway, **filters: Any) -> list[Span]:
 
 
 def openai_model(name: str, url: str, model: str = "gpt-4o-mini", extra: str = "") -> str:
-    return f'[models.{name}]\nprovider = "openai"\nmodel = "{model}"\nbase_url = "{url}"\napi_key_env = "OPENAI_API_KEY"\n{extra}\n'
+    head = f'[models.{name}]\nprovider = "openai"\nmodel = "{model}"\n'
+    return head + f'base_url = "{url}"\napi_key_env = "OPENAI_API_KEY"\n{extra}\n'

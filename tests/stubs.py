@@ -49,7 +49,9 @@ def completion(
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason or ("tool_calls" if tool_calls else "stop")}],
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": finish_reason or ("tool_calls" if tool_calls else "stop")}
+        ],
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -71,7 +73,13 @@ def stream_chunks(text: str, *, model: str = "gpt-4o-mini-2024-07-18", pieces: i
     chunks = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
     chunks += [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in parts]
     chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": len(parts), "total_tokens": 9 + len(parts)}})
+    chunks.append(
+        {
+            **base,
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": len(parts), "total_tokens": 9 + len(parts)},
+        }
+    )
     return chunks
 
 
@@ -137,8 +145,10 @@ class OpenAIStub:
     async def _chat(self, request: Request) -> Response:
         item, body = await self._next(request)
         if body.get("stream") and item.status == 200:
-            chunks = item.stream if item.stream is not None else stream_chunks(
-                (item.body or completion())["choices"][0]["message"]["content"] or ""
+            chunks = (
+                item.stream
+                if item.stream is not None
+                else stream_chunks((item.body or completion())["choices"][0]["message"]["content"] or "")
             )
             return StreamingResponse(self._sse(chunks), media_type="text/event-stream")
         return self._plain(item)
@@ -156,10 +166,19 @@ class OpenAIStub:
         if item.body is not None and item.status != 200:
             return self._plain(item)
         inputs = body.get("input") or []
-        data = [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.5]} for i, t in enumerate(inputs)]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.5]} for i, t in enumerate(inputs)
+        ]
         return JSONResponse(
-            {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": 7, "total_tokens": 7}}
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": 7, "total_tokens": 7},
+            }
         )
 
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "stub"}]})
+        return JSONResponse(
+            {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "stub"}]}
+        )

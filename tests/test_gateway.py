@@ -6,11 +6,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from helpers import gateway, spans
 from pydantic import BaseModel
 
+from helpers import gateway, spans
 from keel import Gateway, TestModel, errors
-from keel.config import load_config
 from keel.errors import ProviderRateLimited, ServerError
 from keel.gateway.circuit import CircuitBreakerModel
 from keel.gateway.retry import backoff_delay
@@ -57,7 +56,9 @@ async def test_fallback_after_retries_counts_every_attempt(tmp_path: Path) -> No
 
 
 async def test_fallbacks_from_config_and_all_failed(tmp_path: Path) -> None:
-    toml = 'max_retries = 0\n[models.a]\nprovider = "test"\nmodel = "a"\nfallbacks = ["b"]\n' + scripted("b", ["from b"])
+    toml = 'max_retries = 0\n[models.a]\nprovider = "test"\nmodel = "a"\nfallbacks = ["b"]\n' + scripted(
+        "b", ["from b"]
+    )
     gw = gateway(tmp_path, toml)
     gw._extra["a"] = TestModel(ProviderRateLimited("busy", status=429), model_id="a")
     gw._deployments.clear()
@@ -71,7 +72,9 @@ async def test_fallbacks_from_config_and_all_failed(tmp_path: Path) -> None:
 
 
 async def test_bad_request_does_not_fall_back(tmp_path: Path) -> None:
-    toml = 'max_retries = 0\n[models.a]\nprovider = "test"\nmodel = "a"\nfallbacks = ["b"]\n' + scripted("b", ["from b"])
+    toml = 'max_retries = 0\n[models.a]\nprovider = "test"\nmodel = "a"\nfallbacks = ["b"]\n' + scripted(
+        "b", ["from b"]
+    )
     gw = gateway(tmp_path, toml)
     gw._extra["a"] = TestModel(errors.BadRequest("bad", status=400), model_id="a")
     with pytest.raises(errors.BadRequest):
@@ -92,7 +95,9 @@ async def test_context_window_precheck_routes_to_larger_model(tmp_path: Path) ->
 
 
 async def test_prompt_longer_than_every_window(tmp_path: Path) -> None:
-    toml = scripted("tiny", ["x"], 'context_window = 50\nfallbacks = ["small"]') + scripted("small", ["y"], "context_window = 60")
+    toml = scripted("tiny", ["x"], 'context_window = 50\nfallbacks = ["small"]') + scripted(
+        "small", ["y"], "context_window = 60"
+    )
     gw = gateway(tmp_path, toml)
     with pytest.raises(errors.ContextWindowExceeded, match="every model's context window") as caught:
         await gw.chat("word " * 300, model="tiny")
@@ -156,7 +161,7 @@ async def test_key_token_limit(tmp_path: Path) -> None:
     await gw.aclose()
 
 
-PRICED = 'price = { input = 1000.0, output = 2000.0 }\nmax_output_tokens = 10'  # $ per million tokens
+PRICED = "price = { input = 1000.0, output = 2000.0 }\nmax_output_tokens = 10"  # $ per million tokens
 
 
 async def test_budget_refuses_before_the_call(tmp_path: Path) -> None:
@@ -252,7 +257,9 @@ async def test_bad_input_gives_specific_errors_and_failed_spans() -> None:
     await gw.aclose()
 
 
-async def test_secrets_are_redacted_and_content_capture_can_be_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_secrets_are_redacted_and_content_capture_can_be_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-live-abcdefghijklmnopqrstuvwxyz")
     gw = gateway(tmp_path, '[tracing]\nredact_patterns = ["ACCT-\\\\d{6}"]\n' + scripted("t", ["ok"]))
     await gw.chat("my key is sk-live-abcdefghijklmnopqrstuvwxyz and account ACCT-123456", model="t")

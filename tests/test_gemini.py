@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -57,11 +57,18 @@ def stub(server: StubServer) -> StubServer:
     return server
 
 
+@pytest.fixture(scope="module")
+def shared_model(server: StubServer) -> GeminiModel:
+    # One client for the module: building one loads the CA bundle three times
+    # (about 0.1 s). The SDK keeps one connection pool per event loop, so the
+    # client is safe to share across the tests' loops.
+    return GeminiModel(MODEL, api_key="gk-test", base_url=server.url, timeout=5, api_version="v1beta")
+
+
 @pytest.fixture
-async def model(stub: StubServer) -> AsyncIterator[GeminiModel]:
-    m = GeminiModel(MODEL, api_key="gk-test", base_url=stub.url, timeout=5, api_version="v1beta")
-    yield m
-    await m.aclose()
+def model(stub: StubServer, shared_model: GeminiModel) -> GeminiModel:
+    shared_model.forget_signatures()
+    return shared_model
 
 
 def chat(*messages: Message | str, **options: Any) -> ChatRequest:

@@ -6,16 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import gateway, openai_model, spans
 from pydantic import BaseModel
-from stubs import OpenAIStub, Scripted, completion, error_body, stream_chunks
 
+from helpers import gateway, openai_model, spans
 from keel import errors
 from keel.types import Tool
+from stubs import OpenAIStub, Scripted, completion, error_body, stream_chunks
 
 
 async def test_plain_call_maps_usage_cost_and_body(tmp_path: Path, openai_stub: OpenAIStub) -> None:
-    openai_stub.push(completion("Paris.", prompt_tokens=1000, completion_tokens=100, cached_tokens=200, reasoning_tokens=30))
+    openai_stub.push(
+        completion("Paris.", prompt_tokens=1000, completion_tokens=100, cached_tokens=200, reasoning_tokens=30)
+    )
     gw = gateway(tmp_path, openai_model("gpt", openai_stub.url))
     result = await gw.chat(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
@@ -46,7 +48,8 @@ async def test_tool_calls_round_trip(tmp_path: Path, openai_stub: OpenAIStub) ->
     assert sent["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
     openai_stub.push(completion("It is sunny."))
     follow = await gw.chat(
-        ["Weather in Oslo?", result.message(), {"role": "tool", "tool_call_id": "call_9", "content": "sunny"}], model="gpt"
+        ["Weather in Oslo?", result.message(), {"role": "tool", "tool_call_id": "call_9", "content": "sunny"}],
+        model="gpt",
     )
     assert follow.text == "It is sunny."
     assert openai_stub.requests[-1]["messages"][2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_9"}
@@ -64,7 +67,9 @@ async def test_structured_output_uses_json_schema(tmp_path: Path, openai_stub: O
     result = await gw.chat("Biggest city in Norway?", model="gpt", response_model=City)
     assert result.parsed == City(name="Oslo", population=709000)
     fmt = openai_stub.requests[-1]["response_format"]
-    assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "City" and fmt["json_schema"]["strict"] is True
+    assert (
+        fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "City" and fmt["json_schema"]["strict"] is True
+    )
     assert fmt["json_schema"]["schema"]["additionalProperties"] is False
     await gw.aclose()
 
@@ -110,12 +115,17 @@ async def test_status_errors_map_and_retry_only_when_retryable(
     assert len(openai_stub.requests) == (3 if retried else 1)
     [span] = spans(gw)
     assert span.status == "error" and span.error_type == error_class.__name__
-    assert span.attributes["error.type"] == error_class.__name__ and span.attributes["keel.attempts"] == caught.value.attempts
+    assert (
+        span.attributes["error.type"] == error_class.__name__
+        and span.attributes["keel.attempts"] == caught.value.attempts
+    )
     await gw.aclose()
 
 
 async def test_retry_after_is_honoured_then_success(tmp_path: Path, openai_stub: OpenAIStub) -> None:
-    openai_stub.push(Scripted(body=error_body("slow down"), status=429, headers={"retry-after": "0.3"}), completion("ok"))
+    openai_stub.push(
+        Scripted(body=error_body("slow down"), status=429, headers={"retry-after": "0.3"}), completion("ok")
+    )
     gw = gateway(tmp_path, openai_model("gpt", openai_stub.url))
     import time
 
@@ -163,7 +173,9 @@ async def test_malformed_json_body(tmp_path: Path, openai_stub: OpenAIStub) -> N
     await gw.aclose()
 
 
-async def test_context_overflow_from_provider_falls_back_to_larger_model(tmp_path: Path, openai_stub: OpenAIStub) -> None:
+async def test_context_overflow_from_provider_falls_back_to_larger_model(
+    tmp_path: Path, openai_stub: OpenAIStub
+) -> None:
     overflow = error_body("This model's maximum context length is 128000 tokens.", code="context_length_exceeded")
     openai_stub.push(Scripted(body=overflow, status=400), completion("from the big one", model="gpt-4.1"))
     toml = openai_model("small", openai_stub.url, extra='context_fallbacks = ["big"]') + openai_model(
@@ -176,7 +188,9 @@ async def test_context_overflow_from_provider_falls_back_to_larger_model(tmp_pat
 
 
 async def test_embeddings(tmp_path: Path, openai_stub: OpenAIStub) -> None:
-    gw = gateway(tmp_path, openai_model("emb", openai_stub.url, model="text-embedding-3-small", extra='kind = "embedding"'))
+    gw = gateway(
+        tmp_path, openai_model("emb", openai_stub.url, model="text-embedding-3-small", extra='kind = "embedding"')
+    )
     result = await gw.embed(["a", "abc"], model="emb")
     assert result.vectors == [[1.0, 1.0, 0.5], [3.0, 1.0, 0.5]]
     assert result.usage.input_tokens == 7 and result.cost_usd == pytest.approx(7 * 0.02e-6)

@@ -12,11 +12,11 @@ import openai
 import pytest
 import uvicorn
 from pydantic import BaseModel
-from stubs import free_port
 
 from keel import Gateway, TestModel
 from keel.errors import ServerError
 from keel.server.app import create_app
+from stubs import free_port
 
 
 class Server:
@@ -55,7 +55,7 @@ def served() -> Iterator[tuple[Server, Gateway, openai.OpenAI]]:
 
 
 def test_plain_completion(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
-    server, gw, client = served
+    _, gw, client = served
     raw = client.chat.completions.with_raw_response.create(model="t", messages=[{"role": "user", "content": "hi"}])
     completion = raw.parse()
     assert completion.choices[0].message.content == "Hello from keel."
@@ -81,7 +81,9 @@ def test_stream_with_usage(served: tuple[Server, Gateway, openai.OpenAI]) -> Non
 def test_tool_calls(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
     _, _, client = served
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
-    completion = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "w?"}], tools=tools)  # type: ignore[arg-type]
+    completion = client.chat.completions.create(
+        model="tools", messages=[{"role": "user", "content": "w?"}], tools=tools
+    )  # type: ignore[arg-type]
     call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert call.function.name == "weather" and json.loads(call.function.arguments) == {"city": "Oslo"}  # type: ignore[union-attr]
     assert completion.choices[0].finish_reason == "tool_calls"
@@ -94,7 +96,9 @@ class City(BaseModel):
 
 def test_json_schema_response_format(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
     _, _, client = served
-    parsed = client.chat.completions.parse(model="json", messages=[{"role": "user", "content": "city"}], response_format=City)
+    parsed = client.chat.completions.parse(
+        model="json", messages=[{"role": "user", "content": "city"}], response_format=City
+    )
     assert parsed.choices[0].message.parsed == City(name="Oslo", population=709000)
 
 
@@ -114,7 +118,12 @@ def test_errors_in_openai_shape(served: tuple[Server, Gateway, openai.OpenAI]) -
     with pytest.raises(openai.InternalServerError) as upstream:
         client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
     assert upstream.value.status_code == 502
-    bad = httpx.post(f"{server.url}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    bad = httpx.post(
+        f"{server.url}/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert bad.status_code == 400 and "error" in bad.json()
-    extra = httpx.post(f"{server.url}/chat/completions", json={"model": "t", "messages": [{"role": "user", "content": "x"}], "bogus": 1})
+    extra = httpx.post(
+        f"{server.url}/chat/completions",
+        json={"model": "t", "messages": [{"role": "user", "content": "x"}], "bogus": 1},
+    )
     assert extra.status_code == 400 and extra.json()["error"]["param"] == "bogus"

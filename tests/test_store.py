@@ -13,10 +13,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 
 from keel.store import SpanFilter, StatsRow, Store, open_store
 from keel.store.migrations import MIGRATIONS
+from keel.store.postgres import PostgresStore
 from keel.trace import Redactor, Span, SpanWriter, Tracer
 
 T0 = 1_699_923_600.0  # 2023-11-14 01:00:00 UTC
@@ -24,9 +26,13 @@ DAY = 86_400.0
 ALL_MIGRATIONS = [m.name for m in MIGRATIONS]
 
 
-def ms(value: float) -> Any:
+def approx_ms(value: float) -> Any:
     """A duration in ms: epoch seconds near 1.7e9 keep only about 0.5 µs of precision."""
     return pytest.approx(value, abs=0.01)
+
+
+def usd(value: float) -> Any:
+    return pytest.approx(value)
 
 
 def make_span(
@@ -190,7 +196,9 @@ def _stats_spans() -> list[Span]:
                   cost=0.001 if k % 2 else None)
         for k in (7, 1, 20, 13, 2, 19, 5, 11, 3, 17, 4, 9, 15, 6, 10, 18, 8, 12, 16, 14)
     ]  # fmt: skip
-    day1 += [make_span(f"m2-{k}", start=T0 + 100 + k, ms=ms, model="m2", tokens=None) for k, ms in enumerate([30, 10, 20])]
+    day1 += [
+        make_span(f"m2-{k}", start=T0 + 100 + k, ms=d, model="m2", tokens=None) for k, d in enumerate([30, 10, 20])
+    ]
     day1 += [make_span("no-model", start=T0 + 200, ms=7.0, model=None)]
     day1 += [make_span("embed", start=T0 + 300, ms=999.0, operation="embeddings", cost=1.0)]
     return [*day1, make_span("m1-day2", start=T0 + DAY, ms=5.0, cost=0.5, tokens=(100, 1))]
@@ -204,12 +212,12 @@ def test_stats_by_model_and_day_with_nearest_rank_percentiles(store: Store) -> N
     ]  # fmt: skip
     day2, unknown, m1, m2 = rows
     # nearest rank: p50 of 20 values is the 10th, p95 the 19th
-    assert m1 == StatsRow("m1", "2023-11-14", 20, 2, ms(100.0), ms(190.0), 200, 100, pytest.approx(0.010))
+    assert m1 == StatsRow("m1", "2023-11-14", 20, 2, approx_ms(100.0), approx_ms(190.0), 200, 100, usd(0.010))
     assert m1.error_rate == pytest.approx(0.1)
     # p50 of 3 values is the 2nd, p95 the 3rd; no price known anywhere -> cost None, no tokens -> 0
-    assert m2 == StatsRow("m2", "2023-11-14", 3, 0, ms(20.0), ms(30.0), 0, 0, None)
-    assert unknown == StatsRow("?", "2023-11-14", 1, 0, ms(7.0), ms(7.0), 10, 5, None)
-    assert day2 == StatsRow("m1", "2023-11-15", 1, 0, ms(5.0), ms(5.0), 100, 1, pytest.approx(0.5))
+    assert m2 == StatsRow("m2", "2023-11-14", 3, 0, approx_ms(20.0), approx_ms(30.0), 0, 0, None)
+    assert unknown == StatsRow("?", "2023-11-14", 1, 0, approx_ms(7.0), approx_ms(7.0), 10, 5, None)
+    assert day2 == StatsRow("m1", "2023-11-15", 1, 0, approx_ms(5.0), approx_ms(5.0), 100, 1, usd(0.5))
 
 
 def test_stats_filters_by_time_and_operation(store: Store) -> None:
@@ -217,7 +225,7 @@ def test_stats_filters_by_time_and_operation(store: Store) -> None:
     assert [(r.day, r.model, r.calls) for r in store.stats(since=T0 + DAY)] == [("2023-11-15", "m1", 1)]
     every_operation = {(r.day, r.model): r for r in store.stats(operation=None)}
     assert every_operation["2023-11-14", "m1"].calls == 21  # the embeddings span counts too
-    assert every_operation["2023-11-14", "m1"].p95_ms == ms(200.0)
+    assert every_operation["2023-11-14", "m1"].p95_ms == approx_ms(200.0)
     assert every_operation["2023-11-14", "m1"].cost_usd == pytest.approx(1.010)
     assert store.stats(operation="nothing") == []
 
@@ -318,17 +326,14 @@ def test_span_writer_blocks_submitters_when_its_queue_is_full(store: Store, monk
 
 # --- PostgreSQL only: the pool and dropped connections ------------------------------
 
-def _pg_store(url: str, **options: Any) -> Any:
-    from keel.store.postgres import PostgresStore
 
+def _pg_store(url: str, **options: Any) -> PostgresStore:
     store = PostgresStore(url, **options)
     store.migrate()
     return store
 
 
 def _terminate_keel_connections(admin_url: str, database_url: str) -> int:
-    import psycopg
-
     database = urlsplit(database_url).path.lstrip("/")
     sql = """SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
              WHERE datname = %s AND application_name = 'keel'"""
@@ -336,7 +341,7 @@ def _terminate_keel_connections(admin_url: str, database_url: str) -> int:
         return len(admin.execute(sql, (database,)).fetchall())
 
 
-def _hold_transactions(store: Any, n: int) -> None:
+def _hold_transactions(store: PostgresStore, n: int) -> None:
     """Make the pool open `n` connections by running `n` transactions at once."""
     barrier = threading.Barrier(n)
 
@@ -368,8 +373,6 @@ def test_postgres_reconnects_when_idle_connections_were_dropped(pg_url: str, pg_
 
 @pytest.mark.postgres
 def test_postgres_recovers_after_a_connection_drops_inside_a_transaction(pg_url: str, pg_database_url: str) -> None:
-    import psycopg
-
     store = _pg_store(pg_database_url)
     try:
         with pytest.raises(psycopg.OperationalError), store.transaction() as cur:
@@ -383,8 +386,6 @@ def test_postgres_recovers_after_a_connection_drops_inside_a_transaction(pg_url:
 
 @pytest.mark.postgres
 def test_postgres_migrations_are_safe_when_processes_start_together(pg_database_url: str) -> None:
-    from keel.store.postgres import PostgresStore
-
     stores = [PostgresStore(pg_database_url) for _ in range(4)]
     barrier = threading.Barrier(len(stores))
     applied: list[list[str]] = []

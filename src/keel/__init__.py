@@ -1,8 +1,8 @@
 """keel: the production layer for LLM features.
 
-    from keel import Gateway
-    gw = Gateway()
-    print(gw.chat_sync("What is RAG?").text)
+from keel import Gateway
+gw = Gateway()
+print(gw.chat_sync("What is RAG?").text)
 """
 
 from keel import errors

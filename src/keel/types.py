@@ -230,7 +230,9 @@ def _tool_calls_from_openai(raw: Any, index: int) -> tuple[ToolCall, ...]:
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
             raise InvalidMessages(f"messages[{index}].tool_calls[{j}] needs function.name")
         args = fn.get("arguments", "{}")
-        calls.append(ToolCall(str(item.get("id", f"call_{j}")), fn["name"], args if isinstance(args, str) else json.dumps(args)))
+        calls.append(
+            ToolCall(str(item.get("id", f"call_{j}")), fn["name"], args if isinstance(args, str) else json.dumps(args))
+        )
     return tuple(calls)
 
 

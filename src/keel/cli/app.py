@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from keel.errors import ConfigError, InputError, KeelError, LimitError
 
@@ -40,7 +41,7 @@ def exit_code(error: KeelError) -> int:
 
 
 def fail(error: KeelError) -> typer.Exit:
-    err.print(f"[bold red]error[/] ({error.error_type}): {error.message}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error[/] ({error.error_type}): {escape(error.message)}", highlight=False, soft_wrap=True)
     return typer.Exit(exit_code(error))
 
 

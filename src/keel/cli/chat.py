@@ -41,14 +41,18 @@ def _summary(result: ChatResult) -> str:
 @handle_errors
 def chat(
     question: Annotated[str, typer.Argument(help="What to ask.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name or alias (default: default_model).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model name or alias (default: default_model).")
+    ] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     json_schema: Annotated[
         Path | None, typer.Option("--json-schema", help="Answer as JSON valid against this JSON schema file.")
     ] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature, 0-2.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate.")] = None,
-    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer at the end, not as it comes.")] = False,
+    no_stream: Annotated[
+        bool, typer.Option("--no-stream", help="Print the answer at the end, not as it comes.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the answer, no summary line.")] = False,
 ) -> None:
     """Ask a model a question. The answer streams; a summary line (tokens, cost, trace id) follows on stderr.

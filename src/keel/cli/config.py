@@ -18,7 +18,9 @@ console = Console(highlight=False)
 @app.command("check")
 @handle_errors
 def check(
-    path: Annotated[Path | None, typer.Argument(help="keel.toml to check (default: $KEEL_CONFIG or ./keel.toml).")] = None,
+    path: Annotated[
+        Path | None, typer.Argument(help="keel.toml to check (default: $KEEL_CONFIG or ./keel.toml).")
+    ] = None,
 ) -> None:
     """Validate the configuration; a mistake is reported with its file, line and field.
 
@@ -27,5 +29,7 @@ def check(
     config = load_config(path)
     chat = [n for n, m in config.models.items() if m.kind == "chat"]
     console.print(f"[green]ok[/]: {config.source or 'embedded defaults (no keel.toml)'}")
-    console.print(f"  {len(config.models)} models ({len(chat)} chat), {len(config.aliases)} aliases, {len(config.keys)} keys")
+    console.print(
+        f"  {len(config.models)} models ({len(chat)} chat), {len(config.aliases)} aliases, {len(config.keys)} keys"
+    )
     console.print(f"  default model: {config.default_model} · store: {config.store_url}")

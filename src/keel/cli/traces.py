@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -60,12 +61,15 @@ def list_traces(
     )
     table = Table(title=f"{len(rows)} traces")
     for column in ("trace", "time (UTC)", "model", "status", "in", "out", "cost", "ms", "att"):
-        table.add_column(column, justify="right" if column in ("in", "out", "cost", "ms", "att") else "left", no_wrap=True)
+        table.add_column(
+            column, justify="right" if column in ("in", "out", "cost", "ms", "att") else "left", no_wrap=True
+        )
     for span in rows:
         a = span.attributes
         status_text = "[green]ok[/]" if span.status == "ok" else f"[red]{span.error_type}[/]"
         table.add_row(
-            span.trace_id[:12], _when(span.start_time), str(a.get("keel.model") or a.get("gen_ai.request.model")),
+            span.trace_id[:12], _when(span.start_time),
+            escape(str(a.get("keel.model") or a.get("gen_ai.request.model"))),
             status_text, str(a.get("gen_ai.usage.input_tokens", "-")), str(a.get("gen_ai.usage.output_tokens", "-")),
             _cost(a.get("keel.cost_usd")), f"{span.duration_ms:.0f}", str(a.get("keel.attempts", "-")),
         )  # fmt: skip
@@ -74,9 +78,9 @@ def list_traces(
 
 def _span_label(span: Span) -> str:
     a = span.attributes
-    status = "[green]ok[/]" if span.status == "ok" else f"[red]{span.error_type}: {span.error_message}[/]"
+    status = "[green]ok[/]" if span.status == "ok" else f"[red]{span.error_type}: {escape(span.error_message or '')}[/]"
     return (
-        f"[bold]{span.name}[/] {status} · {span.duration_ms:.1f} ms · "
+        f"[bold]{escape(span.name)}[/] {status} · {span.duration_ms:.1f} ms · "
         f"{a.get('gen_ai.usage.input_tokens', '-')} in / {a.get('gen_ai.usage.output_tokens', '-')} out · "
         f"{_cost(a.get('keel.cost_usd'))}"
     )
@@ -85,11 +89,11 @@ def _span_label(span: Span) -> str:
 def _add_details(node: Tree, span: Span) -> None:
     attrs = node.add("[dim]attributes[/]")
     for key, value in sorted(span.attributes.items()):
-        attrs.add(f"{key} = {json.dumps(value, ensure_ascii=False)}", highlight=False)
+        attrs.add(escape(f"{key} = {json.dumps(value, ensure_ascii=False)}"), highlight=False)
     if span.input is not None:
-        node.add(f"[cyan]input[/] {json.dumps(span.input, ensure_ascii=False, indent=1)}", highlight=False)
+        node.add(f"[cyan]input[/] {escape(json.dumps(span.input, ensure_ascii=False, indent=1))}", highlight=False)
     if span.output is not None:
-        node.add(f"[cyan]output[/] {json.dumps(span.output, ensure_ascii=False, indent=1)}", highlight=False)
+        node.add(f"[cyan]output[/] {escape(json.dumps(span.output, ensure_ascii=False, indent=1))}", highlight=False)
 
 
 @app.command("show")
@@ -104,7 +108,9 @@ def show(trace_id: Annotated[str, typer.Argument(help="Trace id (or its first ch
     if not matches:
         raise InputError(f"no trace matches {trace_id!r}")
     if len(matches) > 1:
-        raise InputError(f"{trace_id!r} matches several traces: {', '.join(m[:12] for m in matches)}; give more characters")
+        raise InputError(
+            f"{trace_id!r} matches several traces: {', '.join(m[:12] for m in matches)}; give more characters"
+        )
     spans = store.get_trace(matches[0])
     tree = Tree(f"trace {matches[0]} · {_when(spans[0].start_time)} UTC")
     nodes: dict[str | None, Tree] = {}
@@ -128,7 +134,7 @@ def stats(days: Annotated[float | None, typer.Option(help="Only the last N days.
         table.add_column(column, justify="left" if column in ("day", "model") else "right", no_wrap=True)
     for r in rows:
         table.add_row(
-            r.day, r.model, str(r.calls), f"{r.error_rate:.1%}",
+            r.day, escape(r.model), str(r.calls), f"{r.error_rate:.1%}",
             "-" if r.p50_ms is None else f"{r.p50_ms:.0f}", "-" if r.p95_ms is None else f"{r.p95_ms:.0f}",
             f"{r.input_tokens:,}", f"{r.output_tokens:,}", _cost(r.cost_usd),
         )  # fmt: skip

@@ -8,11 +8,12 @@ span per call (success or failure) with usage, cost, latency and attempts.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -44,7 +45,6 @@ from keel.types import (
 
 __all__ = ["ChatStream", "Gateway"]
 
-T = TypeVar("T")
 DEFAULT_MAX_OUTPUT = 4096
 _PROVIDERS = {"openai", "anthropic", "gemini", "local", "test", "onnx"}
 
@@ -103,11 +103,13 @@ class Gateway:
         self._routers: dict[str, FallbackModel] = {}
         self._key_limiters: dict[str, Limiter] = {}
         self.budgets = BudgetTracker(self.store, dict(self.config.keys))
-        secret_envs = {m.key_env() for m in self.config.models.values()} - {None}
+        secret_envs = {env for m in self.config.models.values() if (env := m.key_env())}
         tracing = self.config.tracing
         writer = SpanWriter(self.store, max_queue=tracing.max_queue) if self.store is not None else None
         self.tracer = Tracer(
-            writer, Redactor(tracing.redact_patterns, secret_envs), capture_content=tracing.capture_content  # type: ignore[arg-type]
+            writer,
+            Redactor(tracing.redact_patterns, secret_envs),
+            capture_content=tracing.capture_content,
         )
         self._loop_thread: LoopThread | None = None
 
@@ -169,7 +171,7 @@ class Gateway:
         return self._key_limiters[key]
 
     def _check_key_model(self, key: str | None, name: str) -> None:
-        allowed = self.config.keys[key].models if key in self.config.keys else None  # type: ignore[index]
+        allowed = self.config.keys[key].models if key is not None and key in self.config.keys else None
         if allowed is not None and name not in {self.resolve(m) for m in allowed}:
             raise ModelNotAllowed(f"key {key!r} may not use model {name!r}; allowed: {', '.join(allowed)}")
 
@@ -185,7 +187,9 @@ class Gateway:
             worst = cost if worst is None else max(worst, cost)
         return worst
 
-    async def _admit(self, key: str | None, name: str, router: FallbackModel, request: ChatRequest) -> Reservation | None:
+    async def _admit(
+        self, key: str | None, name: str, router: FallbackModel, request: ChatRequest
+    ) -> Reservation | None:
         self._check_key_model(key, name)
         if key is None:
             return None
@@ -208,7 +212,9 @@ class Gateway:
         _check_options(options)
         return ChatRequest(name, parsed, options)
 
-    def _start_span(self, operation: str, model: str | None, key: str | None, metadata: Mapping[str, Any] | None) -> Span:
+    def _start_span(
+        self, operation: str, model: str | None, key: str | None, metadata: Mapping[str, Any] | None
+    ) -> Span:
         span = self.tracer.start(f"{operation} {model or self.config.default_model}")
         span.set(gen_ai__operation__name=operation, gen_ai__request__model=model or self.config.default_model)
         if key is not None:
@@ -292,7 +298,8 @@ class Gateway:
             name = self.resolve(model)
             spec = spec_for(response_model) if response_model is not None else None
             options = ChatOptions(
-                temperature=temperature, max_tokens=max_tokens, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+                temperature=temperature, max_tokens=max_tokens,
+                stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
                 seed=seed, top_p=top_p, tools=_tools(tools), tool_choice=tool_choice, timeout=timeout,
                 response_format=spec.format if spec else None,
             )  # fmt: skip
@@ -346,7 +353,7 @@ class Gateway:
         span.set(keel__stream=True)
         reservation: Reservation | None = None
         started = time.perf_counter()
-        token = _current.set(span)
+        token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
             name = self.resolve(model)
             stop_t = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -354,8 +361,10 @@ class Gateway:
             self._record_request(span, request)
             router = self._router(name)
             reservation = await self._admit(key, name, router, request)
-            _current.reset(token)
-            token = None
+            # the caller's code runs between our yields: it must not see this span as its parent
+            if token is not None:
+                _current.reset(token)
+                token = None
             final: ModelResponse | None = None
             async for item in router.stream(request):  # read to the end, so every wrapper closes cleanly
                 if isinstance(item, ModelResponse):
@@ -378,9 +387,7 @@ class Gateway:
 
     # --- embeddings and tokens -----------------------------------------------------
 
-    async def embed(
-        self, texts: Sequence[str], model: str | None = None, *, key: str | None = None
-    ) -> EmbeddingResult:
+    async def embed(self, texts: Sequence[str], model: str | None = None, *, key: str | None = None) -> EmbeddingResult:
         key = key or self.key
         span = self._start_span("embeddings", model or self.config.default_embedding_model, key, None)
         token = _current.set(span)
@@ -490,7 +497,7 @@ class ChatStream:
         await self._source.aclose()  # type: ignore[attr-defined]
 
 
-class SyncChatStream(Generic[T]):
+class SyncChatStream:
     """`ChatStream` for synchronous code: a plain iterator of deltas."""
 
     def __init__(self, stream: ChatStream, loop: LoopThread) -> None:

@@ -57,7 +57,7 @@ class _Plan:
 
     def final_error(self) -> KeelError:
         if all(isinstance(e, ContextWindowExceeded) for _, e in self.errors):
-            windows = ", ".join(f"{n} ({e.context_window or '?'} tokens)" for n, e in self.errors)
+            windows = ", ".join(f"{n} ({getattr(e, 'context_window', None) or '?'} tokens)" for n, e in self.errors)
             tokens = max((e.tokens or 0) for _, e in self.errors if isinstance(e, ContextWindowExceeded))
             error: KeelError = ContextWindowExceeded(
                 f"the prompt ({tokens} tokens with max_tokens) is longer than every model's context window: {windows}",

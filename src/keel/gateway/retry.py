@@ -26,7 +26,7 @@ _T = TypeVar("_T")
 
 def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**(attempt-1))]."""
-    return rand() * min(cap, base * 2 ** (attempt - 1))
+    return float(rand() * min(cap, base * 2 ** (attempt - 1)))
 
 
 class RetryModel(WrapperModel):

@@ -69,7 +69,9 @@ def spec_for(target: type[BaseModel] | Mapping[str, Any], name: str | None = Non
         validator_cls = jsonschema.validators.validator_for(target)
         validator_cls.check_schema(target)
     except jsonschema.SchemaError as exc:
-        raise InvalidSchema(f"not a valid JSON schema: {exc.message} (at {'/'.join(map(str, exc.path)) or 'root'})") from None
+        raise InvalidSchema(
+            f"not a valid JSON schema: {exc.message} (at {'/'.join(map(str, exc.path)) or 'root'})"
+        ) from None
     if target.get("type") not in (None, "object"):
         raise InvalidSchema("the schema's top level must be an object")
     validator = validator_cls(target)
@@ -79,7 +81,9 @@ def spec_for(target: type[BaseModel] | Mapping[str, Any], name: str | None = Non
         return value
 
     title = name or str(target.get("title") or "response")
-    return StructuredSpec(ResponseFormat(re.sub(r"[^A-Za-z0-9_-]", "_", title)[:64], target, _strict_compatible(target)), validate)
+    return StructuredSpec(
+        ResponseFormat(re.sub(r"[^A-Za-z0-9_-]", "_", title)[:64], target, _strict_compatible(target)), validate
+    )
 
 
 def parse_json(text: str) -> Any:
@@ -102,7 +106,9 @@ def _add(total: ModelResponse | None, response: ModelResponse) -> ModelResponse:
     if total is None:
         return response
     cost = None if total.cost_usd is None or response.cost_usd is None else total.cost_usd + response.cost_usd
-    return replace(response, usage=total.usage + response.usage, cost_usd=cost, attempts=total.attempts + response.attempts)
+    return replace(
+        response, usage=total.usage + response.usage, cost_usd=cost, attempts=total.attempts + response.attempts
+    )
 
 
 async def run_structured(

@@ -25,11 +25,13 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T] | Any) -> T:
         if not asyncio.iscoroutine(coro):
+
             async def wrap() -> Any:
                 return await coro
 
             coro = wrap()
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        result: T = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        return result
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -26,7 +26,9 @@ class TimeoutModel(WrapperModel):
 
     def _error(self, request: ChatRequest, limit: float) -> ProviderTimeout:
         return ProviderTimeout(
-            f"{self.provider} {request.model} did not answer within {limit:g}s", provider=self.provider, model=request.model
+            f"{self.provider} {request.model} did not answer within {limit:g}s",
+            provider=self.provider,
+            model=request.model,
         )
 
     async def complete(self, request: ChatRequest) -> ModelResponse:

@@ -20,6 +20,7 @@ to `keel.errors` here and nowhere else.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -248,7 +249,7 @@ def finish_reason(stop_reason: str | None, *, structured: bool) -> str:
 
 
 def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """(timeouts, other transport failures) of the HTTP libraries the SDK may use.
+    """(timeouts, other transport failures) of the HTTP library the SDK uses (httpx2, or httpx before 2.x).
 
     The SDK wraps failures while it sends, but not while a stream is read: a
     reset in the middle of an SSE answer surfaces as the HTTP library's error.
@@ -257,7 +258,7 @@ def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
     transport: list[type[BaseException]] = [ConnectionError]
     for name in ("httpx", "httpx2"):
         try:
-            module = __import__(name)
+            module = importlib.import_module(name)
         except ImportError:
             continue
         timeouts.append(module.TimeoutException)

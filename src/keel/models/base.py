@@ -51,7 +51,7 @@ class Model(ABC):
     def exact_token_count(self) -> bool:
         return False
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional, most adapters hold nothing
         """Release connections; the default has none."""
 
     def __repr__(self) -> str:

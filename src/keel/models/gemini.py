@@ -23,6 +23,7 @@ translated to `keel.errors` here and nowhere else.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -304,17 +305,26 @@ class _Answer:
 # --- errors ------------------------------------------------------------------------------
 
 
+# The SDK sends through aiohttp when it is installed, else httpx2 or httpx, and
+# lets their exceptions through: (module, timeout classes, other transport failures).
+_TRANSPORT_CLASSES = (
+    ("httpx", ("TimeoutException",), ("TransportError",)),
+    ("httpx2", ("TimeoutException",), ("TransportError",)),
+    ("aiohttp", ("ServerTimeoutError",), ("ClientConnectionError", "ClientPayloadError")),
+)
+
+
 def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """(timeouts, other transport failures) of the HTTP libraries the SDK may use (httpx or httpx2)."""
+    """(timeouts, other transport failures) of the HTTP libraries installed."""
     timeouts: list[type[BaseException]] = [TimeoutError]
     transport: list[type[BaseException]] = [ConnectionError]
-    for name in ("httpx", "httpx2"):
+    for name, timeout_names, transport_names in _TRANSPORT_CLASSES:
         try:
-            module = __import__(name)
+            module = importlib.import_module(name)
         except ImportError:
             continue
-        timeouts.append(module.TimeoutException)
-        transport.append(module.TransportError)
+        timeouts += [getattr(module, n) for n in timeout_names]
+        transport += [getattr(module, n) for n in transport_names]
     return tuple(timeouts), tuple(transport)
 
 
@@ -405,6 +415,10 @@ class GeminiModel(Model):
             retry_options=gtypes.HttpRetryOptions(attempts=1),
         )
         self.client = genai.Client(api_key=api_key, vertexai=False, http_options=http_options)
+
+    def forget_signatures(self) -> None:
+        """Drop the remembered thought signatures (later calls send the placeholder)."""
+        self._signatures = _Signatures()
 
     def _call(self, request: ChatRequest) -> dict[str, Any]:
         system, contents = map_messages(request.messages, self._signatures)

@@ -46,7 +46,9 @@ class _RecordingModel(Model):
         for start in range(0, len(response.text), self.chunk_chars):
             yield StreamDelta(text=response.text[start : start + self.chunk_chars])
         for index, call in enumerate(response.tool_calls):
-            yield StreamDelta(tool_call_index=index, tool_call_id=call.id, tool_name=call.name, tool_arguments=call.arguments)
+            yield StreamDelta(
+                tool_call_index=index, tool_call_id=call.id, tool_name=call.name, tool_arguments=call.arguments
+            )
         yield response
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:

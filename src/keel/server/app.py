@@ -76,7 +76,10 @@ def _usage(result: ChatResult) -> dict[str, Any]:
 
 
 def _message(result: ChatResult) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": result.text if result.text or not result.tool_calls else None}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": result.text if result.text or not result.tool_calls else None,
+    }
     if result.tool_calls:
         message["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -191,7 +194,13 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid")
-        return error_response(400, f"{'.'.join(loc) or 'body'}: {message}", "invalid_request_error", "invalid_request", ".".join(loc) or None)
+        return error_response(
+            400,
+            f"{'.'.join(loc) or 'body'}: {message}",
+            "invalid_request_error",
+            "invalid_request",
+            ".".join(loc) or None,
+        )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -210,7 +219,10 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
     async def list_models(request: Request) -> dict[str, Any]:
         gw: Gateway = request.app.state.gateway
         names = [n for n in gw.model_names if gw._model_config(n).kind == "chat"] + list(gw.config.aliases)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "keel"} for n in names]}
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "keel"} for n in names],
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

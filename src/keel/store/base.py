@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from keel.store.migrations import MIGRATIONS, Migration
 from keel.trace import Span, dumps
@@ -90,9 +90,9 @@ class Store(ABC):
     """Where spans (and later: keys, jobs, collections) live."""
 
     #: DB-API placeholder of the backend: "?" or "%s".
-    placeholder = "?"
+    placeholder: ClassVar[str] = "?"
     #: Column types substituted into migrations.
-    types = {"json": "TEXT", "real": "REAL"}
+    types: ClassVar[dict[str, str]] = {"json": "TEXT", "real": "REAL"}
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -193,7 +193,8 @@ class Store(ABC):
         if f.roots_only:
             clauses.append("parent_id IS NULL")
         if f.text:
-            clauses.append(f"(LOWER({self._text('input')}) LIKE ? OR LOWER({self._text('output')}) LIKE ? OR LOWER(COALESCE(error_message, '')) LIKE ?)")
+            texts = (self._text("input"), self._text("output"), "COALESCE(error_message, '')")
+            clauses.append("(" + " OR ".join(f"LOWER({t}) LIKE ?" for t in texts) + ")")
             params += [f"%{f.text.lower()}%"] * 3
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
@@ -229,7 +230,9 @@ class Store(ABC):
             WITH r AS (
                 SELECT COALESCE(model, request_model, '?') AS m, day, status, duration_ms, input_tokens,
                        output_tokens, cost_usd,
-                       ROW_NUMBER() OVER (PARTITION BY COALESCE(model, request_model, '?'), day ORDER BY duration_ms) AS rn,
+                       ROW_NUMBER() OVER (
+                           PARTITION BY COALESCE(model, request_model, '?'), day ORDER BY duration_ms
+                       ) AS rn,
                        COUNT(*) OVER (PARTITION BY COALESCE(model, request_model, '?'), day) AS n
                 FROM spans{where}
             )
@@ -242,7 +245,9 @@ class Store(ABC):
         with self.transaction() as cur:
             cur.execute(self._sql(sql), params)
             return [
-                StatsRow(r[0], r[1], int(r[2]), int(r[3]), _float(r[4]), _float(r[5]), int(r[6]), int(r[7]), _float(r[8]))
+                StatsRow(
+                    r[0], r[1], int(r[2]), int(r[3]), _float(r[4]), _float(r[5]), int(r[6]), int(r[7]), _float(r[8])
+                )
                 for r in cur.fetchall()
             ]
 

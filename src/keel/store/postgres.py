@@ -19,7 +19,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -89,8 +89,8 @@ class _Pool:
 
 
 class PostgresStore(Store):
-    placeholder = "%s"
-    types = {"json": "JSONB", "real": "DOUBLE PRECISION"}
+    placeholder: ClassVar[str] = "%s"
+    types: ClassVar[dict[str, str]] = {"json": "JSONB", "real": "DOUBLE PRECISION"}
 
     def __init__(
         self, url: str, *, max_connections: int = 10, pool_timeout: float = 30.0, connect_timeout: int = 10
@@ -98,7 +98,7 @@ class PostgresStore(Store):
         super().__init__(url)
         # Defaults only: a setting written in the URL wins.
         given = conninfo_to_dict(url)
-        defaults = {"connect_timeout": connect_timeout, "application_name": "keel"}
+        defaults: dict[str, str | int] = {"connect_timeout": connect_timeout, "application_name": "keel"}
         self._conninfo = make_conninfo(url, **{k: v for k, v in defaults.items() if k not in given})
         self._pool = _Pool(self._connect, max_connections, pool_timeout)
 

@@ -1,0 +1,99 @@
+"""keel.toml loading, KEEL_* overrides, and error locations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import write_config
+from keel.config import load_config, locate
+from keel.errors import ConfigError
+
+
+def test_embedded_defaults_need_no_file() -> None:
+    config = load_config(environ={})
+    assert config.default_model == "local" and config.models["local"].provider == "local"
+    assert config.source is None and config.store_url.endswith("keel.db")
+
+
+def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        'default_model = "fast"\n[aliases]\nfast = "gpt-4o-mini"\n'
+        '[models.local]\nprovider = "local"\nmodel = "smollm2"\ntimeout = 5\n',
+    )
+    config = load_config(path, environ={})
+    assert config.resolve(None) == "gpt-4o-mini" and config.models["local"].timeout == 5
+    assert "claude-haiku-4-5" in config.models and config.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "message"),
+    [
+        ('[models.x]\nprovider = "openai"\nmodel = "m"\ntimout = 3\n', 4, "models.x.timout", "unknown field"),
+        ('[models.x]\nprovider = "openai"\nmodel = "m"\nrpm = -1\n', 4, "models.x.rpm", "greater than 0"),
+        ('[models.x]\nprovider = "nobody"\nmodel = "m"\n', 2, "models.x.provider", "Input should be"),
+        (
+            'timeout = 1\n\n[models.x]\nprovider = "openai"\nmodel = "m"\nfallbacks = ["ghost"]\n',
+            6,
+            "models.x.fallbacks",
+            "unknown model 'ghost'",
+        ),
+        ('[aliases]\nfast = "ghost"\n', 2, "aliases.fast", "unknown model"),
+        ('[keys.team]\ndaily_budget_usd = "lots"\n', 2, "keys.team.daily_budget_usd", "valid number"),
+        ('[tracing]\nredact_patterns = ["("]\n', 1, "tracing", "regular expression"),
+    ],
+)
+def test_errors_name_file_line_and_field(tmp_path: Path, text: str, line: int, field: str, message: str) -> None:
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    error = caught.value
+    assert error.file == str(path) and error.line == line and error.field == field
+    assert message in str(error) and f"{path}:{line} [{field}]" in str(error)
+
+
+def test_invalid_toml_reports_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'default_model = "x"\n[models\n')
+    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+        load_config(path, environ={})
+    assert caught.value.line == 2
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {
+        "KEEL_STORE": "postgresql://u@localhost/db",
+        "KEEL_DEFAULT_MODEL": "gpt-4o-mini",
+        "KEEL_CAPTURE_CONTENT": "false",
+        "KEEL_MODELS__GPT_4O_MINI__TIMEOUT": "7.5",
+        "KEEL_MODELS__GPT_4O_MINI__FALLBACKS": '["local"]',
+        "KEEL_KEYS__TEAM__RPM": "10",
+    }
+    config = load_config(environ=env)
+    assert config.store_url == "postgresql://u@localhost/db" and config.default_model == "gpt-4o-mini"
+    assert config.tracing.capture_content is False
+    assert config.models["gpt-4o-mini"].timeout == 7.5 and config.models["gpt-4o-mini"].fallbacks == ("local",)
+    assert config.keys["team"].rpm == 10
+
+
+def test_bad_environment_value_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"\[timeout\]"):
+        load_config(environ={"KEEL_TIMEOUT": "soon"})
+
+
+def test_keel_config_env_picks_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'default_model = "gpt-4.1"\n')
+    assert load_config(environ={"KEEL_CONFIG": str(path)}).default_model == "gpt-4.1"
+
+
+def test_locate_finds_nested_keys() -> None:
+    text = "a = 1\n[models.x]\nprovider = 'p'\n[models.y]\nprovider = 'q'\n"
+    assert locate(text, ("models", "y", "provider")) == 5
+    assert locate(text, ("models", "x")) == 2
+    assert locate(text, ("nothing",)) is None

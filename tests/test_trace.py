@@ -1,0 +1,79 @@
+"""Spans: nesting by context, redaction, the bounded writer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from keel.trace import Redactor, Span, SpanWriter, Tracer
+
+
+class SlowStore:
+    """A store that takes its time, to show the writer blocks instead of dropping."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+
+    def write_spans(self, spans: Sequence[Span]) -> None:
+        time.sleep(0.005)
+        self.spans.extend(spans)
+
+
+def test_spans_nest_by_context() -> None:
+    store = SlowStore()
+    tracer = Tracer(SpanWriter(store), Redactor())  # type: ignore[arg-type]
+    with tracer.span("outer") as outer, tracer.span("inner") as inner:
+        pass
+    with tracer.span("next") as other:
+        pass
+    assert tracer.writer is not None and tracer.writer.flush()
+    assert inner.parent_id == outer.span_id and inner.trace_id == outer.trace_id
+    assert other.parent_id is None and other.trace_id != outer.trace_id
+    assert {s.name for s in store.spans} == {"outer", "inner", "next"}
+
+
+def test_failed_block_marks_span() -> None:
+    store = SlowStore()
+    tracer = Tracer(SpanWriter(store), Redactor())  # type: ignore[arg-type]
+    with pytest.raises(ValueError), tracer.span("boom"):
+        raise ValueError("bad thing")
+    assert tracer.writer is not None and tracer.writer.flush()
+    [span] = store.spans
+    assert span.status == "error" and span.error_type == "ValueError" and span.attributes["error.type"] == "ValueError"
+
+
+def test_redactor_patterns_and_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_KEY", "very-secret-value-123")
+    redactor = Redactor([r"\d{3}-\d{2}-\d{4}"], ["MY_KEY"])
+    text = "key very-secret-value-123, ssn 123-45-6789, openai sk-abcdefghijklmnopqrstu, Bearer abc.def.ghijklmnop"
+    cleaned = redactor.text(text)
+    assert (
+        "very-secret" not in cleaned
+        and "123-45" not in cleaned
+        and "sk-abc" not in cleaned
+        and "abc.def" not in cleaned
+    )
+    assert redactor.value({"a": [text], "n": 3}) == {"a": [cleaned], "n": 3}
+
+
+def test_bounded_writer_blocks_rather_than_drops() -> None:
+    store = SlowStore()
+    writer = SpanWriter(store, max_queue=4, max_batch=2)  # type: ignore[arg-type]
+    total = 200
+
+    def produce(offset: int) -> None:
+        for i in range(total // 4):
+            writer.submit(Span("t", f"{offset}-{i}", None, "s", time.time()))
+
+    threads = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert writer.flush(timeout=30)
+    assert len(store.spans) == total and len({s.span_id for s in store.spans}) == total
+    assert writer.try_submit(Span("t", "x", None, "s", time.time())) in (True, False)
+    writer.close()
