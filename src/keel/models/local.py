@@ -407,7 +407,8 @@ class LocalModel(Model):
                 tokens=prompt_tokens,
                 context_window=engine.n_ctx,
             )
-        grammar = _grammar(json.dumps(plan.schema, sort_keys=True)) if plan.schema is not None else None
+        # key order is kept: the grammar emits properties in the schema's order
+        grammar = _grammar(json.dumps(plan.schema, default=dict)) if plan.schema is not None else None
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not engine.lock.acquire(timeout=wait):
             raise self._timeout()
@@ -415,6 +416,8 @@ class LocalModel(Model):
             if cancel.is_set():
                 raise _Cancelled
             return self._run_locked(engine, plan, grammar, prompt_tokens, emit, cancel, deadline)
+        except ValueError as exc:  # llama-cpp-python's way to refuse a request
+            raise ProviderError(f"llama.cpp refused the request: {exc}", provider=self.provider, model=self.model_id) from exc
         finally:
             engine.lock.release()
 
@@ -436,16 +439,13 @@ class LocalModel(Model):
             sampled += 1
             return scores
 
-        try:
-            chunks = engine.llama.create_chat_completion(
-                messages=plan.messages,
-                stream=True,
-                grammar=grammar,
-                logits_processor=llama_cpp.LogitsProcessorList([count_samples]),
-                **plan.sampling,
-            )
-        except ValueError as exc:
-            raise ProviderError(f"llama.cpp refused the request: {exc}", provider=self.provider, model=self.model_id) from exc
+        chunks = engine.llama.create_chat_completion(
+            messages=plan.messages,
+            stream=True,
+            grammar=grammar,
+            logits_processor=llama_cpp.LogitsProcessorList([count_samples]),
+            **plan.sampling,
+        )
         cutter, parts, finish = _StopCutter(plan.stops), [], "length"
         try:
             for piece, reason in _pieces(chunks):
@@ -475,7 +475,8 @@ class LocalModel(Model):
 
     def _response(self, plan: _Plan, outcome: _Outcome) -> ModelResponse:
         usage = Usage(input_tokens=outcome.prompt_tokens, output_tokens=outcome.completion_tokens)
-        text, calls, finish = outcome.text, (), outcome.finish_reason
+        text, finish = outcome.text, outcome.finish_reason
+        calls: tuple[ToolCall, ...] = ()
         if plan.forced_tools and finish == "stop":
             try:
                 call = json.loads(text)
