@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
 import pytest
+from google.genai import _api_client as genai_api_client
 
 from keel.errors import (
     AuthenticationFailed,
@@ -351,12 +352,6 @@ async def test_stream_structured_output(stub: StubServer, model: GeminiModel) ->
     assert json.loads(final.text) == {"name": "Ada", "age": 36}
 
 
-async def test_stream_cut_by_the_server_is_a_connection_error(stub: StubServer, model: GeminiModel) -> None:
-    stub.reply_stream(gemini_stream([gemini_response("Hel", finish_reason=None)]), abort=True)
-    with pytest.raises(ProviderConnectionError):
-        await collect(model, chat("q"))
-
-
 async def test_stream_with_bad_json_is_malformed(stub: StubServer, model: GeminiModel) -> None:
     stub.reply_stream([b"data: {not json\r\n\r\n"])
     with pytest.raises(MalformedResponse):
@@ -481,15 +476,39 @@ async def test_prompt_too_long_is_context_window_exceeded(stub: StubServer, mode
     assert (info.value.tokens, info.value.context_window) == (1200000, 1048576)
 
 
-async def test_timeout(stub: StubServer) -> None:
-    stub.push(Reply(delay=2.0, body=gemini_response()))
+# --- transport failures, on each HTTP library the SDK may use -------------------------
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The SDK sends through aiohttp when it is installed, else httpx2: test both."""
+    name: str = request.param
+    if name == "aiohttp":
+        pytest.importorskip("aiohttp")
+    else:
+        monkeypatch.setattr(genai_api_client, "has_aiohttp", False)
+    return name
+
+
+@pytest.fixture
+async def fresh_model(stub: StubServer, backend: str) -> AsyncIterator[GeminiModel]:
     m = GeminiModel(MODEL, api_key="k", base_url=stub.url, timeout=0.2)
-    try:
-        with pytest.raises(ProviderTimeout) as info:
-            await m.complete(chat("q"))
-    finally:
-        await m.aclose()
+    yield m
+    await m.aclose()
+
+
+async def test_timeout(stub: StubServer, fresh_model: GeminiModel) -> None:
+    stub.push(Reply(delay=2.0, body=gemini_response()))
+    with pytest.raises(ProviderTimeout) as info:
+        await fresh_model.complete(chat("q"))
     assert info.value.provider == "gcp.gemini"
+
+
+async def test_timeout_between_stream_chunks(stub: StubServer, fresh_model: GeminiModel) -> None:
+    chunks = gemini_stream([gemini_response("a", finish_reason=None), gemini_response("b")])
+    stub.reply_stream(chunks, event_delay=1.0)
+    with pytest.raises(ProviderTimeout):
+        await collect(fresh_model, chat("q"))
 
 
 async def test_per_call_timeout_option(stub: StubServer, model: GeminiModel) -> None:
@@ -499,7 +518,7 @@ async def test_per_call_timeout_option(stub: StubServer, model: GeminiModel) -> 
     assert stub.last.headers["x-server-timeout"] == "1"
 
 
-async def test_connection_refused() -> None:
+async def test_connection_refused(backend: str) -> None:
     m = GeminiModel(MODEL, api_key="k", base_url=closed_port_url())
     try:
         with pytest.raises(ProviderConnectionError) as info:
@@ -509,10 +528,19 @@ async def test_connection_refused() -> None:
     assert info.value.provider == "gcp.gemini"
 
 
-async def test_connection_reset(stub: StubServer, model: GeminiModel) -> None:
+async def test_connection_reset(stub: StubServer, fresh_model: GeminiModel) -> None:
     stub.push(Reply(reset=True))
     with pytest.raises(ProviderConnectionError):
-        await model.complete(chat("q"))
+        await fresh_model.complete(chat("q"))
+
+
+async def test_stream_cut_by_the_server_is_a_connection_error(stub: StubServer, fresh_model: GeminiModel) -> None:
+    stub.reply_stream(gemini_stream([gemini_response("Hel", finish_reason=None)]), abort=True)
+    with pytest.raises(ProviderConnectionError):
+        await collect(fresh_model, chat("q"))
+
+
+# --- malformed answers ----------------------------------------------------------------------
 
 
 async def test_malformed_json_body(stub: StubServer, model: GeminiModel) -> None:

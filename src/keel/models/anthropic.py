@@ -23,11 +23,13 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
+import pydantic
 
 from keel.errors import (
     ContextWindowExceeded,
@@ -305,7 +307,7 @@ def translate_error(exc: Exception, provider: str, model: str) -> KeelError:
         return ProviderConnectionError(f"cannot reach {provider}: {reason}", provider=provider, model=model)
     if isinstance(exc, anthropic.APIStatusError):
         return _status_error(exc, provider, model)
-    if isinstance(exc, (anthropic.APIResponseValidationError, ValueError, KeyError, TypeError, AttributeError)):
+    if isinstance(exc, (anthropic.APIResponseValidationError, json.JSONDecodeError, pydantic.ValidationError)):
         return MalformedResponse(f"{provider} sent an answer keel cannot read: {exc}", provider=provider, model=model)
     raise exc
 
@@ -323,8 +325,9 @@ class _StreamState:
     stop_reason: str | None = None
     stopped: bool = False
     text: list[str] = field(default_factory=list)
-    calls: dict[int, list[str]] = field(default_factory=dict)  # block index -> [id, name, args...]
+    calls: dict[int, list[str]] = field(default_factory=dict)  # block index -> [id, name, argument pieces...]
     structured_block: int | None = None
+    structured: list[str] = field(default_factory=list)  # the format tool's input JSON, streamed as text
 
     def feed(self, event: Any) -> list[StreamDelta]:
         kind = getattr(event, "type", None)
@@ -335,8 +338,8 @@ class _StreamState:
             return self._block_start(event.index, event.content_block)
         elif kind == "content_block_delta":
             return self._block_delta(event.index, event.delta)
-        elif kind == "content_block_stop" and event.index == self.structured_block and not self._structured_text():
-            return [self._add_text("{}")]  # an empty input streams no JSON at all
+        elif kind == "content_block_stop":
+            return self._block_stop(event.index)
         elif kind == "message_delta":
             self.stop_reason = event.delta.stop_reason
             self.usage = {**self.usage, **usage_fields(event.usage)}  # cumulative counts
@@ -344,46 +347,52 @@ class _StreamState:
             self.stopped = True
         return []
 
-    def _add_text(self, text: str) -> StreamDelta:
-        self.text.append(text)
-        return StreamDelta(text=text)
-
-    def _structured_text(self) -> str:
-        return "".join(self.text)
-
     def _block_start(self, index: int, block: Any) -> list[StreamDelta]:
         kind = getattr(block, "type", None)
         if kind == "text" and block.text:
-            return [self._add_text(str(block.text))]
+            self.text.append(str(block.text))
+            return [StreamDelta(text=str(block.text))]
         if kind != "tool_use":
             return []
         if self.fmt is not None and block.name == format_tool_name(self.fmt):
             self.structured_block = index
-            self.text.clear()  # the JSON is the answer; preamble text is not
             return []
         self.calls[index] = [str(block.id), str(block.name)]
         return [StreamDelta(tool_call_index=self._call_index(index), tool_call_id=block.id, tool_name=block.name)]
 
     def _block_delta(self, index: int, delta: Any) -> list[StreamDelta]:
         kind = getattr(delta, "type", None)
-        if kind == "text_delta" and self.structured_block is None:
-            return [self._add_text(str(delta.text))]
-        if kind != "input_json_delta" or not delta.partial_json:
-            return []
+        if kind == "text_delta":
+            self.text.append(str(delta.text))
+            return [StreamDelta(text=str(delta.text))]
+        if kind == "input_json_delta" and delta.partial_json:
+            return self._add_json(index, str(delta.partial_json))
+        return []
+
+    def _block_stop(self, index: int) -> list[StreamDelta]:
+        # A tool called without arguments streams no JSON at all: send "{}".
+        if index == self.structured_block and not self.structured:
+            return self._add_json(index, "{}")
+        if index in self.calls and len(self.calls[index]) == 2:
+            return self._add_json(index, "{}")
+        return []
+
+    def _add_json(self, index: int, piece: str) -> list[StreamDelta]:
         if index == self.structured_block:
-            return [self._add_text(str(delta.partial_json))]
+            self.structured.append(piece)
+            return [StreamDelta(text=piece)]
         if index in self.calls:
-            self.calls[index].append(str(delta.partial_json))
-            return [StreamDelta(tool_call_index=self._call_index(index), tool_arguments=str(delta.partial_json))]
+            self.calls[index].append(piece)
+            return [StreamDelta(tool_call_index=self._call_index(index), tool_arguments=piece)]
         return []
 
     def _call_index(self, block_index: int) -> int:
         return sorted(self.calls).index(block_index)
 
     def response(self, provider: str) -> ModelResponse:
-        calls = tuple(ToolCall(c[0], c[1], "".join(c[2:]) or "{}") for _, c in sorted(self.calls.items()))
+        calls = tuple(ToolCall(c[0], c[1], "".join(c[2:])) for _, c in sorted(self.calls.items()))
         structured = self.structured_block is not None
-        text = self._structured_text()
+        text = "".join(self.structured) if structured else "".join(self.text)
         if structured and self.fmt is not None and self.fmt.schema.get("type") != "object":
             text = _structured_text(json.loads(text), self.fmt)
         return ModelResponse(
@@ -394,6 +403,17 @@ class _StreamState:
             model=self.model,
             provider=provider,
         )
+
+
+@contextmanager
+def _reading(provider: str, model: str) -> Iterator[None]:
+    """An answer whose shape surprises the parser is the provider's malformed answer, not keel's bug."""
+    try:
+        yield
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise MalformedResponse(
+            f"{provider} sent an answer keel cannot read: {exc!r}", provider=provider, model=model
+        ) from exc
 
 
 # --- the adapter ---------------------------------------------------------------------------
@@ -424,7 +444,8 @@ class AnthropicModel(Model):
     async def complete(self, request: ChatRequest) -> ModelResponse:
         try:
             raw = await self.client.messages.create(**self._params(request))
-            return self._response(raw, request.options.response_format)
+            with _reading(self.provider, request.model):
+                return self._response(raw, request.options.response_format)
         except KeelError:
             raise
         except Exception as exc:
@@ -435,7 +456,7 @@ class AnthropicModel(Model):
             raise MalformedResponse(
                 f"{self.provider} sent something that is not a message: {str(raw)[:200]!r}",
                 provider=self.provider,
-                model=self.model_id,
+                model=str(getattr(raw, "model", None) or self.model_id),
             )
         answer = _read_blocks(raw.content, fmt)
         structured = answer.structured is not None
@@ -454,13 +475,16 @@ class AnthropicModel(Model):
             events = await self.client.messages.create(**self._params(request), stream=True)
             async with events:
                 async for event in events:
-                    for delta in state.feed(event):
+                    with _reading(self.provider, request.model):
+                        deltas = state.feed(event)
+                    for delta in deltas:
                         yield delta
             if not state.stopped:
                 raise MalformedResponse(
                     f"{self.provider} ended the stream before message_stop", provider=self.provider, model=request.model
                 )
-            final = state.response(self.provider)
+            with _reading(self.provider, request.model):
+                final = state.response(self.provider)
         except KeelError:
             raise
         except Exception as exc:

@@ -403,7 +403,8 @@ class LocalModel(Model):
         prompt_tokens = len(vocab.prompt_tokens(plan.messages))
         if prompt_tokens >= engine.n_ctx:
             raise ContextWindowExceeded(
-                f"prompt of {prompt_tokens} tokens leaves no room in the {engine.n_ctx}-token context of {self.model_id!r}",
+                f"prompt of {prompt_tokens} tokens leaves no room in the "
+                f"{engine.n_ctx}-token context of {self.model_id!r}",
                 tokens=prompt_tokens,
                 context_window=engine.n_ctx,
             )
@@ -417,7 +418,8 @@ class LocalModel(Model):
                 raise _Cancelled
             return self._run_locked(engine, plan, grammar, prompt_tokens, emit, cancel, deadline)
         except ValueError as exc:  # llama-cpp-python's way to refuse a request
-            raise ProviderError(f"llama.cpp refused the request: {exc}", provider=self.provider, model=self.model_id) from exc
+            message = f"llama.cpp refused the request: {exc}"
+            raise ProviderError(message, provider=self.provider, model=self.model_id) from exc
         finally:
             engine.lock.release()
 
@@ -471,7 +473,8 @@ class LocalModel(Model):
         return _Outcome("".join(parts), finish, prompt_tokens, completion)
 
     def _timeout(self) -> ProviderTimeout:
-        return ProviderTimeout("the local model did not finish within the timeout", provider=self.provider, model=self.model_id)
+        message = "the local model did not finish within the timeout"
+        return ProviderTimeout(message, provider=self.provider, model=self.model_id)
 
     def _response(self, plan: _Plan, outcome: _Outcome) -> ModelResponse:
         usage = Usage(input_tokens=outcome.prompt_tokens, output_tokens=outcome.completion_tokens)
@@ -505,8 +508,10 @@ class LocalModel(Model):
         plan = _plan(request)
         if plan.forced_tools:  # a tool call is only useful whole: send it as one piece
             response = await self.complete(request)
-            for index, call in enumerate(response.tool_calls):
-                yield StreamDelta(tool_call_index=index, tool_call_id=call.id, tool_name=call.name, tool_arguments=call.arguments)
+            for i, call in enumerate(response.tool_calls):
+                yield StreamDelta(
+                    tool_call_index=i, tool_call_id=call.id, tool_name=call.name, tool_arguments=call.arguments
+                )
             if response.text:
                 yield StreamDelta(text=response.text)
             yield response
