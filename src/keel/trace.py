@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -101,8 +102,11 @@ class Redactor:
         return self._pattern.sub(REDACTED, value)
 
     def value(self, value: Any) -> Any:
+        """Redacted, and storable on both backends (PostgreSQL refuses NUL characters and NaN in JSON)."""
         if isinstance(value, str):
-            return self.text(value)
+            return self.text(value.replace("\x00", "")) if "\x00" in value else self.text(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
         if isinstance(value, dict):
             return {k: self.value(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

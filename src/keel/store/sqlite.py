@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,18 @@ from typing import Any
 from keel.store.base import Store
 
 __all__ = ["SQLiteStore"]
+
+
+def _set_wal(conn: sqlite3.Connection, tries: int = 100) -> None:
+    """Switch to WAL; on a brand-new file several processes may race for it."""
+    for attempt in range(tries):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.05)
 
 
 class SQLiteStore(Store):
@@ -34,9 +47,9 @@ class SQLiteStore(Store):
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
+            _set_wal(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
@@ -56,6 +69,13 @@ class SQLiteStore(Store):
             cur.execute("COMMIT")
         finally:
             cur.close()
+
+    def _lock_migrations(self, cur: Any) -> None:
+        # Take the write lock now, while the busy timeout still applies: a deferred
+        # transaction that reads first and writes later fails at once when another
+        # process wrote in between.
+        cur.execute("ROLLBACK")
+        cur.execute("BEGIN IMMEDIATE")
 
     def close(self) -> None:
         with self._lock:
