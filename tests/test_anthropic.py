@@ -9,6 +9,7 @@ from email.utils import format_datetime
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from keel.errors import (
     AuthenticationFailed,
@@ -56,11 +57,20 @@ def stub(server: StubServer) -> StubServer:
     return server
 
 
-@pytest.fixture
-async def model(stub: StubServer) -> AsyncIterator[AnthropicModel]:
-    m = AnthropicModel(MODEL, api_key="sk-test", base_url=stub.url, timeout=5)
+# One event loop for the module, so one client (building one costs ~50 ms of CA loading) serves every test.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_model(server: StubServer) -> AsyncIterator[AnthropicModel]:
+    m = AnthropicModel(MODEL, api_key="sk-test", base_url=server.url, timeout=5)
     yield m
     await m.aclose()
+
+
+@pytest.fixture
+def model(stub: StubServer, shared_model: AnthropicModel) -> AnthropicModel:
+    return shared_model
 
 
 def chat(*messages: Message | str, **options: Any) -> ChatRequest:
@@ -358,6 +368,16 @@ async def test_stream_tool_call_pieces(stub: StubServer, model: AnthropicModel) 
         ("toolu_1", {"city": "Paris"}),
         ("toolu_2", {"city": "Oslo"}),
     ]
+
+
+async def test_stream_tool_call_without_arguments(stub: StubServer, model: AnthropicModel) -> None:
+    tools = [{"id": "toolu_1", "name": "get_weather", "pieces": []}]
+    stub.reply_stream(anthropic_stream([], tool_uses=tools, stop_reason="tool_use"))
+
+    deltas, final = await collect(model, chat("q", tools=(WEATHER,)))
+
+    assert "".join(d.tool_arguments for d in deltas) == "{}"
+    assert final.tool_calls == (ToolCall("toolu_1", "get_weather", "{}"),)
 
 
 async def test_stream_structured_output_streams_the_json_as_text(stub: StubServer, model: AnthropicModel) -> None:

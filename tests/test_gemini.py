@@ -10,6 +10,7 @@ from email.utils import format_datetime
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from google.genai import _api_client as genai_api_client
 
 from keel.errors import (
@@ -58,12 +59,20 @@ def stub(server: StubServer) -> StubServer:
     return server
 
 
-@pytest.fixture(scope="module")
-def shared_model(server: StubServer) -> GeminiModel:
-    # One client for the module: building one loads the CA bundle three times
-    # (about 0.1 s). The SDK keeps one connection pool per event loop, so the
-    # client is safe to share across the tests' loops.
-    return GeminiModel(MODEL, api_key="gk-test", base_url=server.url, timeout=5, api_version="v1beta")
+# One event loop for the module, so one client serves most tests: building one
+# loads the CA bundle three times (about 0.1 s).
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="module"),
+    # google-genai's own aiohttp subclass warns on import; not ours to fix.
+    pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning"),
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_model(server: StubServer) -> AsyncIterator[GeminiModel]:
+    m = GeminiModel(MODEL, api_key="gk-test", base_url=server.url, timeout=5, api_version="v1beta")
+    yield m
+    await m.aclose()
 
 
 @pytest.fixture
@@ -490,7 +499,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return name
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def fresh_model(stub: StubServer, backend: str) -> AsyncIterator[GeminiModel]:
     m = GeminiModel(MODEL, api_key="k", base_url=stub.url, timeout=0.2)
     yield m

@@ -445,20 +445,20 @@ class AnthropicModel(Model):
         try:
             raw = await self.client.messages.create(**self._params(request))
             with _reading(self.provider, request.model):
-                return self._response(raw, request.options.response_format)
+                return self._response(raw, request)
         except KeelError:
             raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
 
-    def _response(self, raw: Any, fmt: ResponseFormat | None) -> ModelResponse:
+    def _response(self, raw: Any, request: ChatRequest) -> ModelResponse:
         if not isinstance(raw, anthropic.types.Message) or not isinstance(getattr(raw, "content", None), list):
             raise MalformedResponse(
                 f"{self.provider} sent something that is not a message: {str(raw)[:200]!r}",
                 provider=self.provider,
-                model=str(getattr(raw, "model", None) or self.model_id),
+                model=request.model,
             )
-        answer = _read_blocks(raw.content, fmt)
+        answer = _read_blocks(raw.content, request.options.response_format)
         structured = answer.structured is not None
         return ModelResponse(
             text=answer.structured if answer.structured is not None else "".join(answer.text),

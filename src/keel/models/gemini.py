@@ -150,7 +150,7 @@ def map_messages(messages: Sequence[Message], signatures: _Signatures) -> tuple[
         elif message.role == "tool":
             role, parts = "user", [_tool_result(message, names)]
         else:
-            role, parts = "user", [gtypes.Part(text=message.content or "")]
+            role, parts = "user", [gtypes.Part(text=message.content)] if message.content else []
         if not parts:
             continue
         if contents and contents[-1].role == role and contents[-1].parts is not None:
@@ -176,7 +176,7 @@ def _tool_config(choice: str | None) -> gtypes.ToolConfig | None:
     return gtypes.ToolConfig(function_calling_config=config)
 
 
-def _tools(options: ChatOptions) -> list[gtypes.Tool] | None:
+def _tools(options: ChatOptions) -> gtypes.ToolListUnion | None:
     if not options.tools:
         return None
     declarations = [
@@ -201,7 +201,7 @@ def generate_config(
         seed=o.seed,
         max_output_tokens=o.max_tokens or max_output_tokens,
         stop_sequences=list(o.stop) or None,
-        tools=_tools(o),  # type: ignore[arg-type]  # list[Tool] is a ToolListUnion
+        tools=_tools(o),
         tool_config=_tool_config(o.tool_choice) if o.tools else None,
         response_mime_type="application/json" if fmt is not None else None,
         response_json_schema=dict(fmt.schema) if fmt is not None else None,
