@@ -84,7 +84,7 @@ def test_traces_list_show_stats(runner: CliRunner) -> None:
     assert stats.exit_code == 0 and "50.0%" not in stats.stdout  # errors are per model: t has none
     row = next(line for line in stats.stdout.splitlines() if "│ t " in line)
     cells = [c.strip() for c in row.split("│")[1:-1]]
-    assert cells[2] == "1" and cells[3] == "0.0%" and cells[8] == "$0.000000"
+    assert cells[2] == "1" and cells[3] == "0.0%" and cells[8] == "0.000000"
     nope = next(line for line in stats.stdout.splitlines() if "│ nope " in line)
     assert "100.0%" in nope
     assert runner.invoke(app, ["traces", "list", "--status", "maybe"]).exit_code == 2

@@ -129,13 +129,13 @@ def stats(days: Annotated[float | None, typer.Option(help="Only the last N days.
     Example: keel traces stats --days 7
     """
     rows = _store().stats(since=_since(days))
-    table = Table(title="chat calls by model and day (UTC)")
-    for column in ("day", "model", "calls", "error rate", "p50 ms", "p95 ms", "in tokens", "out tokens", "cost"):
+    table = Table(title="chat calls by model and day (UTC)", caption="latency in ms · tokens in/out · cost in USD")
+    for column in ("day", "model", "calls", "errors", "p50", "p95", "in", "out", "cost"):
         table.add_column(column, justify="left" if column in ("day", "model") else "right", no_wrap=True)
     for r in rows:
         table.add_row(
             r.day, escape(r.model), str(r.calls), f"{r.error_rate:.1%}",
             "-" if r.p50_ms is None else f"{r.p50_ms:.0f}", "-" if r.p95_ms is None else f"{r.p95_ms:.0f}",
-            f"{r.input_tokens:,}", f"{r.output_tokens:,}", _cost(r.cost_usd),
+            f"{r.input_tokens:,}", f"{r.output_tokens:,}", "-" if r.cost_usd is None else f"{r.cost_usd:.6f}",
         )  # fmt: skip
     console.print(table)
