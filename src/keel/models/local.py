@@ -25,6 +25,11 @@ How it runs
   llama.cpp call could not do. Stop sequences are applied here, not by
   llama.cpp, so the number of generated tokens is known exactly; usage is
   the same as llama.cpp's own non-streaming count (the tests pin that).
+- `threads` (default 2) is llama.cpp's thread count. Its OpenMP workers
+  spin-wait, so on a machine whose cores are busy with other work, 2 threads
+  on 2 cores can fall to a few tokens/s, where 1 thread stays at about
+  20 to 50 tokens/s (measured on the 2-core development machine). Use
+  `threads=1` when the model shares a small machine with other work.
 
 Options
 -------
@@ -61,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import random
 import threading
 import time
@@ -87,7 +93,10 @@ __all__ = ["DEFAULT_CONTEXT_WINDOW", "SMOLLM2", "LocalModel", "smollm2_path"]
 
 SMOLLM2 = "smollm2"
 DEFAULT_CONTEXT_WINDOW = 8192
-THREADS = 2
+# llama.cpp's threads busy-wait: using every core stalls generation as soon as anything else
+# runs (measured on 2 cores: 1.5-10 tok/s with 2 threads under load, a steady ~57 with 1).
+# Half the cores, at most 4, unless KEEL_LOCAL_THREADS says otherwise.
+THREADS = int(os.environ.get("KEEL_LOCAL_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2)))
 _INSTALL_HINT = "pip install 'keel[local]'"
 
 
@@ -253,7 +262,7 @@ def _tool_call_schema(tools: Sequence[Tool]) -> dict[str, Any]:
 
 
 def _tools_instruction(tools: Sequence[Tool]) -> str:
-    lines = ["Call exactly one of these tools. Answer with JSON only: {\"name\": ..., \"arguments\": {...}}."]
+    lines = ['Call exactly one of these tools. Answer with JSON only: {"name": ..., "arguments": {...}}.']
     for t in tools:
         lines.append(f"- {t.name}: {t.description} Parameters (JSON schema): {json.dumps(dict(t.parameters))}")
     return "\n".join(lines)
@@ -349,22 +358,21 @@ class LocalModel(Model):
 
     provider = "local"
 
-    def __init__(
-        self, model_id: str = SMOLLM2, *, context_window: int | None = None, threads: int = THREADS
-    ) -> None:
+    def __init__(self, model_id: str = SMOLLM2, *, context_window: int | None = None, threads: int = THREADS) -> None:
         super().__init__(model_id, context_window=context_window or DEFAULT_CONTEXT_WINDOW)
         if threads < 1:
             raise ConfigError("threads must be at least 1")
         self.threads = threads
         self._requested_ctx = self.context_window or DEFAULT_CONTEXT_WINDOW
+        self._path: Path | None = None
 
     # --- loading
 
     def path(self) -> Path:
         """The GGUF file this model runs."""
-        if self.model_id == SMOLLM2:
-            return smollm2_path()
-        return Path(self.model_id).expanduser()
+        if self._path is None:
+            self._path = smollm2_path() if self.model_id == SMOLLM2 else Path(self.model_id).expanduser()
+        return self._path
 
     def _vocab(self) -> _Vocab:
         return _load_vocab(self.path())
@@ -417,7 +425,7 @@ class LocalModel(Model):
             if cancel.is_set():
                 raise _Cancelled
             return self._run_locked(engine, plan, grammar, prompt_tokens, emit, cancel, deadline)
-        except ValueError as exc:  # llama-cpp-python's way to refuse a request
+        except (ValueError, RuntimeError) as exc:  # llama-cpp-python refuses with ValueError, fails with RuntimeError
             message = f"llama.cpp refused the request: {exc}"
             raise ProviderError(message, provider=self.provider, model=self.model_id) from exc
         finally:
