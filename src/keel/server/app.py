@@ -27,7 +27,7 @@ from keel.types import ChatResult, StreamDelta
 
 __all__ = ["create_app"]
 
-log = logging.getLogger("keel.server")
+log = logging.getLogger("uvicorn.error")  # shown with uvicorn's own start-up lines
 
 
 def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
@@ -178,7 +178,10 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = gateway or Gateway(config)
         app.state.gateway = gw
-        log.info("keel serving models: %s", ", ".join(gw.model_names))
+        log.info(
+            "keel: %d models (default %s), store %s, OpenAI-compatible API at /v1",
+            len(gw.model_names), gw.config.default_model, gw.store.url if gw.store else "off",
+        )  # fmt: skip
         yield
         if gateway is None:
             await gw.aclose()
