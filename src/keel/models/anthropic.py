@@ -36,11 +36,8 @@ from keel.errors import (
     InvalidMessages,
     KeelError,
     MalformedResponse,
-    ProviderConnectionError,
-    ProviderTimeout,
-    error_for_status,
 )
-from keel.models._http import parse_retry_after
+from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
 from keel.models.base import Model, StreamItem
 from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, ResponseFormat, StreamDelta, ToolCall, Usage
 
@@ -288,27 +285,21 @@ def _status_error(exc: anthropic.APIStatusError, provider: str, model: str) -> K
     message = str(getattr(exc, "api_message", None) or exc.message)
     if status == 400 and _CONTEXT_OVERFLOW.search(message):
         return _context_overflow(message)
-    return error_for_status(status)(
-        f"{provider} answered {status}: {message}",
-        provider=provider,
-        model=model,
-        status=status,
-        retry_after=parse_retry_after(exc.response.headers),
-        body=exc.body,
+    return status_error(
+        provider, model, status, message, retry_after=parse_retry_after(exc.response.headers), body=exc.body
     )
 
 
 def translate_error(exc: Exception, provider: str, model: str) -> KeelError:
     """An `anthropic` SDK (or transport) exception as a keel error."""
     if isinstance(exc, (anthropic.APITimeoutError, *_TIMEOUTS)):
-        return ProviderTimeout(f"{provider} did not answer in time", provider=provider, model=model)
+        return timeout_error(provider, model)
     if isinstance(exc, (anthropic.APIConnectionError, *_TRANSPORT)):
-        reason = exc.__cause__ or exc  # the SDK's own message is a bare "Connection error."
-        return ProviderConnectionError(f"cannot reach {provider}: {reason}", provider=provider, model=model)
+        return connection_error(provider, model, exc.__cause__ or exc)  # the SDK's own message: "Connection error."
     if isinstance(exc, anthropic.APIStatusError):
         return _status_error(exc, provider, model)
     if isinstance(exc, (anthropic.APIResponseValidationError, json.JSONDecodeError, pydantic.ValidationError)):
-        return MalformedResponse(f"{provider} sent an answer keel cannot read: {exc}", provider=provider, model=model)
+        return malformed_error(provider, model, exc)
     raise exc
 
 

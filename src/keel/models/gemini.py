@@ -44,11 +44,8 @@ from keel.errors import (
     InvalidMessages,
     KeelError,
     MalformedResponse,
-    ProviderConnectionError,
-    ProviderTimeout,
-    error_for_status,
 )
-from keel.models._http import parse_retry_after
+from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
 from keel.models.base import Model, StreamItem
 from keel.types import ChatOptions, ChatRequest, EmbeddingResult, Message, ModelResponse, StreamDelta, ToolCall, Usage
 
@@ -362,14 +359,9 @@ def _api_error(exc: genai_errors.APIError, provider: str, model: str) -> KeelErr
         return _context_overflow(message)
     headers = getattr(exc.response, "headers", None)
     retry_after = parse_retry_after(headers) if headers is not None else None
-    return error_for_status(status)(
-        f"{provider} answered {status}: {message}",
-        provider=provider,
-        model=model,
-        status=status,
-        retry_after=retry_after if retry_after is not None else _retry_delay(exc.details),
-        body=exc.details,
-    )
+    if retry_after is None:
+        retry_after = _retry_delay(exc.details)
+    return status_error(provider, model, status, message, retry_after=retry_after, body=exc.details)
 
 
 def translate_error(exc: Exception, provider: str, model: str) -> KeelError:
@@ -377,11 +369,11 @@ def translate_error(exc: Exception, provider: str, model: str) -> KeelError:
     if isinstance(exc, genai_errors.APIError):
         return _api_error(exc, provider, model)
     if isinstance(exc, _TIMEOUTS):
-        return ProviderTimeout(f"{provider} did not answer in time", provider=provider, model=model)
+        return timeout_error(provider, model)
     if isinstance(exc, _TRANSPORT):
-        return ProviderConnectionError(f"cannot reach {provider}: {exc!r}", provider=provider, model=model)
+        return connection_error(provider, model, repr(exc))
     if isinstance(exc, _MALFORMED):
-        return MalformedResponse(f"{provider} sent an answer keel cannot read: {exc}", provider=provider, model=model)
+        return malformed_error(provider, model, exc)
     raise exc
 
 

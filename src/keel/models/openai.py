@@ -14,15 +14,8 @@ from typing import Any
 import openai
 
 from keel import tokens
-from keel.errors import (
-    ContextWindowExceeded,
-    MalformedResponse,
-    ProviderConnectionError,
-    ProviderError,
-    ProviderTimeout,
-    error_for_status,
-)
-from keel.models._http import parse_retry_after
+from keel.errors import ContextWindowExceeded, MalformedResponse, ProviderError
+from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
 from keel.models.base import Model, StreamItem
 from keel.types import ChatRequest, EmbeddingResult, ModelResponse, StreamDelta, ToolCall, Usage
 
@@ -81,23 +74,16 @@ def _is_context_overflow(exc: openai.APIStatusError) -> bool:
 def translate_error(exc: Exception, provider: str, model: str) -> ProviderError | ContextWindowExceeded:
     """An openai SDK exception as a keel error."""
     if isinstance(exc, openai.APITimeoutError):
-        return ProviderTimeout(f"{provider} did not answer in time", provider=provider, model=model)
+        return timeout_error(provider, model)
     if isinstance(exc, openai.APIConnectionError):
-        return ProviderConnectionError(f"cannot reach {provider}: {exc}", provider=provider, model=model)
+        return connection_error(provider, model, exc.__cause__ or exc)
     if isinstance(exc, openai.APIStatusError):
         if exc.status_code == 400 and _is_context_overflow(exc):
             return ContextWindowExceeded(f"{provider} {model}: {exc.message}")
-        cls = error_for_status(exc.status_code)
-        return cls(
-            f"{provider} answered {exc.status_code}: {exc.message}",
-            provider=provider,
-            model=model,
-            status=exc.status_code,
-            retry_after=parse_retry_after(exc.response.headers),
-            body=exc.body,
-        )
+        retry_after = parse_retry_after(exc.response.headers)
+        return status_error(provider, model, exc.status_code, exc.message, retry_after=retry_after, body=exc.body)
     if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)):
-        return MalformedResponse(f"{provider} sent an answer keel cannot read: {exc}", provider=provider, model=model)
+        return malformed_error(provider, model, exc)
     raise exc
 
 
