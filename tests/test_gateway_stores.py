@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import write_config
 
+from helpers import write_config
 from keel import Gateway, TestModel, errors
 from keel.config import load_config
 from keel.errors import ServerError

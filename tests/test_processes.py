@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+
 from helpers import write_config
 from stubs import free_port
 

@@ -57,7 +57,11 @@ def test_redactor_patterns_and_env_values(monkeypatch: pytest.MonkeyPatch) -> No
         and "abc.def" not in cleaned
     )
     assert redactor.value({"a": [text], "n": 3}) == {"a": [cleaned], "n": 3}
-    assert redactor.value({"nul": "a\x00b", "nan": float("nan"), "inf": float("inf")}) == {"nul": "ab", "nan": None, "inf": None}
+    assert redactor.value({"nul": "a\x00b", "nan": float("nan"), "inf": float("inf")}) == {
+        "nul": "ab",
+        "nan": None,
+        "inf": None,
+    }
 
 
 def test_bounded_writer_blocks_rather_than_drops() -> None:
