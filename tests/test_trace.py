@@ -24,7 +24,7 @@ class SlowStore:
 
 def test_spans_nest_by_context() -> None:
     store = SlowStore()
-    tracer = Tracer(SpanWriter(store), Redactor())  # type: ignore[arg-type]
+    tracer = Tracer(SpanWriter(store))  # type: ignore[arg-type]
     with tracer.span("outer") as outer, tracer.span("inner") as inner:
         pass
     with tracer.span("next") as other:
@@ -37,7 +37,7 @@ def test_spans_nest_by_context() -> None:
 
 def test_failed_block_marks_span() -> None:
     store = SlowStore()
-    tracer = Tracer(SpanWriter(store), Redactor())  # type: ignore[arg-type]
+    tracer = Tracer(SpanWriter(store))  # type: ignore[arg-type]
     with pytest.raises(ValueError), tracer.span("boom"):
         raise ValueError("bad thing")
     assert tracer.writer is not None and tracer.writer.flush()
@@ -80,5 +80,25 @@ def test_bounded_writer_blocks_rather_than_drops() -> None:
         t.join()
     assert writer.flush(timeout=30)
     assert len(store.spans) == total and len({s.span_id for s in store.spans}) == total
-    assert writer.try_submit(Span("t", "x", None, "s", time.time())) in (True, False)
+    assert writer.max_depth <= 4
+    writer.close()
+
+
+def test_writer_redacts_off_the_request_path() -> None:
+    store = SlowStore()
+    writer = SpanWriter(store, redactor=Redactor(["secret-\\d+"]))  # type: ignore[arg-type]
+    span = Span("t", "s1", None, "chat", time.time(), input={"messages": [{"content": "my secret-42"}]})
+    writer.submit(span)
+    assert writer.flush()
+    assert store.spans[0].input == {"messages": [{"content": "my [REDACTED]"}]}
+    writer.close()
+
+
+def test_flush_writes_a_partial_batch_at_once() -> None:
+    store = SlowStore()
+    writer = SpanWriter(store, interval=60)  # type: ignore[arg-type]
+    writer.submit(Span("t", "s1", None, "chat", time.time()))
+    started = time.perf_counter()
+    assert writer.flush(timeout=5) and len(store.spans) == 1
+    assert time.perf_counter() - started < 5
     writer.close()

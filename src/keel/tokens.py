@@ -9,6 +9,12 @@
   within about that margin on English text; the margin keeps context-window
   and budget checks on the safe side. Exact counts come back in the usage of
   the response and are what cost is computed from.
+
+Counting is not free (about 0.25 ms per 1,000 tokens), so the gateway avoids
+it where a bound will do: `upper_bound` (UTF-8 bytes: a byte-level BPE never
+makes more tokens than bytes) decides most context-window checks, and
+`estimate` (4 characters a token) is what rate limits charge up front, settled
+with the provider's reported usage afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ import bpe_openai
 if TYPE_CHECKING:
     from keel.types import ChatRequest, Message
 
-__all__ = ["APPROX_MARGIN", "approx_request_tokens", "count_text", "encoding_for", "request_tokens"]
+__all__ = [
+    "APPROX_MARGIN",
+    "approx_request_tokens",
+    "count_text",
+    "encoding_for",
+    "estimate",
+    "request_tokens",
+    "upper_bound",
+]
 
 APPROX_MARGIN = 1.10
 PER_MESSAGE = 3
@@ -79,3 +93,31 @@ def request_tokens(request: ChatRequest, encoding: str = "o200k_base") -> int:
 def approx_request_tokens(request: ChatRequest) -> int:
     """The documented approximation for models without an offline tokenizer."""
     return math.ceil(request_tokens(request) * APPROX_MARGIN)
+
+
+# Chat templates add their own tokens (SmolLM2's inserts a default system prompt).
+_TEMPLATE_ALLOWANCE = 64
+_PER_MESSAGE_ALLOWANCE = 8
+
+
+def _text_chars(request: ChatRequest) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of everything a request sends."""
+    chars = nbytes = 0
+    for message in request.messages:
+        text = _message_text(message)
+        chars += len(text)
+        nbytes += len(text) if text.isascii() else len(text.encode("utf-8"))
+    extra = _options_text(request)
+    return chars + len(extra), nbytes + len(extra.encode("utf-8"))
+
+
+def upper_bound(request: ChatRequest) -> int:
+    """Tokens a request cannot exceed under any byte-level BPE, with the approximation's margin."""
+    _, nbytes = _text_chars(request)
+    return math.ceil(nbytes * APPROX_MARGIN) + _PER_MESSAGE_ALLOWANCE * len(request.messages) + _TEMPLATE_ALLOWANCE
+
+
+def estimate(request: ChatRequest) -> int:
+    """A cheap guess (4 characters a token), for charging rate limits before the real count is known."""
+    chars, _ = _text_chars(request)
+    return chars // 4 + PER_MESSAGE * len(request.messages) + REPLY_PRIMING

@@ -3,10 +3,10 @@
 Span attributes follow the OpenTelemetry GenAI semantic conventions
 (`gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.model`,
 `gen_ai.usage.input_tokens`, `error.type`, ...) plus keel's own `keel.*`
-fields (cost, attempts, cache, key). A finished span is redacted, then handed
-to a `SpanWriter` that writes batches to the store from one thread. The
-writer's queue is bounded: when the store falls behind, callers wait instead
-of spans being dropped.
+fields (cost, attempts, cache, key). A finished span is handed to a
+`SpanWriter`, which redacts it and writes batches to the store from one
+thread, off the request path. The writer's buffer is bounded: when the store
+falls behind, callers wait instead of spans being dropped.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import json
 import logging
 import math
 import os
-import queue
+import random
 import re
-import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +36,8 @@ log = logging.getLogger("keel.trace")
 
 
 def new_id(nbytes: int = 8) -> str:
-    return secrets.token_hex(nbytes)
+    """A random hex id (not for secrets: OpenTelemetry ids need only be unique)."""
+    return f"{random.getrandbits(nbytes * 8):0{nbytes * 2}x}"
 
 
 @dataclass(slots=True)
@@ -124,56 +125,63 @@ class Redactor:
 class SpanWriter:
     """Writes spans to a store in batches from one background thread.
 
-    `submit` blocks when `max_queue` spans are waiting (backpressure, never
-    loss). `flush` waits until everything submitted so far is written.
-    A span that the store refuses is logged with its error, and the batch is
-    retried span by span so one bad span cannot lose its neighbours.
+    Like OpenTelemetry's batch processor: `submit` only appends to a buffer;
+    the thread wakes when a batch is full or every `interval` seconds, then
+    redacts and writes what has gathered, one transaction per batch. Waking a
+    thread and committing once per span cost about 1 ms per call; batching
+    makes both rare. The buffer is bounded: when `max_queue` spans wait,
+    `submit` blocks (backpressure, never loss). `flush` writes everything
+    submitted so far and waits for it. A batch the store refuses is retried
+    span by span, so one bad span cannot lose its neighbours.
     """
 
-    def __init__(self, store: Store, *, max_queue: int = 10_000, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        redactor: Redactor | None = None,
+        max_queue: int = 10_000,
+        max_batch: int = 512,
+        interval: float = 0.2,
+    ) -> None:
         self.store = store
+        self.redactor = redactor
+        self.max_queue = max_queue
         self.max_batch = max_batch
-        self._queue: queue.Queue[Span | None] = queue.Queue(maxsize=max_queue)
-        self._done = threading.Condition()
+        self.interval = interval
+        self._buffer: deque[Span] = deque()
+        self._lock = threading.Lock()
+        self._progress = threading.Condition(self._lock)  # spans written, room freed
+        self._wake = threading.Event()
         self._submitted = 0
         self._written = 0
+        self._closing = False
         self.failed = 0
+        self.max_depth = 0
         self._thread = threading.Thread(target=self._run, name="keel-span-writer", daemon=True)
         self._thread.start()
 
     def submit(self, span: Span) -> None:
-        with self._done:
+        with self._lock:
+            if len(self._buffer) >= self.max_queue:
+                self._wake.set()
+                self._progress.wait_for(lambda: len(self._buffer) < self.max_queue or self._closing)
+            self._buffer.append(span)
             self._submitted += 1
-        self._queue.put(span)
+            depth = len(self._buffer)
+            self.max_depth = max(self.max_depth, depth)
+        if depth >= self.max_batch:
+            self._wake.set()
 
-    def try_submit(self, span: Span) -> bool:
-        """Submit without blocking; False when the queue is full."""
-        try:
-            self._queue.put_nowait(span)
-        except queue.Full:
-            return False
-        with self._done:
-            self._submitted += 1
-        return True
-
-    def _take_batch(self) -> tuple[list[Span], bool]:
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        batch = [first]
-        stop = False
-        while len(batch) < self.max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                stop = True
-                break
-            batch.append(item)
-        return batch, stop
+    def _take(self) -> list[Span]:
+        with self._lock:
+            count = min(len(self._buffer), self.max_batch)
+            return [self._buffer.popleft() for _ in range(count)]
 
     def _write(self, batch: Sequence[Span]) -> None:
+        if self.redactor is not None:
+            for span in batch:
+                self.redactor.span(span)
         try:
             self.store.write_spans(batch)
         except Exception:
@@ -185,20 +193,28 @@ class SpanWriter:
                     self.failed += 1
                     log.exception("span %s could not be stored", span.span_id)
 
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            batch, stop = self._take_batch()
-            if batch:
-                self._write(batch)
-            with self._done:
+    def _drain(self) -> None:
+        while batch := self._take():
+            self._write(batch)
+            with self._lock:
                 self._written += len(batch)
-                self._done.notify_all()
+                self._progress.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            self._drain()
+            if self._closing:
+                self._drain()
+                return
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        with self._done:
+        """Write everything submitted so far; False if that took longer than `timeout`."""
+        with self._lock:
             target = self._submitted
-            return self._done.wait_for(lambda: self._written >= target, timeout)
+            self._wake.set()
+            return self._progress.wait_for(lambda: self._written >= target, timeout)
 
     @property
     def pending(self) -> int:
@@ -207,16 +223,18 @@ class SpanWriter:
     def close(self) -> None:
         if self._thread.is_alive():
             self.flush()
-            self._queue.put(None)
+            with self._lock:
+                self._closing = True
+                self._progress.notify_all()
+            self._wake.set()
             self._thread.join(timeout=30)
 
 
 class Tracer:
-    """Creates spans, nests them by context, redacts and submits them."""
+    """Creates spans and nests them by context; finished spans go to the writer."""
 
-    def __init__(self, writer: SpanWriter | None, redactor: Redactor, *, capture_content: bool = True) -> None:
+    def __init__(self, writer: SpanWriter | None, *, capture_content: bool = True) -> None:
         self.writer = writer
-        self.redactor = redactor
         self.capture_content = capture_content
 
     def start(self, name: str, attributes: dict[str, Any] | None = None) -> Span:
@@ -234,7 +252,6 @@ class Tracer:
         span.end_time = span.end_time or time.time()
         if not self.capture_content:
             span.input = span.output = None
-        self.redactor.span(span)
         if self.writer is not None:
             self.writer.submit(span)
 

@@ -11,12 +11,13 @@ import asyncio
 import contextvars
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from keel import tokens
 from keel.config import Config, ModelConfig, load_config
 from keel.errors import InputError, MalformedResponse, ModelNotAllowed, UnknownModel
 from keel.gateway.budget import BudgetTracker, Reservation
@@ -73,6 +74,15 @@ def _check_options(o: ChatOptions) -> None:
         raise InputError(f"top_p must be in (0, 1], got {o.top_p}")
 
 
+@dataclass
+class _Admission:
+    """What a call reserved before it was sent, to settle after."""
+
+    reservation: Reservation | None = None
+    limiter: Limiter | None = None
+    estimated: int = 0
+
+
 class Gateway:
     """Every configured model behind one typed API (async, with `*_sync` twins).
 
@@ -105,12 +115,9 @@ class Gateway:
         self.budgets = BudgetTracker(self.store, dict(self.config.keys))
         secret_envs = {env for m in self.config.models.values() if (env := m.key_env())}
         tracing = self.config.tracing
-        writer = SpanWriter(self.store, max_queue=tracing.max_queue) if self.store is not None else None
-        self.tracer = Tracer(
-            writer,
-            Redactor(tracing.redact_patterns, secret_envs),
-            capture_content=tracing.capture_content,
-        )
+        redactor = Redactor(tracing.redact_patterns, secret_envs)
+        writer = SpanWriter(self.store, redactor=redactor, max_queue=tracing.max_queue) if self.store else None
+        self.tracer = Tracer(writer, capture_content=tracing.capture_content)
         self._loop_thread: LoopThread | None = None
 
     # --- models ---------------------------------------------------------------
@@ -187,19 +194,27 @@ class Gateway:
             worst = cost if worst is None else max(worst, cost)
         return worst
 
-    async def _admit(
-        self, key: str | None, name: str, router: FallbackModel, request: ChatRequest
-    ) -> Reservation | None:
+    async def _admit(self, key: str | None, name: str, router: FallbackModel, request: ChatRequest) -> _Admission:
+        """Check the key's model list, limits and budget before anything is sent."""
         self._check_key_model(key, name)
+        admission = _Admission()
         if key is None:
-            return None
-        limiter = self._key_limiter(key)
-        if limiter is not None:
-            await limiter.acquire(router.count_tokens(request) if limiter.tpm else 0)
+            return admission
+        admission.limiter = self._key_limiter(key)
+        if admission.limiter is not None:
+            admission.estimated = tokens.estimate(request) if admission.limiter.tpm else 0
+            await admission.limiter.acquire(admission.estimated)
         key_config = self.config.keys.get(key)
-        if key_config is None or (key_config.daily_budget_usd is None and key_config.monthly_budget_usd is None):
-            return None
-        return await self.budgets.reserve(key, self._worst_case(router, request))
+        if key_config is not None and (
+            key_config.daily_budget_usd is not None or key_config.monthly_budget_usd is not None
+        ):
+            admission.reservation = await self.budgets.reserve(key, self._worst_case(router, request))
+        return admission
+
+    async def _settle(self, admission: _Admission, response: ModelResponse) -> None:
+        self.budgets.settle(admission.reservation, response.cost_usd)
+        if admission.limiter is not None:
+            await admission.limiter.settle(admission.estimated, response.usage)
 
     # --- chat -------------------------------------------------------------------
 
@@ -263,11 +278,11 @@ class Gateway:
             trace_id=span.trace_id, span_id=span.span_id, parsed=parsed,
         )  # fmt: skip
 
-    def _failed(self, span: Span, error: BaseException, reservation: Reservation | None) -> None:
+    def _failed(self, span: Span, error: BaseException, admission: _Admission) -> None:
         span.fail(error)
         usage = getattr(error, "usage", None)
         self._record_usage(span, usage, None, getattr(error, "attempts", 0))
-        self.budgets.settle(reservation, None)
+        self.budgets.settle(admission.reservation, None)
 
     async def chat(
         self,
@@ -292,7 +307,7 @@ class Gateway:
         key = key or self.key
         span = self._start_span("chat", model, key, metadata)
         token = _current.set(span)
-        reservation: Reservation | None = None
+        admission = _Admission()
         started = time.perf_counter()
         try:
             name = self.resolve(model)
@@ -306,12 +321,12 @@ class Gateway:
             request = self._request(messages, name, system, options)
             self._record_request(span, request)
             router = self._router(name)
-            reservation = await self._admit(key, name, router, request)
+            admission = await self._admit(key, name, router, request)
             response, parsed = await self._complete(router, request, spec, max_reasks, span)
-            self.budgets.settle(reservation, response.cost_usd)
+            await self._settle(admission, response)
             return self._result(span, response, started, parsed)
         except BaseException as error:
-            self._failed(span, error, reservation)
+            self._failed(span, error, admission)
             raise
         finally:
             _current.reset(token)
@@ -351,7 +366,7 @@ class Gateway:
         key = key or self.key
         span = self._start_span("chat", model, key, metadata)
         span.set(keel__stream=True)
-        reservation: Reservation | None = None
+        admission = _Admission()
         started = time.perf_counter()
         token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
@@ -360,7 +375,7 @@ class Gateway:
             request = self._request(messages, name, system, ChatOptions(stop=stop_t, tools=_tools(tools), **options))
             self._record_request(span, request)
             router = self._router(name)
-            reservation = await self._admit(key, name, router, request)
+            admission = await self._admit(key, name, router, request)
             # the caller's code runs between our yields: it must not see this span as its parent
             if token is not None:
                 _current.reset(token)
@@ -375,10 +390,10 @@ class Gateway:
                 yield item
             if final is None:
                 raise MalformedResponse("the stream ended without a final response", provider=router.provider)
-            self.budgets.settle(reservation, final.cost_usd)
+            await self._settle(admission, final)
             yield self._result(span, final, started)
         except BaseException as error:
-            self._failed(span, error, reservation)
+            self._failed(span, error, admission)
             raise
         finally:
             if token is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
+from keel import tokens
 from keel.models.base import Model, StreamItem, WrapperModel
 from keel.pricing import Price, cost_usd
 from keel.types import ChatRequest, EmbeddingResult, ModelResponse
@@ -44,9 +45,15 @@ class Deployment(WrapperModel):
     def count_tokens(self, request: ChatRequest) -> int:
         return self.inner.count_tokens(self._request(request))
 
-    def fits(self, request: ChatRequest) -> tuple[bool, int]:
-        """Whether prompt plus requested output fit the context window, and the prompt's tokens."""
-        prompt = self.count_tokens(request)
+    def fits(self, request: ChatRequest) -> tuple[bool, int | None]:
+        """Whether prompt plus requested output fit the context window, and the prompt's tokens if counted.
+
+        Counting is skipped when even the byte bound fits (the usual case).
+        """
         if self.context_window is None:
-            return True, prompt
-        return prompt + (request.options.max_tokens or 0) <= self.context_window, prompt
+            return True, None
+        room = self.context_window - (request.options.max_tokens or 0)
+        if tokens.upper_bound(request) <= room:
+            return True, None
+        prompt = self.count_tokens(request)
+        return prompt <= room, prompt

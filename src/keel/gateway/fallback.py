@@ -94,6 +94,7 @@ class FallbackModel(Model):
             fits, prompt = deployment.fits(request)
             if fits:
                 return deployment
+            assert prompt is not None  # a prompt that does not fit has been counted
             plan.failed(
                 name,
                 ContextWindowExceeded(

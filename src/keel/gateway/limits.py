@@ -1,8 +1,10 @@
 """Requests and tokens per minute, per model and per key (the `limits` library).
 
 The sliding-window counter strategy keeps O(1) state per window, so a token
-limit of 100,000 costs the same as a request limit. Before a call the
-request's input tokens are charged; after it, the output tokens. A call that
+limit of 100,000 costs the same as a request limit. Before a call an
+estimate of its input tokens is charged (counting exactly would cost more
+than the limit check); after it, the difference to the reported input tokens
+and the output tokens. A call that
 would pass a limit is refused with `RateLimited` and a Retry-After, never
 queued silently: the fallback chain or the caller decides what to do.
 """
@@ -18,7 +20,8 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from keel.errors import RateLimited
 from keel.models.base import Model, StreamItem, WrapperModel
-from keel.types import ChatRequest, ModelResponse
+from keel.tokens import estimate
+from keel.types import ChatRequest, ModelResponse, Usage
 
 __all__ = ["Limiter", "RateLimitModel"]
 
@@ -57,8 +60,12 @@ class Limiter:
             if not await self._limiter.hit(self.tpm, self.subject, "tokens", cost=cost):
                 raise await self._refuse(self.tpm, "token", tokens)
 
+    async def settle(self, estimated: int, usage: Usage) -> None:
+        """After a call: charge what the estimate missed, and the output."""
+        await self.add_tokens(max(0, usage.input_tokens - estimated) + usage.output_tokens)
+
     async def add_tokens(self, tokens: int) -> None:
-        """Charge tokens learnt after the call (output); may push the window over its limit."""
+        """Charge tokens learnt after the call; may push the window over its limit."""
         if self.tpm is not None and tokens > 0:
             # the storage call behind `hit`, with no ceiling: the tokens were spent, so they count
             await self._storage.acquire_sliding_window_entry(
@@ -72,14 +79,16 @@ class RateLimitModel(WrapperModel):
         self.limiter = limiter
 
     async def complete(self, request: ChatRequest) -> ModelResponse:
-        await self.limiter.acquire(self.inner.count_tokens(request) if self.limiter.tpm else 0)
+        estimated = estimate(request) if self.limiter.tpm else 0
+        await self.limiter.acquire(estimated)
         response = await self.inner.complete(request)
-        await self.limiter.add_tokens(response.usage.output_tokens)
+        await self.limiter.settle(estimated, response.usage)
         return response
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
-        await self.limiter.acquire(self.inner.count_tokens(request) if self.limiter.tpm else 0)
+        estimated = estimate(request) if self.limiter.tpm else 0
+        await self.limiter.acquire(estimated)
         async for item in self.inner.stream(request):
             if isinstance(item, ModelResponse):
-                await self.limiter.add_tokens(item.usage.output_tokens)
+                await self.limiter.settle(estimated, item.usage)
             yield item
