@@ -76,7 +76,7 @@ def test_traces_list_show_stats(runner: CliRunner) -> None:
     found = runner.invoke(app, ["traces", "list", "--text", "first question"])
     assert "1 traces" in found.stdout
     trace_id = found.stdout.split("\n")[4].split("│")[1].strip().rstrip("…")
-    shown = runner.invoke(app, ["traces", "show", trace_id[:8]])
+    shown = runner.invoke(app, ["traces", "show", trace_id[-8:]])
     assert shown.exit_code == 0, shown.output
     assert "chat t" in shown.stdout and "first question" in shown.stdout and "gen_ai.usage.input_tokens" in shown.stdout
     assert runner.invoke(app, ["traces", "show", "zzzz"]).exit_code == 2

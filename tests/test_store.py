@@ -184,6 +184,7 @@ def test_find_trace_ids_by_prefix_of_trace_or_span_id(store: Store) -> None:
     assert store.find_trace_ids("fff") == ["xyz"]  # a span id finds its trace
     assert len(store.find_trace_ids("ab", limit=2)) == 2
     assert store.find_trace_ids("zzz") == []
+    assert store.find_trace_ids("222") == ["abc222"]  # the CLI shows the end of a trace id
 
 
 # --- stats and spend ---------------------------------------------------------------

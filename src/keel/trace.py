@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from keel.store.base import Store
 
-__all__ = ["Redactor", "Span", "SpanWriter", "Tracer", "current_span", "new_id"]
+__all__ = ["Redactor", "Span", "SpanWriter", "Tracer", "current_span", "new_id", "new_trace_id"]
 
 log = logging.getLogger("keel.trace")
 
@@ -38,6 +38,15 @@ log = logging.getLogger("keel.trace")
 def new_id(nbytes: int = 8) -> str:
     """A random hex id (not for secrets: OpenTelemetry ids need only be unique)."""
     return f"{random.getrandbits(nbytes * 8):0{nbytes * 2}x}"
+
+
+def new_trace_id() -> str:
+    """A 128-bit trace id: 48 bits of milliseconds, then 80 random bits.
+
+    Time first keeps the store's (trace_id, span_id) index append-only; the
+    random right part is what W3C Trace Context asks of a random trace id.
+    """
+    return f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}{random.getrandbits(80):020x}"
 
 
 @dataclass(slots=True)
@@ -173,15 +182,16 @@ class SpanWriter:
         if depth >= self.max_batch:
             self._wake.set()
 
-    def _take(self) -> list[Span]:
+    def _take(self, limit: int) -> list[Span]:
         with self._lock:
-            count = min(len(self._buffer), self.max_batch)
+            count = min(len(self._buffer), self.max_batch, limit)
             return [self._buffer.popleft() for _ in range(count)]
 
     def _write(self, batch: Sequence[Span]) -> None:
         if self.redactor is not None:
             for span in batch:
                 self.redactor.span(span)
+                time.sleep(0)  # let the event loop's thread take the GIL between spans
         try:
             self.store.write_spans(batch)
         except Exception:
@@ -194,7 +204,12 @@ class SpanWriter:
                     log.exception("span %s could not be stored", span.span_id)
 
     def _drain(self) -> None:
-        while batch := self._take():
+        """Write what was waiting when the thread woke; newer spans wait for the next wake,
+        so that a steady trickle becomes a few large batches, not many one-span commits."""
+        with self._lock:
+            remaining = len(self._buffer)
+        while remaining > 0 and (batch := self._take(remaining)):
+            remaining -= len(batch)
             self._write(batch)
             with self._lock:
                 self._written += len(batch)
@@ -240,7 +255,7 @@ class Tracer:
     def start(self, name: str, attributes: dict[str, Any] | None = None) -> Span:
         parent = _current.get()
         return Span(
-            trace_id=parent.trace_id if parent else new_id(16),
+            trace_id=parent.trace_id if parent else new_trace_id(),
             span_id=new_id(8),
             parent_id=parent.span_id if parent else None,
             name=name,

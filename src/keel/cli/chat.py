@@ -34,7 +34,7 @@ def _summary(result: ChatResult) -> str:
     cost = "unknown price" if result.cost_usd is None else f"${result.cost_usd:.6f}"
     return (
         f"{result.model} ({result.response_model}) · {result.usage.input_tokens} in / {result.usage.output_tokens} out"
-        f" · {cost} · {result.latency_s * 1000:.0f} ms · attempts {result.attempts} · trace {result.trace_id[:12]}"
+        f" · {cost} · {result.latency_s * 1000:.0f} ms · attempts {result.attempts} · trace {result.trace_id[-12:]}"
     )
 
 

@@ -27,6 +27,11 @@ def _store() -> Store:
     return open_store(load_config().store_url)
 
 
+def short_id(trace_id: str) -> str:
+    """The last 12 characters: the random part (the first ones are a timestamp)."""
+    return trace_id[-12:]
+
+
 def _since(days: float | None) -> float | None:
     return None if days is None else time.time() - days * 86400
 
@@ -68,7 +73,7 @@ def list_traces(
         a = span.attributes
         status_text = "[green]ok[/]" if span.status == "ok" else f"[red]{span.error_type}[/]"
         table.add_row(
-            span.trace_id[:12], _when(span.start_time),
+            short_id(span.trace_id), _when(span.start_time),
             escape(str(a.get("keel.model") or a.get("gen_ai.request.model"))),
             status_text, str(a.get("gen_ai.usage.input_tokens", "-")), str(a.get("gen_ai.usage.output_tokens", "-")),
             _cost(a.get("keel.cost_usd")), f"{span.duration_ms:.0f}", str(a.get("keel.attempts", "-")),
@@ -98,7 +103,9 @@ def _add_details(node: Tree, span: Span) -> None:
 
 @app.command("show")
 @handle_errors
-def show(trace_id: Annotated[str, typer.Argument(help="Trace id (or its first characters, or a span id).")]) -> None:
+def show(
+    trace_id: Annotated[str, typer.Argument(help="Trace id, its last (or first) characters, or a span id.")],
+) -> None:
     """A trace as a tree of spans with attributes, input and output.
 
     Example: keel traces show 3fa2c1
@@ -108,9 +115,8 @@ def show(trace_id: Annotated[str, typer.Argument(help="Trace id (or its first ch
     if not matches:
         raise InputError(f"no trace matches {trace_id!r}")
     if len(matches) > 1:
-        raise InputError(
-            f"{trace_id!r} matches several traces: {', '.join(m[:12] for m in matches)}; give more characters"
-        )
+        shown = ", ".join(short_id(m) for m in matches)
+        raise InputError(f"{trace_id!r} matches several traces: {shown}; give more characters")
     spans = store.get_trace(matches[0])
     tree = Tree(f"trace {matches[0]} · {_when(spans[0].start_time)} UTC")
     nodes: dict[str | None, Tree] = {}

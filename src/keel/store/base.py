@@ -165,14 +165,16 @@ class Store(ABC):
             return
         marks = ", ".join("?" for _ in SPAN_COLUMNS)
         sql = self._sql(f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) VALUES ({marks})")
-        rows = []
-        for span in spans:
-            row = list(span_row(span))
-            for i in (-3, -2, -1):
-                row[i] = self.json_param(row[i])
-            rows.append(tuple(row))
         with self.transaction() as cur:
-            cur.executemany(sql, rows)
+            # A generator, not a list: the driver releases the GIL for every row it inserts, so the
+            # JSON encoding of a large batch never holds the request path's event loop for long.
+            cur.executemany(sql, (self._row(span) for span in spans))
+
+    def _row(self, span: Span) -> tuple[Any, ...]:
+        row = list(span_row(span))
+        for i in (-3, -2, -1):
+            row[i] = self.json_param(row[i])
+        return tuple(row)
 
     def _where(self, f: SpanFilter) -> tuple[str, list[Any]]:
         clauses: list[str] = []
@@ -216,11 +218,15 @@ class Store(ABC):
             cur.execute(self._sql(sql), [trace_id])
             return [span_from_row(r) for r in cur.fetchall()]
 
-    def find_trace_ids(self, prefix: str, limit: int = 5) -> list[str]:
-        """Trace ids starting with `prefix` (or whose span id does), for short ids in the CLI."""
-        sql = "SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE ? OR span_id LIKE ? LIMIT ?"
+    def find_trace_ids(self, fragment: str, limit: int = 5) -> list[str]:
+        """Trace ids that start or end with `fragment` (or whose span id starts with it).
+
+        The CLI shows a trace id's last characters: its first ones are a timestamp,
+        shared by every trace of the same moment.
+        """
+        sql = "SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE ? OR trace_id LIKE ? OR span_id LIKE ? LIMIT ?"
         with self.transaction() as cur:
-            cur.execute(self._sql(sql), [f"{prefix}%", f"{prefix}%", limit])
+            cur.execute(self._sql(sql), [f"{fragment}%", f"%{fragment}", f"{fragment}%", limit])
             return [r[0] for r in cur.fetchall()]
 
     def stats(self, *, since: float | None = None, operation: str | None = "chat") -> list[StatsRow]:
