@@ -7,6 +7,16 @@ from typing import Any
 
 from keel import Gateway
 from keel.config import load_config
+from keel.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    ModelNotFound,
+    PermissionDenied,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ServerError,
+)
 from keel.store import SpanFilter
 from keel.trace import Span
 
@@ -33,3 +43,28 @@ def spans(gw: Gateway, **filters: Any) -> list[Span]:
 def openai_model(name: str, url: str, model: str = "gpt-4o-mini", extra: str = "") -> str:
     head = f'[models.{name}]\nprovider = "openai"\nmodel = "{model}"\n'
     return head + f'base_url = "{url}"\napi_key_env = "OPENAI_API_KEY"\n{extra}\n'
+
+
+#: HTTP statuses every provider adapter must map, and the keel error for each.
+ERROR_STATUSES: list[tuple[int, type[ProviderError]]] = [
+    (400, BadRequest),
+    (401, AuthenticationFailed),
+    (403, PermissionDenied),
+    (404, ModelNotFound),
+    (408, ProviderTimeout),
+    (429, ProviderRateLimited),
+    (500, ServerError),
+    (503, ServerError),
+]
+
+
+def check_status_error(
+    error: ProviderError, error_class: type[ProviderError], status: int, provider: str, model: str
+) -> None:
+    """What a status error must carry, whatever the provider."""
+    assert type(error) is error_class
+    assert error.status == status
+    assert error.provider == provider
+    assert error.model == model
+    assert "went wrong" in error.message
+    assert isinstance(error.body, dict)

@@ -11,14 +11,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from helpers import ERROR_STATUSES, check_status_error
 from keel.errors import (
-    AuthenticationFailed,
-    BadRequest,
     ContextWindowExceeded,
     InvalidMessages,
     MalformedResponse,
-    ModelNotFound,
-    PermissionDenied,
     ProviderConnectionError,
     ProviderError,
     ProviderRateLimited,
@@ -431,20 +428,7 @@ async def test_stream_http_error_before_the_stream(stub: StubServer, model: Anth
 # --- errors ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("status", "error_class"),
-    [
-        (400, BadRequest),
-        (401, AuthenticationFailed),
-        (403, PermissionDenied),
-        (404, ModelNotFound),
-        (408, ProviderTimeout),
-        (429, ProviderRateLimited),
-        (500, ServerError),
-        (503, ServerError),
-        (529, ServerError),
-    ],
-)
+@pytest.mark.parametrize(("status", "error_class"), [*ERROR_STATUSES, (529, ServerError)])
 async def test_error_statuses(
     stub: StubServer, model: AnthropicModel, status: int, error_class: type[ProviderError]
 ) -> None:
@@ -453,13 +437,7 @@ async def test_error_statuses(
     with pytest.raises(error_class) as info:
         await model.complete(chat("q"))
 
-    error = info.value
-    assert type(error) is error_class
-    assert error.status == status
-    assert error.provider == "anthropic"
-    assert error.model == MODEL
-    assert "went wrong" in error.message
-    assert isinstance(error.body, dict)
+    check_status_error(info.value, error_class, status, "anthropic", MODEL)
 
 
 async def test_rate_limit_retry_after_seconds(stub: StubServer, model: AnthropicModel) -> None:

@@ -13,14 +13,11 @@ import pytest
 import pytest_asyncio
 from google.genai import _api_client as genai_api_client
 
+from helpers import ERROR_STATUSES, check_status_error
 from keel.errors import (
-    AuthenticationFailed,
-    BadRequest,
     ContextWindowExceeded,
     InvalidMessages,
     MalformedResponse,
-    ModelNotFound,
-    PermissionDenied,
     ProviderConnectionError,
     ProviderError,
     ProviderRateLimited,
@@ -423,19 +420,7 @@ async def test_embed_error_is_translated(stub: StubServer, model: GeminiModel) -
 # --- errors ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("status", "error_class"),
-    [
-        (400, BadRequest),
-        (401, AuthenticationFailed),
-        (403, PermissionDenied),
-        (404, ModelNotFound),
-        (408, ProviderTimeout),
-        (429, ProviderRateLimited),
-        (500, ServerError),
-        (503, ServerError),
-    ],
-)
+@pytest.mark.parametrize(("status", "error_class"), ERROR_STATUSES)
 async def test_error_statuses(
     stub: StubServer, model: GeminiModel, status: int, error_class: type[ProviderError]
 ) -> None:
@@ -444,13 +429,7 @@ async def test_error_statuses(
     with pytest.raises(error_class) as info:
         await model.complete(chat("q"))
 
-    error = info.value
-    assert type(error) is error_class
-    assert error.status == status
-    assert error.provider == "gcp.gemini"
-    assert error.model == MODEL
-    assert "went wrong" in error.message
-    assert isinstance(error.body, dict)
+    check_status_error(info.value, error_class, status, "gcp.gemini", MODEL)
 
 
 async def test_rate_limit_retry_after_header(stub: StubServer, model: GeminiModel) -> None:
