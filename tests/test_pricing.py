@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from helpers import gateway, openai_model, spans
-from stubs import OpenAIStub, completion
 
+from helpers import gateway, openai_model, spans
 from keel.config import ModelConfig
 from keel.pricing import model_facts
 from keel.types import Usage
+from stubs import OpenAIStub, completion
 
 
 def test_known_flat_and_tiered_prices() -> None:
