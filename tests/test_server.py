@@ -127,3 +127,24 @@ def test_errors_in_openai_shape(served: tuple[Server, Gateway, openai.OpenAI]) -
         json={"model": "t", "messages": [{"role": "user", "content": "x"}], "bogus": 1},
     )
     assert extra.status_code == 400 and extra.json()["error"]["param"] == "bogus"
+
+
+def test_embeddings_with_the_local_model(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    _, _, client = served
+    result = client.embeddings.create(model="local-embed", input=["a cat sat", "a dog ran"])
+    assert [d.index for d in result.data] == [0, 1] and len(result.data[0].embedding) == 384
+    assert result.usage.prompt_tokens > 0
+    single = client.embeddings.create(model="local-embed", input="one text")
+    assert len(single.data) == 1
+    with pytest.raises(openai.BadRequestError, match="chat model"):
+        client.embeddings.create(model="gpt-4o-mini", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="local-embed", input=[])
+
+
+def test_embeddings_as_plain_floats(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    server, _, _ = served
+    body = {"model": "local-embed", "input": "hello", "encoding_format": "float"}
+    response = httpx.post(f"{server.url}/embeddings", json=body, timeout=30)
+    assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 384
+    assert "x-keel-trace-id" in response.headers

@@ -15,7 +15,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models).
+    """Serve the OpenAI-compatible API (POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models).
 
     Example: keel serve --port 8000, then point the openai SDK at base_url="http://127.0.0.1:8000/v1"
     """

@@ -410,6 +410,10 @@ class Gateway:
             if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
                 raise InputError("texts must be a list of strings")
             name = self.resolve(model, kind="embedding")
+            if name in self.config.models and self.config.models[name].kind != "embedding":
+                raise InputError(f"{name!r} is a chat model; embed with an embedding model (see `keel models`)")
+            if not texts:
+                raise InputError("texts is empty")
             self._check_key_model(key, name)
             deployment = self.deployment(name)
             span.set(keel__model=name, gen_ai__provider__name=deployment.provider)

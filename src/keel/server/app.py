@@ -1,15 +1,17 @@
 """The keel server: an OpenAI-compatible API over the same gateway.
 
-`POST /v1/chat/completions` (plain and server-sent events) and
-`GET /v1/models`, so the official `openai` SDK works unchanged with
+`POST /v1/chat/completions` (plain and server-sent events),
+`POST /v1/embeddings` and `GET /v1/models`, so the official `openai` SDK works unchanged with
 `base_url` pointed here. Errors use OpenAI's error shape with the status of
 the keel error. Every response carries `x-keel-trace-id`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from keel.config import Config
 from keel.errors import InputError, KeelError
 from keel.gateway import Gateway
-from keel.server.schemas import ChatCompletionRequest
+from keel.server.schemas import ChatCompletionRequest, EmbeddingRequest
 from keel.types import ChatResult, StreamDelta
 
 __all__ = ["create_app"]
@@ -128,6 +130,11 @@ def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any
     }
 
 
+def _base64_floats(vector: list[float]) -> str:
+    """OpenAI's base64 embedding encoding: little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
 def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
@@ -217,6 +224,19 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
             return StreamingResponse(_stream_events(gw, kwargs, include_usage), media_type="text/event-stream")
         result = await gw.chat(kwargs.pop("messages"), kwargs.pop("model"), response_model=schema, **kwargs)
         return JSONResponse(completion_body(result, int(time.time())), headers=_headers(result))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+        gw: Gateway = request.app.state.gateway
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if body.dimensions is not None:
+            raise InputError("dimensions is not supported: keel returns the model's own size")
+        result = await gw.embed(texts, body.model)
+        encode = _base64_floats if body.encoding_format == "base64" else list
+        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)]
+        usage = {"prompt_tokens": result.usage.input_tokens, "total_tokens": result.usage.input_tokens}
+        body_out = {"object": "list", "data": data, "model": result.model, "usage": usage}
+        return JSONResponse(body_out, headers={"x-keel-trace-id": result.trace_id})
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

@@ -22,6 +22,16 @@ class ChatMessageIn(BaseModel):
     tool_call_id: str | None = None
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"  # the openai SDK asks for base64
+    user: str | None = None
+    dimensions: int | None = Field(default=None, gt=0)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
