@@ -304,3 +304,45 @@ async def test_many_concurrent_calls_are_all_traced() -> None:
 def test_usage_adds() -> None:
     assert Usage(1, 2, 3, 4) + Usage(10, 20, 30, 40) == Usage(11, 22, 33, 44)
     assert ModelResponse("x").attempts == 1
+
+
+async def test_a_cancelled_probe_does_not_leave_the_circuit_half_open() -> None:
+    clock = [0.0]
+    inner = TestModel([ServerError("x", status=500)] * 2 + ["slow", "ok"], delay=0.0)  # type: ignore[list-item]
+    breaker = CircuitBreakerModel(inner, name="m", failures=2, cooldown=10, clock=lambda: clock[0])
+    request = ChatRequest("m", (Message.user("hi"),))
+    for _ in range(2):
+        with pytest.raises(ServerError):
+            await breaker.complete(request)
+    clock[0] = 11
+    inner.delay = 5.0
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(breaker.complete(request), timeout=0.05)  # the probe is cancelled
+    inner.delay = 0.0
+    assert (await breaker.complete(request)).text in ("slow", "ok")  # another probe is let through
+    assert breaker.state == "closed"
+
+
+async def test_failed_structured_output_still_costs_the_budget(tmp_path: Path) -> None:
+    gw = gateway(tmp_path, scripted("t", ["not json"], PRICED) + "[keys.team]\ndaily_budget_usd = 100\n")
+    with pytest.raises(errors.StructuredOutputError) as caught:
+        await gw.chat("q", model="t", key="team", response_model=Answer, max_reasks=1)
+    assert caught.value.attempts == 2 and caught.value.cost_usd is not None and caught.value.cost_usd > 0
+    assert gw.budgets.spent("team") == pytest.approx(caught.value.cost_usd)
+    [span] = spans(gw)
+    assert span.attributes["keel.cost_usd"] == pytest.approx(caught.value.cost_usd)
+    await gw.aclose()
+
+
+async def test_wrongly_typed_options_are_input_errors() -> None:
+    gw = Gateway(models={"t": TestModel("ok")}, store=False)
+    bad: list[dict[str, object]] = [
+        {"temperature": "0.5"}, {"max_tokens": 1.5}, {"stop": [1]}, {"max_reasks": -1, "response_model": Answer},
+        {"tools": [{"name": "f", "parameters": "x"}]},
+    ]  # fmt: skip
+    for kwargs in bad:
+        with pytest.raises(errors.InputError):
+            await gw.chat("hi", model="t", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(errors.InputError):
+        await gw.embed(None, model="t")  # type: ignore[arg-type]
+    await gw.aclose()

@@ -148,3 +148,15 @@ def test_embeddings_as_plain_floats(served: tuple[Server, Gateway, openai.OpenAI
     response = httpx.post(f"{server.url}/embeddings", json=body, timeout=30)
     assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 384
     assert "x-keel-trace-id" in response.headers
+
+
+def test_a_refused_stream_gets_a_real_status(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    server, _, client = served
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], stream=True)
+    body = {"model": "t", "stream": True, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": "not a schema"}}]}  # fmt: skip
+    response = httpx.post(f"{server.url}/chat/completions", json=body)
+    assert response.status_code == 400 and "parameters" in response.json()["error"]["message"]
+    bad_choice = {"model": "t", "messages": [{"role": "user", "content": "x"}], "tool_choice": {"function": "f"}}
+    assert httpx.post(f"{server.url}/chat/completions", json=bad_choice).status_code == 400

@@ -102,3 +102,30 @@ def test_flush_writes_a_partial_batch_at_once() -> None:
     assert writer.flush(timeout=5) and len(store.spans) == 1
     assert time.perf_counter() - started < 5
     writer.close()
+
+
+class Unredactable(Redactor):
+    def span(self, span: Span) -> None:
+        if span.name == "bad":
+            raise RecursionError("too deep")
+        super().span(span)
+
+
+def test_a_span_that_cannot_be_redacted_is_dropped_not_the_writer() -> None:
+    store = SlowStore()
+    writer = SpanWriter(store, redactor=Unredactable())  # type: ignore[arg-type]
+    for name in ("good", "bad", "also good"):
+        writer.submit(Span("t", name, None, name, time.time()))
+    assert writer.flush(timeout=5)
+    assert [s.name for s in store.spans] == ["good", "also good"] and writer.failed == 1
+    writer.submit(Span("t", "later", None, "later", time.time()))
+    assert writer.flush(timeout=5) and store.spans[-1].name == "later"
+    writer.close()
+
+
+def test_spans_after_close_are_written_not_lost() -> None:
+    store = SlowStore()
+    writer = SpanWriter(store)  # type: ignore[arg-type]
+    writer.close()
+    writer.submit(Span("t", "late", None, "late", time.time()))
+    assert writer.flush(timeout=1) and [s.name for s in store.spans] == ["late"]

@@ -29,9 +29,9 @@ code can catch "anything I did wrong" apart from "anything upstream did":
     ├── StructuredOutputError       no valid instance after the re-ask limit
     └── AllModelsFailed             every model of a fallback chain failed
 
-Every error carries `attempts` (how many provider calls were made) and
-`usage` (tokens spent before it failed) so the trace and the caller see the
-real cost of a failure.
+Every error carries `attempts` (how many provider calls were made), `usage`
+(tokens spent before it failed) and `cost_usd`, so the trace, the budget and
+the caller see the real cost of a failure.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class KeelError(Exception):
         self.message = message
         self.attempts: int = 0
         self.usage: Usage | None = None
+        self.cost_usd: float | None = None  # what the failed call still cost (structured re-asks)
 
     @property
     def error_type(self) -> str:

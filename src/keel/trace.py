@@ -172,14 +172,18 @@ class SpanWriter:
 
     def submit(self, span: Span) -> None:
         with self._lock:
-            if len(self._buffer) >= self.max_queue:
+            if len(self._buffer) >= self.max_queue and not self._closing:
                 self._wake.set()
                 self._progress.wait_for(lambda: len(self._buffer) < self.max_queue or self._closing)
-            self._buffer.append(span)
-            self._submitted += 1
-            depth = len(self._buffer)
-            self.max_depth = max(self.max_depth, depth)
-        if depth >= self.max_batch:
+            queued = not self._closing
+            if queued:
+                self._buffer.append(span)
+                self._submitted += 1
+                depth = len(self._buffer)
+                self.max_depth = max(self.max_depth, depth)
+        if not queued:  # the thread has stopped or is stopping: write it here rather than lose it
+            self._write([span])
+        elif depth >= self.max_batch:
             self._wake.set()
 
     def _take(self, limit: int) -> list[Span]:
@@ -187,11 +191,23 @@ class SpanWriter:
             count = min(len(self._buffer), self.max_batch, limit)
             return [self._buffer.popleft() for _ in range(count)]
 
-    def _write(self, batch: Sequence[Span]) -> None:
-        if self.redactor is not None:
-            for span in batch:
+    def _redact(self, batch: Sequence[Span]) -> list[Span]:
+        if self.redactor is None:
+            return list(batch)
+        kept = []
+        for span in batch:
+            try:
                 self.redactor.span(span)
-                time.sleep(0)  # let the event loop's thread take the GIL between spans
+            except Exception:  # never store what could not be redacted
+                self.failed += 1
+                log.exception("span %s could not be redacted; it is not stored", span.span_id)
+            else:
+                kept.append(span)
+            time.sleep(0)  # let the event loop's thread take the GIL between spans
+        return kept
+
+    def _write(self, batch: Sequence[Span]) -> None:
+        batch = self._redact(batch)
         try:
             self.store.write_spans(batch)
         except Exception:
@@ -210,16 +226,21 @@ class SpanWriter:
             remaining = len(self._buffer)
         while remaining > 0 and (batch := self._take(remaining)):
             remaining -= len(batch)
-            self._write(batch)
-            with self._lock:
-                self._written += len(batch)
-                self._progress.notify_all()
+            try:
+                self._write(batch)
+            finally:
+                with self._lock:
+                    self._written += len(batch)
+                    self._progress.notify_all()
 
     def _run(self) -> None:
         while True:
             self._wake.wait(self.interval)
             self._wake.clear()
-            self._drain()
+            try:
+                self._drain()
+            except Exception:  # the thread must outlive any one batch, or every later span is lost
+                log.exception("span writer: a batch failed")
             if self._closing:
                 self._drain()
                 return
@@ -229,7 +250,9 @@ class SpanWriter:
         with self._lock:
             target = self._submitted
             self._wake.set()
-            return self._progress.wait_for(lambda: self._written >= target, timeout)
+            return self._progress.wait_for(
+                lambda: self._written >= target or not self._thread.is_alive(), timeout
+            ) and self._written >= target
 
     @property
     def pending(self) -> int:
@@ -243,6 +266,7 @@ class SpanWriter:
                 self._progress.notify_all()
             self._wake.set()
             self._thread.join(timeout=30)
+        self._drain()  # whatever slipped in while the thread was stopping
 
 
 class Tracer:

@@ -75,6 +75,9 @@ class CircuitBreakerModel(WrapperModel):
         except Exception as error:
             self._failure(error)
             raise
+        except BaseException:  # cancelled: no verdict on the deployment, and the probe slot is free again
+            self._probing = False
+            raise
         self._success()
         return response
 

@@ -59,11 +59,27 @@ def _tools(tools: Sequence[Tool | Mapping[str, Any]] | None) -> tuple[Tool, ...]
         fn = tool.get("function", tool) if isinstance(tool, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
             raise InputError(f"tools[{i}] needs a function name")
-        out.append(Tool(fn["name"], str(fn.get("description", "")), dict(fn.get("parameters") or {"type": "object"})))
+        parameters = fn.get("parameters") or {"type": "object"}
+        if not isinstance(parameters, Mapping):
+            raise InputError(f"tools[{i}].parameters must be a JSON schema object")
+        out.append(Tool(fn["name"], str(fn.get("description", "")), dict(parameters)))
     return tuple(out)
 
 
+def _number(name: str, value: object, kind: type = float) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)):
+        raise InputError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+
+
 def _check_options(o: ChatOptions) -> None:
+    for name in ("temperature", "timeout", "top_p"):
+        _number(name, getattr(o, name))
+    for name in ("max_tokens", "seed"):
+        _number(name, getattr(o, name), int)
+    if any(not isinstance(s, str) for s in o.stop):
+        raise InputError("stop must be a string or a list of strings")
+    if o.tool_choice is not None and not isinstance(o.tool_choice, str):
+        raise InputError("tool_choice must be auto, none, required or a tool name")
     if o.temperature is not None and not 0 <= o.temperature <= 2:
         raise InputError(f"temperature must be between 0 and 2, got {o.temperature}")
     if o.max_tokens is not None and o.max_tokens <= 0:
@@ -280,9 +296,9 @@ class Gateway:
 
     def _failed(self, span: Span, error: BaseException, admission: _Admission) -> None:
         span.fail(error)
-        usage = getattr(error, "usage", None)
-        self._record_usage(span, usage, None, getattr(error, "attempts", 0))
-        self.budgets.settle(admission.reservation, None)
+        cost = getattr(error, "cost_usd", None)
+        self._record_usage(span, getattr(error, "usage", None), cost, getattr(error, "attempts", 0))
+        self.budgets.settle(admission.reservation, cost)
 
     async def chat(
         self,
@@ -407,7 +423,7 @@ class Gateway:
         span = self._start_span("embeddings", model or self.config.default_embedding_model, key, None)
         token = _current.set(span)
         try:
-            if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
                 raise InputError("texts must be a list of strings")
             name = self.resolve(model, kind="embedding")
             if name in self.config.models and self.config.models[name].kind != "embedding":

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 from pydantic import BaseModel, ValidationError
 
-from keel.errors import InvalidSchema, StructuredOutputError
+from keel.errors import InputError, InvalidSchema, KeelError, StructuredOutputError
 from keel.types import Message, ModelResponse, ResponseFormat
 
 __all__ = ["StructuredSpec", "run_structured", "spec_for"]
@@ -118,9 +118,15 @@ async def run_structured(
     max_reasks: int,
 ) -> tuple[ModelResponse, Any, int]:
     """Call until the answer validates; returns the summed response, the value and the tries."""
+    if max_reasks < 0:
+        raise InputError(f"max_reasks must be 0 or more, got {max_reasks}")
     total: ModelResponse | None = None
+    problem = ""
     for tries in range(1, max_reasks + 2):
-        response = await call(messages)
+        try:
+            response = await call(messages)
+        except KeelError as error:
+            raise _with_spent(error, total) from None
         total = _add(total, response)
         try:
             return total, spec.validate(parse_json(response.text)), tries
@@ -134,6 +140,14 @@ async def run_structured(
     error_out = StructuredOutputError(
         f"no valid {spec.format.name} after {max_reasks + 1} tries: {problem}", last_text=total.text if total else None
     )
-    error_out.usage = total.usage if total else None
-    error_out.attempts = total.attempts if total else 0
-    raise error_out
+    error_out.attempts = 0
+    raise _with_spent(error_out, total)
+
+
+def _with_spent(error: KeelError, spent: ModelResponse | None) -> KeelError:
+    """Add what the earlier tries spent to an error, so the trace and the budget see all of it."""
+    if spent is not None:
+        error.attempts += spent.attempts
+        error.usage = spent.usage if error.usage is None else spent.usage + error.usage
+        error.cost_usd = spent.cost_usd if error.cost_usd is None else (spent.cost_usd or 0) + error.cost_usd
+    return error

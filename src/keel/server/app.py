@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from keel.config import Config
 from keel.errors import InputError, KeelError
-from keel.gateway import Gateway
+from keel.gateway import ChatStream, Gateway
 from keel.server.schemas import ChatCompletionRequest, EmbeddingRequest
 from keel.types import ChatResult, StreamDelta
 
@@ -52,8 +52,8 @@ def _response_model(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     if fmt.get("type") == "json_object":
         return {"type": "object"}
     if fmt.get("type") == "json_schema":
-        spec = fmt.get("json_schema") or {}
-        schema = spec.get("schema")
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise InputError("response_format.json_schema.schema must be a JSON schema object")
         return schema
@@ -62,7 +62,10 @@ def _response_model(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _tool_choice(choice: str | dict[str, Any] | None) -> str | None:
     if isinstance(choice, dict):
-        return str((choice.get("function") or {}).get("name") or "") or None
+        function = choice.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InputError('tool_choice must be a string or {"type": "function", "function": {"name": ...}}')
+        return str(function["name"])
     return choice
 
 
@@ -158,14 +161,30 @@ def _delta_body(delta: StreamDelta) -> dict[str, Any]:
     return {"tool_calls": [call]}
 
 
-async def _stream_events(gw: Gateway, kwargs: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+async def _open_stream(
+    gw: Gateway, kwargs: dict[str, Any]
+) -> tuple[ChatStream, AsyncIterator[StreamDelta], list[StreamDelta]]:
+    """Start a stream and wait for its first piece, so that a refused request (bad input, unknown
+    model, limits, an upstream that fails at once) gets a real HTTP status, not a 200 with an error event."""
+    stream = gw.stream(kwargs.pop("messages"), kwargs.pop("model"), **kwargs)
+    deltas = aiter(stream)
+    try:
+        first = [await anext(deltas)]
+    except StopAsyncIteration:
+        first = []
+    return stream, deltas, first
+
+
+async def _stream_events(
+    stream: ChatStream, deltas: AsyncIterator[StreamDelta], first: list[StreamDelta], model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
     created = int(time.time())
     cid = "chatcmpl-stream"
-    model = kwargs["model"]
-    stream = gw.stream(kwargs.pop("messages"), kwargs.pop("model"), **kwargs)
     try:
         yield _sse(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
-        async for delta in stream:
+        for delta in first:
+            yield _sse(_chunk(cid, created, model, _delta_body(delta)))
+        async for delta in deltas:
             yield _sse(_chunk(cid, created, model, _delta_body(delta)))
         result = stream.result
         assert result is not None
@@ -175,6 +194,9 @@ async def _stream_events(gw: Gateway, kwargs: dict[str, Any], include_usage: boo
                         "choices": [], "usage": _usage(result)})  # fmt: skip
     except KeelError as error:
         yield _sse({"error": {"message": error.message, "type": "api_error", "param": None, "code": error.code}})
+    except Exception:  # the status line is sent already: say so in the stream, and end it properly
+        log.exception("stream failed")
+        yield _sse({"error": {"message": "internal error", "type": "api_error", "param": None, "code": "internal"}})
     yield b"data: [DONE]\n\n"
 
 
@@ -221,7 +243,10 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
             if schema is not None:
                 raise InputError("response_format with stream is not supported yet")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream_events(gw, kwargs, include_usage), media_type="text/event-stream")
+            model = kwargs["model"]
+            stream, deltas, first = await _open_stream(gw, kwargs)
+            events = _stream_events(stream, deltas, first, model, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
         result = await gw.chat(kwargs.pop("messages"), kwargs.pop("model"), response_model=schema, **kwargs)
         return JSONResponse(completion_body(result, int(time.time())), headers=_headers(result))
 
