@@ -346,3 +346,45 @@ async def test_wrongly_typed_options_are_input_errors() -> None:
     with pytest.raises(errors.InputError):
         await gw.embed(None, model="t")  # type: ignore[arg-type]
     await gw.aclose()
+
+
+async def test_a_refused_call_uses_up_no_request_slot(tmp_path: Path) -> None:
+    gw = gateway(tmp_path, scripted("t", ["ok"]) + "[keys.team]\nrpm = 2\ntpm = 100\n")
+    await gw.chat("short", model="t", key="team")
+    with pytest.raises(errors.RateLimited, match="token limit"):
+        await gw.chat("word " * 200, model="t", key="team")
+    await gw.chat("short again", model="t", key="team")  # the refused call did not count as a request
+    await gw.aclose()
+
+
+async def test_embedding_retries_are_counted(tmp_path: Path) -> None:
+    toml = '[models.e]\nprovider = "test"\nmodel = "e"\nkind = "embedding"\n'
+    gw = gateway(tmp_path, toml)
+    flaky = TestModel("unused", model_id="e")
+    failures = [ServerError("busy", status=503), ServerError("busy", status=503)]
+    real_embed = flaky.embed
+
+    async def embed(texts):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        return await real_embed(texts)
+
+    flaky.embed = embed  # type: ignore[method-assign]
+    gw._extra["e"] = flaky
+    result = await gw.embed(["a"], model="e")
+    assert result.attempts == 3
+    [span] = spans(gw)
+    assert span.attributes["keel.attempts"] == 3
+    await gw.aclose()
+
+
+async def test_an_abandoned_stream_is_charged_its_reserved_worst_case(tmp_path: Path) -> None:
+    gw = gateway(tmp_path, scripted("t", ["a long answer " * 20], PRICED) + "[keys.team]\ndaily_budget_usd = 100\n")
+    stream = gw.stream("q", model="t", key="team")
+    async for _ in stream:
+        break
+    await stream.aclose()
+    [span] = spans(gw)
+    assert span.status == "error" and span.attributes["keel.cost_estimated"] is True
+    assert gw.budgets.spent("team") == pytest.approx(span.attributes["keel.cost_usd"]) and gw.budgets.spent("team") > 0
+    await gw.aclose()

@@ -231,10 +231,10 @@ def test_stats_filters_by_time_and_operation(store: Store) -> None:
     assert store.stats(operation="nothing") == []
 
 
-def test_spend_sums_root_spans_of_one_key_since_a_time(store: Store) -> None:
+def test_spend_sums_model_calls_of_one_key_since_a_time(store: Store) -> None:
     store.write_spans([
-        make_span("r1", trace_id="t1", start=T0, key="k1", cost=0.25),
-        make_span("c1", trace_id="t1", parent_id="r1", start=T0 + 1, key="k1", cost=0.20),  # inside r1's cost
+        make_span("r1", trace_id="t1", start=T0, key="k1", cost=0.05, operation="retrieval"),  # not a model call
+        make_span("c1", trace_id="t1", parent_id="r1", start=T0 + 1, key="k1", cost=0.25),  # a call inside a trace
         make_span("r2", trace_id="t2", start=T0 + 10, key="k1", cost=0.5),
         make_span("r3", trace_id="t3", start=T0 + 20, key="k1"),  # no price known
         make_span("old", trace_id="t4", start=T0 - 10, key="k1", cost=9.0),

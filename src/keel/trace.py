@@ -250,9 +250,10 @@ class SpanWriter:
         with self._lock:
             target = self._submitted
             self._wake.set()
-            return self._progress.wait_for(
-                lambda: self._written >= target or not self._thread.is_alive(), timeout
-            ) and self._written >= target
+            return (
+                self._progress.wait_for(lambda: self._written >= target or not self._thread.is_alive(), timeout)
+                and self._written >= target
+            )
 
     @property
     def pending(self) -> int:

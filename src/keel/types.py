@@ -212,6 +212,7 @@ class EmbeddingResult:
     provider: str = ""
     cost_usd: float | None = None
     trace_id: str = ""
+    attempts: int = 1
 
 
 # --- input parsing ------------------------------------------------------------

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from keel import tokens
 from keel.config import Config, ModelConfig, load_config
-from keel.errors import InputError, MalformedResponse, ModelNotAllowed, UnknownModel
+from keel.errors import InputError, KeelError, MalformedResponse, ModelNotAllowed, UnknownModel
 from keel.gateway.budget import BudgetTracker, Reservation
 from keel.gateway.deployment import Deployment
 from keel.gateway.fallback import FallbackModel
@@ -211,20 +211,24 @@ class Gateway:
         return worst
 
     async def _admit(self, key: str | None, name: str, router: FallbackModel, request: ChatRequest) -> _Admission:
-        """Check the key's model list, limits and budget before anything is sent."""
+        """Check the key's model list, budget and limits before anything is sent."""
         self._check_key_model(key, name)
         admission = _Admission()
         if key is None:
             return admission
-        admission.limiter = self._key_limiter(key)
-        if admission.limiter is not None:
-            admission.estimated = tokens.estimate(request) if admission.limiter.tpm else 0
-            await admission.limiter.acquire(admission.estimated)
-        key_config = self.config.keys.get(key)
-        if key_config is not None and (
-            key_config.daily_budget_usd is not None or key_config.monthly_budget_usd is not None
-        ):
+        budget = self.config.keys.get(key)
+        if budget is not None and (budget.daily_budget_usd is not None or budget.monthly_budget_usd is not None):
             admission.reservation = await self.budgets.reserve(key, self._worst_case(router, request))
+        limiter = self._key_limiter(key)
+        if limiter is not None:
+            estimated = tokens.estimate(request) if limiter.tpm else 0
+            try:
+                await limiter.acquire(estimated)
+            except KeelError:
+                self.budgets.settle(admission.reservation, None)
+                admission.reservation = None
+                raise
+            admission.limiter, admission.estimated = limiter, estimated
         return admission
 
     async def _settle(self, admission: _Admission, response: ModelResponse) -> None:
@@ -294,9 +298,14 @@ class Gateway:
             trace_id=span.trace_id, span_id=span.span_id, parsed=parsed,
         )  # fmt: skip
 
-    def _failed(self, span: Span, error: BaseException, admission: _Admission) -> None:
+    def _failed(self, span: Span, error: BaseException, admission: _Admission, *, streamed: bool = False) -> None:
         span.fail(error)
         cost = getattr(error, "cost_usd", None)
+        if streamed and cost is None and admission.reservation is not None:
+            # The caller left a stream the provider had started answering: it bills what it
+            # generated, which keel cannot see, so the budget keeps the reserved worst case.
+            cost = admission.reservation.amount
+            span.set(keel__cost_estimated=True)
         self._record_usage(span, getattr(error, "usage", None), cost, getattr(error, "attempts", 0))
         self.budgets.settle(admission.reservation, cost)
 
@@ -384,6 +393,7 @@ class Gateway:
         span.set(keel__stream=True)
         admission = _Admission()
         started = time.perf_counter()
+        streamed = False
         token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
             name = self.resolve(model)
@@ -402,6 +412,7 @@ class Gateway:
                     final = item
                     continue
                 if "keel.time_to_first_token_ms" not in span.attributes:
+                    streamed = True
                     span.attributes["keel.time_to_first_token_ms"] = round((time.perf_counter() - started) * 1000, 2)
                 yield item
             if final is None:
@@ -409,7 +420,7 @@ class Gateway:
             await self._settle(admission, final)
             yield self._result(span, final, started)
         except BaseException as error:
-            self._failed(span, error, admission)
+            self._failed(span, error, admission, streamed=streamed)
             raise
         finally:
             if token is not None:
@@ -435,10 +446,11 @@ class Gateway:
             span.set(keel__model=name, gen_ai__provider__name=deployment.provider)
             result = await deployment.embed(list(texts))
             span.set(gen_ai__response__model=result.model, gen_ai__usage__input_tokens=result.usage.input_tokens)
-            span.set(keel__cost_usd=result.cost_usd, keel__attempts=1, keel__embedding__count=len(texts))
+            span.set(keel__cost_usd=result.cost_usd, keel__attempts=result.attempts, keel__embedding__count=len(texts))
             return replace(result, trace_id=span.trace_id)
         except BaseException as error:
             span.fail(error)
+            span.set(keel__attempts=getattr(error, "attempts", 0))
             raise
         finally:
             _current.reset(token)

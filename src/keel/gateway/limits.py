@@ -52,13 +52,20 @@ class Limiter:
         )
 
     async def acquire(self, tokens: int) -> None:
-        """Count one request and `tokens` input tokens, or raise RateLimited."""
-        if self.rpm is not None and not await self._limiter.hit(self.rpm, self.subject, "requests"):
+        """Count one request and `tokens` input tokens, or raise RateLimited having counted nothing."""
+        cost = min(tokens, self.tpm.amount) if self.tpm is not None else 0  # a huge call may enter an empty window
+        if self.rpm is not None and not await self._limiter.test(self.rpm, self.subject, "requests"):
             raise await self._refuse(self.rpm, "request", 1)
-        if self.tpm is not None and tokens > 0:
-            cost = min(tokens, self.tpm.amount)  # a single huge call is allowed into an empty window
-            if not await self._limiter.hit(self.tpm, self.subject, "tokens", cost=cost):
-                raise await self._refuse(self.tpm, "token", tokens)
+        if (
+            self.tpm is not None
+            and cost > 0
+            and not await self._limiter.test(self.tpm, self.subject, "tokens", cost=cost)
+        ):
+            raise await self._refuse(self.tpm, "token", tokens)
+        if self.rpm is not None:
+            await self._limiter.hit(self.rpm, self.subject, "requests")
+        if self.tpm is not None and cost > 0:
+            await self._limiter.hit(self.tpm, self.subject, "tokens", cost=cost)
 
     async def settle(self, estimated: int, usage: Usage) -> None:
         """After a call: charge what the estimate missed, and the output."""

@@ -71,8 +71,8 @@ class RetryModel(WrapperModel):
         return replace(response, attempts=attempts) if attempts != response.attempts else response
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
-        result, _ = await self._retrying(lambda: self.inner.embed(texts))
-        return result
+        result, attempts = await self._retrying(lambda: self.inner.embed(texts))
+        return replace(result, attempts=attempts)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         attempt = 0

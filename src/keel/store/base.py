@@ -258,8 +258,15 @@ class Store(ABC):
             ]
 
     def spend(self, api_key: str, since: float) -> float:
-        """USD spent by a key since a time (budgets read this at start-up)."""
-        sql = "SELECT COALESCE(SUM(cost_usd), 0) FROM spans WHERE api_key = ? AND start_time >= ? AND parent_id IS NULL"
+        """USD spent by a key since a time (budgets read this at start-up).
+
+        Model calls (chat and embeddings spans) carry the cost, wherever they sit in
+        a trace; spans around them (a RAG request, an agent step) do not add to it.
+        """
+        sql = (
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM spans WHERE api_key = ? AND start_time >= ?"
+            " AND operation IN ('chat', 'embeddings')"
+        )
         with self.transaction() as cur:
             cur.execute(self._sql(sql), [api_key, since])
             return float(cur.fetchone()[0])
