@@ -39,3 +39,19 @@ def openai_stub(openai_stub_server, monkeypatch: pytest.MonkeyPatch):  # type: i
     openai_stub_server.headers.clear()
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdefghijklmnop")
     return openai_stub_server
+
+
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    """The Anthropic/Gemini stub server, one per test module."""
+    from provider_stubs import StubServer
+
+    with StubServer() as stub:
+        yield stub
+
+
+@pytest.fixture
+def stub(server):  # type: ignore[no-untyped-def]
+    """The module's stub server with its script and records cleared."""
+    server.reset()
+    return server

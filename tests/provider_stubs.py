@@ -23,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from keel.types import ResponseFormat, Tool
+
 __all__ = [
     "RecordedRequest",
     "Reply",
@@ -406,3 +408,11 @@ def gemini_embeddings(vectors: Sequence[Sequence[float]], usage: Mapping[str, in
     if usage is not None:
         out["usageMetadata"] = dict(usage)
     return out
+
+
+# --- shared by the provider test modules ---------------------------------------------------
+
+WEATHER = Tool("get_weather", "Weather of a city", {"type": "object", "properties": {"city": {"type": "string"}}})
+PERSON = ResponseFormat(
+    "person", {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -24,8 +24,10 @@ from keel.errors import (
 )
 from keel.models.anthropic import AnthropicModel
 from keel.models.base import StreamItem
-from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, ResponseFormat, StreamDelta, Tool, ToolCall
+from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, ResponseFormat, StreamDelta, ToolCall
 from provider_stubs import (
+    PERSON,
+    WEATHER,
     Reply,
     StubServer,
     anthropic_error,
@@ -36,22 +38,6 @@ from provider_stubs import (
 )
 
 MODEL = "claude-test-1"
-WEATHER = Tool("get_weather", "Weather of a city", {"type": "object", "properties": {"city": {"type": "string"}}})
-PERSON = ResponseFormat(
-    "person", {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
-)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[StubServer]:
-    with StubServer() as stub:
-        yield stub
-
-
-@pytest.fixture
-def stub(server: StubServer) -> StubServer:
-    server.reset()
-    return server
 
 
 # One event loop for the module, so one client (building one costs ~50 ms of CA loading) serves every test.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -26,8 +26,10 @@ from keel.errors import (
 )
 from keel.models.base import StreamItem
 from keel.models.gemini import SKIP_SIGNATURE, GeminiModel
-from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, ResponseFormat, StreamDelta, Tool, ToolCall
+from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, StreamDelta, ToolCall
 from provider_stubs import (
+    PERSON,
+    WEATHER,
     Reply,
     StubServer,
     closed_port_url,
@@ -38,22 +40,6 @@ from provider_stubs import (
 )
 
 MODEL = "gemini-test"
-WEATHER = Tool("get_weather", "Weather of a city", {"type": "object", "properties": {"city": {"type": "string"}}})
-PERSON = ResponseFormat(
-    "person", {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
-)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[StubServer]:
-    with StubServer() as stub:
-        yield stub
-
-
-@pytest.fixture
-def stub(server: StubServer) -> StubServer:
-    server.reset()
-    return server
 
 
 # One event loop for the module, so one client serves most tests: building one
