@@ -160,3 +160,35 @@ def test_a_refused_stream_gets_a_real_status(served: tuple[Server, Gateway, open
     assert response.status_code == 400 and "parameters" in response.json()["error"]["message"]
     bad_choice = {"model": "t", "messages": [{"role": "user", "content": "x"}], "tool_choice": {"function": "f"}}
     assert httpx.post(f"{server.url}/chat/completions", json=bad_choice).status_code == 400
+
+
+def test_health_readiness_and_metrics(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    server, _, client = served
+    base = server.url.removesuffix("/v1")
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    client.chat.completions.create(model="t", messages=[{"role": "user", "content": "hi"}])
+    client.chat.completions.create(model="t", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
+    response = httpx.get(f"{base}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'keel_requests_total{key="",model="t",operation="chat",status="ok"} 2.0' in text
+    assert 'keel_errors_total{error_type="ServerError",key="",model="broken",operation="chat"} 1.0' in text
+    assert 'keel_tokens_total{direction="output",key="",model="t",operation="chat"}' in text
+    assert 'keel_request_duration_seconds_count{key="",model="t",operation="chat"} 2.0' in text
+
+
+def test_not_ready_when_the_store_is_unreachable(
+    served: tuple[Server, Gateway, openai.OpenAI], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, gw, _ = served
+
+    def unreachable() -> None:
+        raise OSError("connection refused")
+
+    assert gw.store is not None
+    monkeypatch.setattr(gw.store, "ping", unreachable)
+    response = httpx.get(f"{server.url.removesuffix('/v1')}/readyz")
+    assert response.status_code == 503 and "connection refused" in response.json()["store"]

@@ -129,3 +129,18 @@ def test_spans_after_close_are_written_not_lost() -> None:
     writer.close()
     writer.submit(Span("t", "late", None, "late", time.time()))
     assert writer.flush(timeout=1) and [s.name for s in store.spans] == ["late"]
+
+
+def test_a_failing_listener_does_not_fail_the_call() -> None:
+    store = SlowStore()
+    tracer = Tracer(SpanWriter(store))  # type: ignore[arg-type]
+    seen: list[str] = []
+
+    def broken(span: Span) -> None:
+        raise RuntimeError("observer bug")
+
+    tracer.listeners += [broken, lambda span: seen.append(span.name)]
+    with tracer.span("call"):
+        pass
+    assert seen == ["call"]
+    assert tracer.writer is not None and tracer.writer.flush() and [s.name for s in store.spans] == ["call"]

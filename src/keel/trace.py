@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -270,12 +270,20 @@ class SpanWriter:
         self._drain()  # whatever slipped in while the thread was stopping
 
 
+SpanListener = Callable[[Span], None]
+
+
 class Tracer:
-    """Creates spans and nests them by context; finished spans go to the writer."""
+    """Creates spans and nests them by context; finished spans go to the writer.
+
+    Listeners (metrics, exporters) see every finished span on the caller's
+    thread, before redaction: they must be quick and must not keep content.
+    """
 
     def __init__(self, writer: SpanWriter | None, *, capture_content: bool = True) -> None:
         self.writer = writer
         self.capture_content = capture_content
+        self.listeners: list[SpanListener] = []
 
     def start(self, name: str, attributes: dict[str, Any] | None = None) -> Span:
         parent = _current.get()
@@ -292,6 +300,11 @@ class Tracer:
         span.end_time = span.end_time or time.time()
         if not self.capture_content:
             span.input = span.output = None
+        for listener in self.listeners:
+            try:
+                listener(span)
+            except Exception:  # an observer must never fail the call it observes
+                log.exception("span listener %r failed", listener)
         if self.writer is not None:
             self.writer.submit(span)
 

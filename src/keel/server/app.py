@@ -8,6 +8,7 @@ the keel error. Every response carries `x-keel-trace-id`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from keel.config import Config
 from keel.errors import InputError, KeelError
 from keel.gateway import ChatStream, Gateway
+from keel.server.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from keel.server.schemas import ChatCompletionRequest, EmbeddingRequest
 from keel.types import ChatResult, StreamDelta
 
@@ -207,11 +209,15 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = gateway or Gateway(config)
         app.state.gateway = gw
+        metrics = GatewayMetrics()
+        gw.tracer.listeners.append(metrics.observe)
+        app.state.metrics = metrics
         log.info(
             "keel: %d models (default %s), store %s, OpenAI-compatible API at /v1",
             len(gw.model_names), gw.config.default_model, gw.store.url if gw.store else "off",
         )  # fmt: skip
         yield
+        gw.tracer.listeners.remove(metrics.observe)
         if gateway is None:
             await gw.aclose()
 
@@ -274,6 +280,23 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """The process is up."""
         return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready to serve: the store answers."""
+        gw: Gateway = request.app.state.gateway
+        if gw.store is not None:
+            try:
+                await asyncio.to_thread(gw.store.ping)
+            except Exception as exc:
+                return JSONResponse({"status": "unavailable", "store": str(exc)[:200]}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format: calls, errors by type, tokens, cost and latency by model and key."""
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

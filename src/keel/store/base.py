@@ -150,6 +150,12 @@ class Store(ABC):
         PostgreSQL takes an advisory lock; the default (SQLite) takes none.
         """
 
+    def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        with self.transaction() as cur:
+            cur.execute("SELECT 1")
+            cur.fetchone()
+
     def applied_migrations(self) -> list[str]:
         with self.transaction() as cur:
             cur.execute("SELECT name FROM keel_migrations ORDER BY name")

@@ -1,0 +1,60 @@
+"""Prometheus metrics, derived from the spans every model call produces.
+
+The metrics are a listener on the gateway's tracer, so they count exactly
+what the trace store records (one place decides what a call is), per model
+and key: calls by status, errors by type, tokens, cost and latency.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from keel.trace import Span
+
+__all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics"]
+
+_OPERATIONS = frozenset({"chat", "embeddings"})
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("operation", "model", "key")
+        self.requests = Counter("keel_requests", "Model calls by outcome.", (*labels, "status"), registry=self.registry)
+        self.errors = Counter(
+            "keel_errors", "Failed model calls by error type.", (*labels, "error_type"), registry=self.registry
+        )
+        self.tokens = Counter("keel_tokens", "Tokens by direction.", (*labels, "direction"), registry=self.registry)
+        self.cost = Counter("keel_cost_usd", "Cost in USD of calls with a known price.", labels, registry=self.registry)
+        self.latency = Histogram(
+            "keel_request_duration_seconds", "Model call latency.", labels, buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+
+    def observe(self, span: Span) -> None:
+        """Count one finished span (a tracer listener); other operations are ignored."""
+        a = span.attributes
+        operation = a.get("gen_ai.operation.name")
+        if operation not in _OPERATIONS:
+            return
+        labels = (
+            operation,
+            str(a.get("keel.model") or a.get("gen_ai.request.model") or ""),
+            str(a.get("keel.api_key") or ""),
+        )
+        self.requests.labels(*labels, span.status).inc()
+        if span.status == "error":
+            self.errors.labels(*labels, span.error_type or "unknown").inc()
+        for direction, attribute in (("input", "gen_ai.usage.input_tokens"), ("output", "gen_ai.usage.output_tokens")):
+            count = a.get(attribute)
+            if count:
+                self.tokens.labels(*labels, direction).inc(count)
+        cost = a.get("keel.cost_usd")
+        if cost:
+            self.cost.labels(*labels).inc(cost)
+        self.latency.labels(*labels).observe(span.duration_ms / 1000.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
