@@ -17,8 +17,10 @@ from keel.errors import (
     ProviderTimeout,
     ServerError,
 )
+from keel.models.base import Model, StreamItem
 from keel.store import SpanFilter
 from keel.trace import Span
+from keel.types import ChatRequest, ModelResponse, StreamDelta
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -56,6 +58,16 @@ ERROR_STATUSES: list[tuple[int, type[ProviderError]]] = [
     (500, ServerError),
     (503, ServerError),
 ]
+
+
+async def collect(model: Model, request: ChatRequest) -> tuple[list[StreamDelta], ModelResponse]:
+    """A model's stream read to the end: deltas only, then exactly one final response."""
+    items: list[StreamItem] = [item async for item in model.stream(request)]
+    final = items[-1]
+    assert isinstance(final, ModelResponse)
+    deltas = [d for d in items[:-1] if isinstance(d, StreamDelta)]
+    assert len(deltas) == len(items) - 1
+    return deltas, final
 
 
 def check_status_error(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from helpers import ERROR_STATUSES, check_status_error
+from helpers import ERROR_STATUSES, check_status_error, collect
 from keel.errors import (
     ContextWindowExceeded,
     InvalidMessages,
@@ -23,8 +23,7 @@ from keel.errors import (
     ServerError,
 )
 from keel.models.anthropic import AnthropicModel
-from keel.models.base import StreamItem
-from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, ResponseFormat, StreamDelta, ToolCall
+from keel.types import ChatOptions, ChatRequest, Message, ResponseFormat, ToolCall
 from provider_stubs import (
     PERSON,
     WEATHER,
@@ -59,15 +58,6 @@ def model(stub: StubServer, shared_model: AnthropicModel) -> AnthropicModel:
 def chat(*messages: Message | str, **options: Any) -> ChatRequest:
     msgs = tuple(Message.user(m) if isinstance(m, str) else m for m in messages)
     return ChatRequest(MODEL, msgs, ChatOptions(**options))
-
-
-async def collect(m: AnthropicModel, request: ChatRequest) -> tuple[list[StreamDelta], ModelResponse]:
-    items: list[StreamItem] = [item async for item in m.stream(request)]
-    final = items[-1]
-    assert isinstance(final, ModelResponse)
-    deltas = items[:-1]
-    assert all(isinstance(d, StreamDelta) for d in deltas)
-    return [d for d in deltas if isinstance(d, StreamDelta)], final
 
 
 # --- plain completion ---------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from google.genai import _api_client as genai_api_client
 
-from helpers import ERROR_STATUSES, check_status_error
+from helpers import ERROR_STATUSES, check_status_error, collect
 from keel.errors import (
     ContextWindowExceeded,
     InvalidMessages,
@@ -24,9 +24,8 @@ from keel.errors import (
     ProviderTimeout,
     ServerError,
 )
-from keel.models.base import StreamItem
 from keel.models.gemini import SKIP_SIGNATURE, GeminiModel
-from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, StreamDelta, ToolCall
+from keel.types import ChatOptions, ChatRequest, Message, ToolCall
 from provider_stubs import (
     PERSON,
     WEATHER,
@@ -67,15 +66,6 @@ def model(stub: StubServer, shared_model: GeminiModel) -> GeminiModel:
 def chat(*messages: Message | str, **options: Any) -> ChatRequest:
     msgs = tuple(Message.user(m) if isinstance(m, str) else m for m in messages)
     return ChatRequest(MODEL, msgs, ChatOptions(**options))
-
-
-async def collect(m: GeminiModel, request: ChatRequest) -> tuple[list[StreamDelta], ModelResponse]:
-    items: list[StreamItem] = [item async for item in m.stream(request)]
-    final = items[-1]
-    assert isinstance(final, ModelResponse)
-    deltas = [d for d in items[:-1] if isinstance(d, StreamDelta)]
-    assert len(deltas) == len(items) - 1
-    return deltas, final
 
 
 # --- plain completion ---------------------------------------------------------------

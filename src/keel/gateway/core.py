@@ -393,7 +393,6 @@ class Gateway:
         span.set(keel__stream=True)
         admission = _Admission()
         started = time.perf_counter()
-        streamed = False
         token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
             name = self.resolve(model)
@@ -412,7 +411,6 @@ class Gateway:
                     final = item
                     continue
                 if "keel.time_to_first_token_ms" not in span.attributes:
-                    streamed = True
                     span.attributes["keel.time_to_first_token_ms"] = round((time.perf_counter() - started) * 1000, 2)
                 yield item
             if final is None:
@@ -420,6 +418,7 @@ class Gateway:
             await self._settle(admission, final)
             yield self._result(span, final, started)
         except BaseException as error:
+            streamed = "keel.time_to_first_token_ms" in span.attributes  # a first piece reached the caller
             self._failed(span, error, admission, streamed=streamed)
             raise
         finally:
