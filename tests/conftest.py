@@ -12,6 +12,9 @@ from fixtures_pg import *  # noqa: F403
 os.environ.pop("OPENAI_API_KEY", None)
 os.environ.pop("ANTHROPIC_API_KEY", None)
 os.environ.pop("GEMINI_API_KEY", None)
+# a developer's own settings must not leak into the tests: no admin key, no OTLP export
+for _name in ("KEEL_ADMIN_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -80,4 +80,6 @@ def test_a_crash_mid_call_leaves_no_partial_row(tmp_path: Path) -> None:
     db = sqlite3.connect(store)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert db.execute("SELECT COUNT(*) FROM spans").fetchone() == (0,)
-    assert [r[0] for r in db.execute("SELECT name FROM keel_migrations")] == ["0001_spans"]
+    from keel.store.migrations import MIGRATIONS
+
+    assert [r[0] for r in db.execute("SELECT name FROM keel_migrations")] == [m.name for m in MIGRATIONS]

@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from pydantic import BaseModel
 
 from keel import Gateway, TestModel
 from keel.errors import ServerError
-from keel.server.app import create_app
-from stubs import free_port
-
-
-class Server:
-    def __init__(self, gateway: Gateway) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        config = uvicorn.Config(create_app(gateway=gateway), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=5)
+from serving import Server
 
 
 @pytest.fixture

@@ -12,6 +12,9 @@ Environment overrides, applied last:
   KEEL_MAX_RETRIES       max_retries
   KEEL_<A>__<B>__<C>     any field by path, e.g. KEEL_MODELS__LOCAL__TIMEOUT=30
                          (names match case-insensitively, `_` matches `-`)
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT
+                         otlp.endpoint, when neither the file nor KEEL_OTLP__ENDPOINT sets it
+                         (the standard OpenTelemetry variables; the second is a base URL)
 
 Validation errors name the file, the line and the field.
 """
@@ -25,16 +28,20 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from keel.errors import ConfigError, UnknownModel
 
 __all__ = [
+    "AlertRule",
+    "AlertingConfig",
     "CircuitConfig",
     "Config",
     "KeyConfig",
     "ModelConfig",
+    "OtlpConfig",
     "PriceConfig",
     "StoreConfig",
     "TracingConfig",
@@ -81,6 +88,7 @@ class ModelConfig(_Strict):
     price_model: str | None = None
     price_provider: str | None = None
     script: tuple[str, ...] = ()  # provider "test": the answers, in order
+    delay_s: float = Field(default=0.0, ge=0)  # provider "test": how long each answer takes
 
     def key_env(self) -> str | None:
         return self.api_key_env or DEFAULT_KEY_ENV.get(self.provider)
@@ -120,6 +128,104 @@ class CircuitConfig(_Strict):
     cooldown_s: float = Field(default=30.0, gt=0)
 
 
+class ServerConfig(_Strict):
+    """`keel serve`: authentication, request bounds and logs."""
+
+    admin_key_env: str = "KEEL_ADMIN_KEY"  # the environment variable holding the admin key
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)  # a whole request, retries and fallbacks included
+    key_refresh_s: float = Field(default=2.0, gt=0)  # how soon keys created or revoked elsewhere are seen
+    log_format: Literal["text", "json"] = "text"
+    drain_s: float = Field(default=30.0, ge=0)  # on shutdown, how long in-flight requests may finish
+
+
+_WINDOW = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def window_seconds(window: str) -> float | None:
+    """Seconds of an alert window such as "30s", "10m", "1h", "1d"; None for "today" (since UTC midnight)."""
+    if window == "today":
+        return None
+    match = _WINDOW.match(window.strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f'window {window!r} is not a duration: write "30s", "10m", "1h", "1d" or "today"')
+    return float(match.group(1)) * _WINDOW_UNITS[match.group(2)]
+
+
+def _check_webhook(url: str | None) -> str | None:
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ValueError(f"webhook must be an http:// or https:// URL, not {url[:40]!r}")
+    return url
+
+
+class AlertRule(_Strict):
+    """A condition on recent model calls (chat and embeddings spans), e.g. an error rate over 5% in 10 minutes."""
+
+    metric: Literal["error_rate", "p95_latency_ms", "p99_latency_ms", "cost_usd", "requests", "errors"]
+    op: Literal[">", ">=", "<", "<="] = ">"
+    threshold: float
+    window: str = "10m"
+    model: str | None = None  # only calls of this model (or alias)
+    key: str | None = None  # only calls made with this key
+    min_requests: int = Field(default=10, ge=0)  # error rates and latencies of fewer calls are not judged
+    for_s: float = Field(default=0.0, ge=0)  # how long the condition must hold before the alert fires
+    webhook: str | None = None  # overrides [alerting].webhook
+    description: str | None = None
+
+    @field_validator("window")
+    @classmethod
+    def _window_parses(cls, window: str) -> str:
+        window_seconds(window)
+        return window
+
+    @field_validator("threshold")
+    @classmethod
+    def _rate_is_a_fraction(cls, threshold: float, info: ValidationInfo) -> float:
+        if info.data.get("metric") == "error_rate" and not 0 <= threshold <= 1:
+            raise ValueError(f"error_rate is a fraction between 0 and 1: write 0.05 for 5%, not {threshold:g}")
+        return threshold
+
+    _webhook_is_url = field_validator("webhook")(_check_webhook)
+
+    @property
+    def window_s(self) -> float | None:
+        return window_seconds(self.window)
+
+
+class AlertingConfig(_Strict):
+    """How `[alerts.*]` rules are evaluated (by `keel serve`, or `keel alerts check`) and where they go."""
+
+    interval_s: float = Field(default=15.0, gt=0)
+    webhook: str | None = None  # receives a JSON POST when an alert fires or resolves
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+
+    _webhook_is_url = field_validator("webhook")(_check_webhook)
+
+
+class OtlpConfig(_Strict):
+    """Export of every span to an OpenTelemetry collector over OTLP/HTTP (needs `keel[otlp]`)."""
+
+    endpoint: str = ""  # empty: off; e.g. http://localhost:4318/v1/traces (a URL with no path gets /v1/traces)
+    headers: dict[str, str] = {}  # e.g. an API key of a hosted collector (OTEL_EXPORTER_OTLP_HEADERS works too)
+    service_name: str = Field(default="keel", min_length=1)
+    timeout_s: float = Field(default=10.0, gt=0)  # one export, retries included
+    max_queue: int = Field(default=2048, gt=0)  # spans waiting for the collector; more are dropped, and counted
+    export_content: bool = False  # inputs and outputs too (redacted), if tracing.capture_content is on
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, endpoint: str) -> str:
+        if not endpoint:
+            return endpoint
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", endpoint):
+            raise ValueError(f"endpoint {endpoint!r} must be an http:// or https:// URL, e.g. {_OTLP_EXAMPLE}")
+        return endpoint if urlsplit(endpoint).path.strip("/") else endpoint.rstrip("/") + "/v1/traces"
+
+
+_OTLP_EXAMPLE = "http://localhost:4318/v1/traces"
+
+
 class Config(_Strict):
     default_model: str = "local"
     default_embedding_model: str = "local-embed"
@@ -130,9 +236,13 @@ class Config(_Strict):
     store: StoreConfig = StoreConfig()
     tracing: TracingConfig = TracingConfig()
     circuit_breaker: CircuitConfig = CircuitConfig()
+    server: ServerConfig = ServerConfig()
+    otlp: OtlpConfig = OtlpConfig()
     models: dict[str, ModelConfig] = {}
     aliases: dict[str, str] = {}
     keys: dict[str, KeyConfig] = {}
+    alerting: AlertingConfig = AlertingConfig()
+    alerts: dict[str, AlertRule] = {}
     source: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -154,6 +264,9 @@ class Config(_Strict):
             for target in key_config.models or ():
                 if self.resolve_name(target) is None:
                     raise _Ref(("keys", key, "models"), f"key {key!r} allows unknown model {target!r}")
+        for name, rule in self.alerts.items():
+            if rule.model is not None and self.resolve_name(rule.model) is None:
+                raise _Ref(("alerts", name, "model"), f"alert {name!r} watches unknown model {rule.model!r}")
         return self
 
     def resolve_name(self, name: str) -> str | None:
@@ -268,6 +381,17 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
     return applied
 
 
+def _apply_otel_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """The standard OpenTelemetry endpoint variables, when keel's own configuration names none."""
+    otlp = data.get("otlp")
+    if isinstance(otlp, Mapping) and otlp.get("endpoint"):
+        return
+    if traces := environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        _set_path(data, ("otlp", "endpoint"), traces)
+    elif base := environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        _set_path(data, ("otlp", "endpoint"), base.rstrip("/") + "/v1/traces")
+
+
 def locate(text: str, loc: Sequence[str | int]) -> int | None:
     """The 1-based line of a field path in TOML text (best effort), or None."""
     path = [str(p) for p in loc]
@@ -344,6 +468,7 @@ def load_config(
             ) from exc
         data = _merge(data, user)
     _apply_env(data, environ)
+    _apply_otel_env(data, environ)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

@@ -60,12 +60,14 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _register() -> None:
-    from keel.cli import chat, config, models, serve, traces
+    from keel.cli import alerts, chat, config, keys, models, serve, traces
 
     app.command("chat")(chat.chat)
     app.command("models")(models.models)
     app.add_typer(traces.app, name="traces")
     app.add_typer(config.app, name="config")
+    app.add_typer(keys.app, name="keys")
+    app.add_typer(alerts.app, name="alerts")
     app.command("serve")(serve.serve)
 
 

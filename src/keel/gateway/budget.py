@@ -24,7 +24,7 @@ from keel.store.base import Store
 __all__ = ["BudgetTracker", "Reservation"]
 
 
-def _period_starts(now: float) -> dict[str, float]:
+def period_starts(now: float) -> dict[str, float]:
     day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     return {"daily": day.timestamp(), "monthly": day.replace(day=1).timestamp()}
 
@@ -74,7 +74,7 @@ class BudgetTracker:
             return None
         amount = worst_case or 0.0
         async with self._lock:
-            starts = _period_starts(self._now())
+            starts = period_starts(self._now())
             reservation = Reservation(key, amount)
             for period, limit in limits.items():
                 ledger = await self._ledger(key, period, starts[period])

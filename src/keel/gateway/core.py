@@ -13,13 +13,13 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from keel import tokens
-from keel.config import Config, ModelConfig, load_config
-from keel.errors import InputError, KeelError, MalformedResponse, ModelNotAllowed, UnknownModel
+from keel.config import Config, KeyConfig, ModelConfig, load_config
+from keel.errors import ConfigError, InputError, KeelError, MalformedResponse, ModelNotAllowed, UnknownModel
 from keel.gateway.budget import BudgetTracker, Reservation
 from keel.gateway.deployment import Deployment
 from keel.gateway.fallback import FallbackModel
@@ -43,6 +43,9 @@ from keel.types import (
     Usage,
     parse_messages,
 )
+
+if TYPE_CHECKING:
+    from keel.otlp import OtlpExporter
 
 __all__ = ["ChatStream", "Gateway"]
 
@@ -128,12 +131,19 @@ class Gateway:
         self._deployments: dict[str, Deployment] = {}
         self._routers: dict[str, FallbackModel] = {}
         self._key_limiters: dict[str, Limiter] = {}
-        self.budgets = BudgetTracker(self.store, dict(self.config.keys))
+        #: Limits, budgets and model lists by key name: `[keys.*]` of the configuration, plus the
+        #: virtual keys a server registers (`set_key`). The budget tracker reads the same dict.
+        self.keys: dict[str, KeyConfig] = dict(self.config.keys)
+        self.budgets = BudgetTracker(self.store, self.keys)
         secret_envs = {env for m in self.config.models.values() if (env := m.key_env())}
         tracing = self.config.tracing
         redactor = Redactor(tracing.redact_patterns, secret_envs)
         writer = SpanWriter(self.store, redactor=redactor, max_queue=tracing.max_queue) if self.store else None
         self.tracer = Tracer(writer, capture_content=tracing.capture_content)
+        #: `[otlp]`: the exporter sending every span to an OpenTelemetry collector too, or None.
+        self.otlp = _otlp_exporter(self.config, redactor)
+        if self.otlp is not None:
+            self.tracer.listeners.append(self.otlp.observe)
         self._loop_thread: LoopThread | None = None
 
     # --- models ---------------------------------------------------------------
@@ -185,8 +195,18 @@ class Gateway:
 
     # --- per-key limits and budgets ---------------------------------------------
 
+    def set_key(self, name: str, key_config: KeyConfig | None) -> None:
+        """Register (or, with None, forget) the limits of a key; a changed key starts new limiters."""
+        if key_config is None:
+            self.keys.pop(name, None)
+        elif self.keys.get(name) != key_config:
+            self.keys[name] = key_config
+        else:
+            return
+        self._key_limiters.pop(name, None)
+
     def _key_limiter(self, key: str) -> Limiter | None:
-        key_config = self.config.keys.get(key)
+        key_config = self.keys.get(key)
         if key_config is None or not (key_config.rpm or key_config.tpm):
             return None
         if key not in self._key_limiters:
@@ -194,7 +214,7 @@ class Gateway:
         return self._key_limiters[key]
 
     def _check_key_model(self, key: str | None, name: str) -> None:
-        allowed = self.config.keys[key].models if key is not None and key in self.config.keys else None
+        allowed = self.keys[key].models if key is not None and key in self.keys else None
         if allowed is not None and name not in {self.resolve(m) for m in allowed}:
             raise ModelNotAllowed(f"key {key!r} may not use model {name!r}; allowed: {', '.join(allowed)}")
 
@@ -216,7 +236,7 @@ class Gateway:
         admission = _Admission()
         if key is None:
             return admission
-        budget = self.config.keys.get(key)
+        budget = self.keys.get(key)
         if budget is not None and (budget.daily_budget_usd is not None or budget.monthly_budget_usd is not None):
             admission.reservation = await self.budgets.reserve(key, self._worst_case(router, request))
         limiter = self._key_limiter(key)
@@ -428,9 +448,16 @@ class Gateway:
 
     # --- embeddings and tokens -----------------------------------------------------
 
-    async def embed(self, texts: Sequence[str], model: str | None = None, *, key: str | None = None) -> EmbeddingResult:
+    async def embed(
+        self,
+        texts: Sequence[str],
+        model: str | None = None,
+        *,
+        key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> EmbeddingResult:
         key = key or self.key
-        span = self._start_span("embeddings", model or self.config.default_embedding_model, key, None)
+        span = self._start_span("embeddings", model or self.config.default_embedding_model, key, metadata)
         token = _current.set(span)
         try:
             if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
@@ -479,14 +506,18 @@ class Gateway:
         return self._loop().run(self.embed(texts, model, **kwargs))
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every span so far is in the store."""
-        return self.tracer.writer.flush(timeout) if self.tracer.writer else True
+        """Wait until every span so far is in the store (and at the OTLP collector, if one is configured)."""
+        stored = self.tracer.writer.flush(timeout) if self.tracer.writer else True
+        exported = self.otlp.flush(timeout) if self.otlp else True
+        return stored and exported
 
     async def aclose(self) -> None:
         for deployment in self._deployments.values():
             await deployment.aclose()
         self._deployments.clear()
         self._routers.clear()
+        if self.otlp is not None:
+            await asyncio.to_thread(self.otlp.shutdown)
         if self.tracer.writer:
             await asyncio.to_thread(self.tracer.writer.close)
         if self.store is not None:
@@ -511,6 +542,21 @@ class Gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _otlp_exporter(config: Config, redactor: Redactor) -> OtlpExporter | None:
+    """The exporter `[otlp]` asks for; imported only then, so that the extra stays optional."""
+    if not config.otlp.endpoint:
+        return None
+    try:
+        from keel.otlp import OtlpExporter
+    except ImportError as exc:
+        if not (exc.name or "").startswith("opentelemetry"):
+            raise
+        raise ConfigError(
+            "otlp.endpoint is set but OpenTelemetry is not installed: pip install 'keel[otlp]'", field="otlp.endpoint"
+        ) from exc
+    return OtlpExporter(config.otlp, redactor=redactor)
 
 
 class ChatStream:

@@ -75,7 +75,8 @@ def build_adapter(name: str, config: ModelConfig, *, timeout: float, context_win
     if provider == "test":
         from keel.models.test import TestModel
 
-        return TestModel(list(config.script) or ["ok"], model_id=config.model, context_window=context_window)
+        script = list(config.script) or ["ok"]
+        return TestModel(script, model_id=config.model, context_window=context_window, delay=config.delay_s)
     raise ConfigError(f"unknown provider {provider!r}", field=f"models.{name}.provider")
 
 

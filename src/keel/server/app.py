@@ -14,22 +14,37 @@ import json
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from keel.config import Config
-from keel.errors import InputError, KeelError
+from keel.alerts import start_alerts
+from keel.config import Config, load_config
+from keel.errors import InputError, KeelError, ProviderTimeout
 from keel.gateway import ChatStream, Gateway
+from keel.server import admin
+from keel.server.auth import KeyRing, caller, require_admin
+from keel.server.dashboard import dashboard_router
 from keel.server.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from keel.server.middleware import EdgeMiddleware, trace_refusal
 from keel.server.schemas import ChatCompletionRequest, EmbeddingRequest
 from keel.types import ChatResult, StreamDelta
 
 __all__ = ["create_app"]
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(KeelError):
+    """The client went away before the answer: the model call was cancelled."""
+
+    http_status = 499
+    code = "client_disconnected"
+
 
 log = logging.getLogger("uvicorn.error")  # shown with uvicorn's own start-up lines
 
@@ -113,14 +128,52 @@ def _headers(result: ChatResult) -> dict[str, str]:
     return headers
 
 
+def attribution(request: Request, user: str | None, metadata: dict[str, str] | None) -> dict[str, Any] | None:
+    """Who and what a call is for, from the body (`user`, `metadata`) and headers:
+    `x-keel-user`, `x-keel-session-id`, `x-keel-tags` (comma-separated) and `x-keel-meta-NAME`."""
+    found: dict[str, Any] = dict(metadata or {})
+    headers = request.headers
+    for field, header in (("user", "x-keel-user"), ("session_id", "x-keel-session-id")):
+        if value := headers.get(header):
+            found[field] = value[:256]
+    if user:
+        found["user"] = user
+    if tags := headers.get("x-keel-tags"):
+        found["tags"] = [t.strip()[:64] for t in tags.split(",") if t.strip()][:32]
+    for name, value in headers.items():
+        if name.startswith("x-keel-meta-") and len(found) < 64:
+            found[name.removeprefix("x-keel-meta-")[:64]] = value[:256]
+    return found or None
+
+
+async def guarded(request: Request, call: Awaitable[T], timeout_s: float) -> T:
+    """Run a model call within the request timeout, cancelled if the client goes away first."""
+    task = asyncio.ensure_future(call)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel("client disconnected")
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():  # cancelled by watch(), not by the server
+            raise ClientDisconnected("the client disconnected; the model call was cancelled") from None
+        raise
+    except TimeoutError:
+        raise ProviderTimeout(f"the request took longer than server.request_timeout_s ({timeout_s:g} s)") from None
+    finally:
+        watcher.cancel()
+
+
 def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     for m in messages:
         if m["role"] == "developer":
             m["role"] = "system"
-    metadata: dict[str, Any] = dict(body.metadata or {})
-    if body.user:
-        metadata["user"] = body.user
     return {
         "messages": messages,
         "model": body.model,
@@ -131,7 +184,8 @@ def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any
         "seed": body.seed,
         "tools": body.tools,
         "tool_choice": _tool_choice(body.tool_choice),
-        "metadata": metadata or None,
+        "metadata": attribution(request, body.user, body.metadata),
+        "key": caller(request).key,
     }
 
 
@@ -178,15 +232,30 @@ async def _open_stream(
 
 
 async def _stream_events(
-    stream: ChatStream, deltas: AsyncIterator[StreamDelta], first: list[StreamDelta], model: str, include_usage: bool
+    stream: ChatStream,
+    deltas: AsyncIterator[StreamDelta],
+    first: list[StreamDelta],
+    model: str,
+    include_usage: bool,
+    deadline: float,
 ) -> AsyncIterator[bytes]:
+    """The SSE body. A client that goes away cancels this generator (Starlette watches for the
+    disconnect), which closes the gateway's stream and so the upstream request."""
     created = int(time.time())
     cid = "chatcmpl-stream"
     try:
         yield _sse(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
         for delta in first:
             yield _sse(_chunk(cid, created, model, _delta_body(delta)))
-        async for delta in deltas:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    delta = await anext(deltas)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                await stream.aclose()
+                raise ProviderTimeout("the stream took longer than server.request_timeout_s") from None
             yield _sse(_chunk(cid, created, model, _delta_body(delta)))
         result = stream.result
         assert result is not None
@@ -204,6 +273,7 @@ async def _stream_events(
 
 def create_app(config: Config | None = None, *, gateway: Gateway | None = None) -> FastAPI:
     """The ASGI app; pass a gateway (tests) or let it build one from the configuration."""
+    settings = (gateway.config if gateway else config or load_config()).server
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -212,16 +282,32 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         metrics = GatewayMetrics()
         gw.tracer.listeners.append(metrics.observe)
         app.state.metrics = metrics
+        keyring = app.state.keyring = KeyRing(gw, admin_env=settings.admin_key_env, refresh_s=settings.key_refresh_s)
+        await keyring.load()
+        refresher = asyncio.create_task(keyring.run())
+        alerts = start_alerts(gw.config, gw.store)  # None without [alerts.*] rules
         log.info(
-            "keel: %d models (default %s), store %s, OpenAI-compatible API at /v1",
+            "keel: %d models (default %s), store %s, OpenAI-compatible API at /v1, dashboard at /",
             len(gw.model_names), gw.config.default_model, gw.store.url if gw.store else "off",
         )  # fmt: skip
+        if keyring.open:
+            log.warning(
+                "keel: no keys configured: answering localhost only. For other hosts, create keys "
+                "(keel keys create --name NAME) and set the admin key in $%s",
+                settings.admin_key_env,
+            )
         yield
+        refresher.cancel()
+        if alerts is not None:
+            await alerts.aclose()
         gw.tracer.listeners.remove(metrics.observe)
         if gateway is None:
             await gw.aclose()
 
     app = FastAPI(title="keel", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(EdgeMiddleware, state=app.state, max_body_bytes=settings.max_body_bytes)
+    app.include_router(admin.router())
+    app.include_router(dashboard_router())
 
     @app.exception_handler(KeelError)
     async def _keel_error(request: Request, error: KeelError) -> JSONResponse:
@@ -232,13 +318,12 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid")
-        return error_response(
-            400,
-            f"{'.'.join(loc) or 'body'}: {message}",
-            "invalid_request_error",
-            "invalid_request",
-            ".".join(loc) or None,
-        )
+        refusal = InputError(f"{'.'.join(loc) or 'body'}: {message}")
+        body = error.body if isinstance(error.body, dict) else {}
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        who = getattr(request.state, "caller", None)
+        trace_refusal(request.app.state.gateway, request.url.path, refusal, getattr(who, "key", None), model)
+        return error_response(400, refusal.message, "invalid_request_error", "invalid_request", ".".join(loc) or None)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -250,10 +335,12 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
                 raise InputError("response_format with stream is not supported yet")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             model = kwargs["model"]
-            stream, deltas, first = await _open_stream(gw, kwargs)
-            events = _stream_events(stream, deltas, first, model, include_usage)
+            deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+            stream, deltas, first = await guarded(request, _open_stream(gw, kwargs), settings.request_timeout_s)
+            events = _stream_events(stream, deltas, first, model, include_usage, deadline)
             return StreamingResponse(events, media_type="text/event-stream")
-        result = await gw.chat(kwargs.pop("messages"), kwargs.pop("model"), response_model=schema, **kwargs)
+        call = gw.chat(kwargs.pop("messages"), kwargs.pop("model"), response_model=schema, **kwargs)
+        result = await guarded(request, call, settings.request_timeout_s)
         return JSONResponse(completion_body(result, int(time.time())), headers=_headers(result))
 
     @app.post("/v1/embeddings")
@@ -262,7 +349,8 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         texts = [body.input] if isinstance(body.input, str) else body.input
         if body.dimensions is not None:
             raise InputError("dimensions is not supported: keel returns the model's own size")
-        result = await gw.embed(texts, body.model)
+        call = gw.embed(texts, body.model, key=caller(request).key, metadata=attribution(request, body.user, None))
+        result = await guarded(request, call, settings.request_timeout_s)
         encode = _base64_floats if body.encoding_format == "base64" else list
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)]
         usage = {"prompt_tokens": result.usage.input_tokens, "total_tokens": result.usage.input_tokens}
@@ -294,7 +382,7 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
                 return JSONResponse({"status": "unavailable", "store": str(exc)[:200]}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_admin)])
     async def metrics(request: Request) -> Response:
         """Prometheus text format: calls, errors by type, tokens, cost and latency by model and key."""
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -63,4 +63,50 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX spans_key_day ON spans (api_key, day)",
         ),
     ),
+    Migration(
+        "0002_keys",
+        (
+            """
+            CREATE TABLE keel_keys (
+                key_id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                key_hash TEXT NOT NULL UNIQUE,
+                key_prefix TEXT NOT NULL,
+                created_at {real} NOT NULL,
+                revoked_at {real},
+                rpm INTEGER,
+                tpm INTEGER,
+                daily_budget_usd {real},
+                monthly_budget_usd {real},
+                models {json},
+                metadata {json}
+            )
+            """,
+            # one active key per name: a name is what traces, limits and budgets are attributed to
+            "CREATE UNIQUE INDEX keel_keys_active_name ON keel_keys (name) WHERE revoked_at IS NULL",
+        ),
+    ),
+    Migration(
+        "0003_alerts",
+        (
+            # One row per alert rule, so `keel alerts list` in any process sees what the server sees.
+            # `revision` makes every write a compare-and-set: of several replicas evaluating the same
+            # rule, one wins each transition (and logs it); `notified` is the state the webhook last
+            # received, so a failed delivery is retried on the next evaluation.
+            """
+            CREATE TABLE keel_alerts (
+                name TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                since {real} NOT NULL,
+                value {real},
+                message TEXT NOT NULL,
+                condition TEXT NOT NULL,
+                last_evaluated {real} NOT NULL,
+                notified TEXT NOT NULL,
+                delivery_attempts INTEGER NOT NULL,
+                revision INTEGER NOT NULL
+            )
+            """,
+        ),
+    ),
 )

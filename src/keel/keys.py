@@ -1,0 +1,170 @@
+"""Virtual keys: what a caller of the keel server presents, and what it may do.
+
+A key is shown once, when it is created; the store keeps only its SHA-256
+(keys are 192 random bits, so a fast hash is safe: there is nothing to guess
+from) and its first characters, to tell keys apart in a list. A key has a
+name, which is what traces, limits and budgets are attributed to, so
+revoking a key and creating a new one with the same name keeps the team's
+spend. At most one active key has a given name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from keel.config import KeyConfig
+from keel.errors import InputError
+from keel.store.base import Store
+from keel.trace import dumps
+
+__all__ = [
+    "KeyRecord", "create_key", "hash_key", "key_by_hash", "keys_by_hash", "list_keys", "parse_budget", "revoke_key",
+]  # fmt: skip
+
+PREFIX = "sk-keel-"
+SHOWN = 12  # characters of a key kept in clear, to tell keys apart
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_COLUMNS = (
+    "key_id, name, key_prefix, created_at, revoked_at, rpm, tpm, daily_budget_usd, monthly_budget_usd, models, metadata"
+)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str
+    name: str
+    prefix: str
+    created_at: float
+    revoked_at: float | None = None
+    limits: KeyConfig = field(default_factory=KeyConfig)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def to_json(self) -> dict[str, Any]:
+        """What the admin API and `keel keys list --json` show: everything but the key."""
+        lim = self.limits
+        return {
+            "id": self.key_id, "name": self.name, "prefix": self.prefix, "created_at": self.created_at,
+            "revoked_at": self.revoked_at, "rpm": lim.rpm, "tpm": lim.tpm, "daily_budget_usd": lim.daily_budget_usd,
+            "monthly_budget_usd": lim.monthly_budget_usd,
+            "models": list(lim.models) if lim.models is not None else None, "metadata": self.metadata,
+        }  # fmt: skip
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """'50/month' -> ('monthly', 50.0); '5/day' -> ('daily', 5.0)."""
+    amount, _, period = text.strip().lstrip("$").partition("/")
+    periods = {"day": "daily", "daily": "daily", "month": "monthly", "monthly": "monthly"}
+    try:
+        value = float(amount)
+    except ValueError:
+        value = -1.0
+    if period.strip().lower() not in periods or value < 0:
+        raise InputError(f"budget {text!r} is not AMOUNT/day or AMOUNT/month (for example 50/month)")
+    return periods[period.strip().lower()], value
+
+
+def _check_name(name: str) -> None:
+    if not NAME.match(name):
+        raise InputError(
+            f"key name {name!r}: use 1-64 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
+        )
+
+
+def create_key(
+    store: Store, name: str, limits: KeyConfig | None = None, metadata: dict[str, Any] | None = None
+) -> tuple[str, KeyRecord]:
+    """Store a new key; returns the secret (shown once) and its record."""
+    limits = limits or KeyConfig()
+    _check_name(name)
+    secret = PREFIX + secrets.token_urlsafe(24)
+    record = KeyRecord(f"key_{secrets.token_hex(6)}", name, secret[:SHOWN], time.time(), None, limits, metadata or {})
+    sql = f"INSERT INTO keel_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    with store.transaction() as cur:
+        cur.execute(store._sql("SELECT 1 FROM keel_keys WHERE name = ? AND revoked_at IS NULL"), [name])
+        if cur.fetchone() is not None:
+            raise InputError(f"an active key named {name!r} exists; revoke it first (keel keys revoke {name})")
+        cur.execute(
+            store._sql(sql),
+            [
+                record.key_id, name, record.prefix, record.created_at, None, limits.rpm, limits.tpm,
+                limits.daily_budget_usd, limits.monthly_budget_usd,
+                store.json_param(dumps(list(limits.models)) if limits.models is not None else None),
+                store.json_param(dumps(record.metadata)), hash_key(secret),
+            ],
+        )  # fmt: skip
+    return secret, record
+
+
+def _record(row: Sequence[Any]) -> KeyRecord:
+    models, metadata = row[9], row[10]
+    if isinstance(models, str):
+        models = json.loads(models)
+    if isinstance(metadata, str):
+        metadata = json.loads(metadata)
+    limits = KeyConfig(
+        rpm=row[5], tpm=row[6], daily_budget_usd=row[7], monthly_budget_usd=row[8],
+        models=tuple(models) if models is not None else None,
+    )  # fmt: skip
+    return KeyRecord(row[0], row[1], row[2], float(row[3]), _opt_float(row[4]), limits, metadata or {})
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def list_keys(store: Store, *, include_revoked: bool = False) -> list[KeyRecord]:
+    where = "" if include_revoked else " WHERE revoked_at IS NULL"
+    with store.transaction() as cur:
+        cur.execute(f"SELECT {_COLUMNS} FROM keel_keys{where} ORDER BY created_at")
+        return [_record(r) for r in cur.fetchall()]
+
+
+def keys_by_hash(store: Store) -> dict[str, KeyRecord]:
+    """Every key, revoked ones included, by the hash a request's key is looked up with."""
+    with store.transaction() as cur:
+        cur.execute(f"SELECT key_hash, {_COLUMNS} FROM keel_keys")
+        return {r[0]: _record(r[1:]) for r in cur.fetchall()}
+
+
+def key_by_hash(store: Store, key_hash: str) -> KeyRecord | None:
+    """The record of a presented key (by its hash), revoked or not; None when unknown."""
+    with store.transaction() as cur:
+        cur.execute(store._sql(f"SELECT {_COLUMNS} FROM keel_keys WHERE key_hash = ?"), [key_hash])
+        row = cur.fetchone()
+    return _record(row) if row is not None else None
+
+
+def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
+    """Revoke the active key with this name (or key id, or shown prefix)."""
+    with store.transaction() as cur:
+        cur.execute(
+            store._sql(
+                f"SELECT {_COLUMNS} FROM keel_keys"
+                " WHERE revoked_at IS NULL AND (name = ? OR key_id = ? OR key_prefix = ?)"
+            ),
+            [name_or_id, name_or_id, name_or_id],
+        )
+        rows = cur.fetchall()
+        if not rows:
+            raise InputError(f"no active key named {name_or_id!r} (keel keys list shows them)")
+        if len(rows) > 1:
+            raise InputError(f"{name_or_id!r} matches {len(rows)} keys; use the key id")
+        now = time.time()
+        cur.execute(store._sql("UPDATE keel_keys SET revoked_at = ? WHERE key_id = ?"), [now, rows[0][0]])
+    record = _record(rows[0])
+    return KeyRecord(record.key_id, record.name, record.prefix, record.created_at, now, record.limits, record.metadata)

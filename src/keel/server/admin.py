@@ -1,0 +1,75 @@
+"""The admin API: virtual keys. Every route needs the admin key (or the open localhost mode).
+
+`POST /admin/keys` answers the new key once, like `keel keys create`;
+`GET /admin/keys` lists them (never the keys themselves);
+`DELETE /admin/keys/{name}` revokes one. Changes apply to the running
+server at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from keel.config import KeyConfig
+from keel.errors import InputError
+from keel.keys import create_key, list_keys, revoke_key
+from keel.server.auth import KeyRing, require_admin
+from keel.store import Store
+
+__all__ = ["CreateKey", "router"]
+
+
+class CreateKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    daily_budget_usd: float | None = Field(default=None, ge=0)
+    monthly_budget_usd: float | None = Field(default=None, ge=0)
+    models: list[str] | None = None
+    metadata: dict[str, str] | None = None
+
+
+def _store(request: Request) -> Store:
+    store: Store | None = request.app.state.gateway.store
+    if store is None:
+        raise InputError("keys need a store; this server runs without one")
+    return store
+
+
+def router() -> APIRouter:
+    api = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
+
+    @api.get("/keys")
+    async def keys(request: Request, include_revoked: bool = False) -> dict[str, Any]:
+        records = await asyncio.to_thread(list_keys, _store(request), include_revoked=include_revoked)
+        return {"object": "list", "data": [r.to_json() for r in records]}
+
+    @api.post("/keys", status_code=201)
+    async def create(body: CreateKey, request: Request) -> dict[str, Any]:
+        gateway = request.app.state.gateway
+        for model in body.models or ():
+            if gateway.config.resolve_name(model) is None and model not in gateway.model_names:
+                raise InputError(f"unknown model {model!r} in models")
+        limits = KeyConfig(
+            rpm=body.rpm, tpm=body.tpm, daily_budget_usd=body.daily_budget_usd,
+            monthly_budget_usd=body.monthly_budget_usd, models=tuple(body.models) if body.models is not None else None,
+        )  # fmt: skip
+        secret, record = await asyncio.to_thread(create_key, _store(request), body.name, limits, body.metadata)
+        keyring: KeyRing = request.app.state.keyring
+        await keyring.load()
+        return {**record.to_json(), "key": secret}
+
+    @api.delete("/keys/{name}")
+    async def revoke(name: str, request: Request) -> dict[str, Any]:
+        record = await asyncio.to_thread(revoke_key, _store(request), name)
+        keyring: KeyRing = request.app.state.keyring
+        await keyring.load()
+        return record.to_json()
+
+    return api

@@ -1,0 +1,144 @@
+"""The web dashboard: one static page at `/` and the JSON API it reads under `/api/`.
+
+The page is plain HTML, CSS and JavaScript shipped in `keel/server/static/`
+(no build step, nothing fetched from a CDN); it draws its charts as SVG from
+`/api/overview` and lists traces from `/api/traces`. The page itself is public:
+it holds no data. Every `/api/` route needs the admin key (open mode on
+localhost counts as admin); on a 401 or 403 the page asks for the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+
+from keel.errors import InputError, KeelError
+from keel.server.auth import require_admin
+from keel.store import SpanFilter, Store, analytics
+from keel.trace import Span
+
+__all__ = ["dashboard_router"]
+
+STATIC = Path(__file__).parent / "static"
+#: What /static/ serves: only these files, whatever the path asks for.
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+DEFAULT_RANGE_S = 86400.0
+NO_CACHE = {"cache-control": "no-cache"}  # an upgraded keel serves its new page at once
+
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL refuses NUL in text: a 400, not a 500
+Epoch = Annotated[float | None, Query(ge=0, le=10_000_000_000, description="Epoch seconds.")]
+Name = Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL)]
+Text = Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="Text in an input, output or error.")]
+
+
+class StoreDisabled(KeelError):
+    http_status = 503
+    code = "store_disabled"
+
+
+class NotFound(KeelError):
+    http_status = 404
+    code = "not_found"
+
+
+def _store(request: Request) -> Store:
+    store: Store | None = request.app.state.gateway.store
+    if store is None:
+        raise StoreDisabled("this gateway runs without a trace store (Gateway(store=False)): the dashboard has no data")
+    return store
+
+
+def _range(since: float | None, until: float | None) -> tuple[float, float]:
+    """The requested range; by default the last 24 hours."""
+    until = time.time() if until is None else until
+    since = until - DEFAULT_RANGE_S if since is None else since
+    if since >= until:
+        raise InputError("since must be before until")
+    return since, until
+
+
+def span_json(span: Span) -> dict[str, Any]:
+    """A span as the trace view draws it: the store's columns plus every attribute."""
+    a = span.attributes
+    return {
+        "span_id": span.span_id, "parent_id": span.parent_id, "name": span.name,
+        "operation": a.get("gen_ai.operation.name"), "start_time": span.start_time, "end_time": span.end_time,
+        "duration_ms": span.duration_ms, "status": span.status, "error_type": span.error_type,
+        "error_message": span.error_message, "model": a.get("keel.model") or a.get("gen_ai.request.model"),
+        "provider": a.get("gen_ai.provider.name"), "api_key": a.get("keel.api_key"),
+        "input_tokens": a.get("gen_ai.usage.input_tokens"), "output_tokens": a.get("gen_ai.usage.output_tokens"),
+        "cost_usd": a.get("keel.cost_usd"), "attempts": a.get("keel.attempts"),
+        "attributes": a, "input": span.input, "output": span.output,
+    }  # fmt: skip
+
+
+def _api_router() -> APIRouter:
+    api = APIRouter(prefix="/api", dependencies=[Depends(require_admin)], tags=["dashboard"])
+
+    @api.get("/overview")
+    async def overview(
+        request: Request, since: Epoch = None, until: Epoch = None, model: Name = None, key: Name = None
+    ) -> dict[str, Any]:
+        """Chart data for a range: requests and errors over time, cost by model, key and day,
+        latency percentiles and errors by type. Model calls only."""
+        start, end = _range(since, until)
+        f = SpanFilter(model=model, api_key=key, since=start, until=end)
+        return asdict(await asyncio.to_thread(analytics.overview, _store(request), f))
+
+    @api.get("/traces")
+    async def traces(
+        request: Request,
+        model: Name = None,
+        key: Name = None,
+        status: Annotated[Literal["ok", "error"] | None, Query()] = None,
+        since: Epoch = None,
+        until: Epoch = None,
+        q: Text = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> dict[str, Any]:
+        """Traces newest first, each as its root span with the totals of its model calls."""
+        f = SpanFilter(model=model, api_key=key, status=status, since=since, until=until, text=q or None, limit=limit)
+        found = await asyncio.to_thread(analytics.list_traces, _store(request), f)
+        return {"traces": [asdict(t) for t in found]}
+
+    @api.get("/traces/{trace_id}")
+    async def trace(
+        request: Request, trace_id: Annotated[str, PathParam(max_length=128, pattern=NO_NUL)]
+    ) -> dict[str, Any]:
+        """Every span of a trace, oldest first, with parent ids, content, tokens, cost and timing."""
+        spans = await asyncio.to_thread(_store(request).get_trace, trace_id)
+        if not spans:
+            raise NotFound(f"no trace {trace_id!r} in the store")
+        return {"trace_id": trace_id, "spans": [span_json(s) for s in spans]}
+
+    @api.get("/facets")
+    async def facets(request: Request) -> dict[str, Any]:
+        """The models, keys and error types seen, for the filters."""
+        return asdict(await asyncio.to_thread(analytics.facets, _store(request)))
+
+    return api
+
+
+def dashboard_router() -> APIRouter:
+    """`/` (the page), `/static/*` (its script and style) and `/api/*` (its data, admin only)."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=NO_CACHE)
+
+    @router.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str) -> FileResponse:
+        if name not in ASSETS:
+            raise NotFound(f"no static file {name!r}")
+        return FileResponse(STATIC / name, media_type=ASSETS[name], headers=NO_CACHE)
+
+    router.include_router(_api_router())
+    return router

@@ -1,0 +1,888 @@
+// keel dashboard: plain JavaScript, no build step, no dependencies.
+// Reads /api/overview, /api/traces, /api/traces/{id} and /api/facets; draws its charts as SVG.
+// Every value from the store reaches the page through textContent, never as HTML.
+"use strict";
+
+(() => {
+  const RANGES = { "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400 };
+  const KEY_STORAGE = "keel.adminKey";
+  const RANGE_STORAGE = "keel.range";
+  const TRACE_LIMIT = 100;
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  const state = {
+    range: localStorage.getItem(RANGE_STORAGE) in RANGES ? localStorage.getItem(RANGE_STORAGE) : "24h",
+    from: null, // epoch seconds of a custom range, or null
+    to: null,
+    model: "",
+    key: "",
+    status: "",
+    q: "",
+    overview: null,
+    trace: null,
+    selected: null,
+  };
+
+  const $ = (selector) => document.querySelector(selector);
+
+  // --- DOM helpers ------------------------------------------------------------
+
+  function setAttrs(el, attrs) {
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "text") el.textContent = value;
+      else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
+      else el.setAttribute(name, value === true ? "" : String(value));
+    }
+  }
+
+  function fill(el, children) {
+    for (const child of children.flat(Infinity)) {
+      if (child === null || child === undefined || child === false) continue;
+      el.append(child instanceof Node ? child : String(child));
+    }
+    return el;
+  }
+
+  /** An HTML element: h("td", {class: "num"}, "42"). */
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    setAttrs(el, attrs);
+    return fill(el, children);
+  }
+
+  /** Replace an element's children, skipping null ones (as h() does). */
+  function replace(el, ...children) {
+    el.replaceChildren();
+    return fill(el, children);
+  }
+
+  /** An SVG element. */
+  function s(tag, attrs, ...children) {
+    const el = document.createElementNS(SVG_NS, tag);
+    setAttrs(el, attrs);
+    return fill(el, children);
+  }
+
+  // --- formatting ---------------------------------------------------------------
+
+  const intFormat = new Intl.NumberFormat();
+
+  function fmtInt(n) {
+    return n === null || n === undefined ? "–" : intFormat.format(n);
+  }
+
+  function fmtCompact(n) {
+    if (n === null || n === undefined) return "–";
+    if (Math.abs(n) >= 1e6) return (n / 1e6).toFixed(n >= 1e7 ? 0 : 1) + "M";
+    if (Math.abs(n) >= 1e4) return (n / 1e3).toFixed(n >= 1e5 ? 0 : 1) + "k";
+    return intFormat.format(Math.round(n * 100) / 100);
+  }
+
+  function fmtCost(usd) {
+    if (usd === null || usd === undefined) return "–";
+    if (usd === 0) return "$0";
+    if (usd >= 100) return "$" + usd.toFixed(0);
+    if (usd >= 1) return "$" + usd.toFixed(2);
+    if (usd >= 0.01) return "$" + usd.toFixed(3);
+    return "$" + usd.toPrecision(2);
+  }
+
+  function fmtMs(ms) {
+    if (ms === null || ms === undefined) return "–";
+    if (ms >= 60000) return (ms / 60000).toFixed(1) + " min";
+    if (ms >= 1000) return (ms / 1000).toFixed(ms >= 10000 ? 1 : 2) + " s";
+    return (ms >= 10 ? Math.round(ms) : ms.toFixed(1)) + " ms";
+  }
+
+  function fmtPercent(ratio) {
+    if (!ratio) return "0%";
+    const p = ratio * 100;
+    return (p >= 10 ? p.toFixed(0) : p.toFixed(1)) + "%";
+  }
+
+  /** A count over a range as a rate in the unit that gives a readable number. */
+  function fmtRate(count, seconds) {
+    for (const [unit, length] of [["second", 1], ["minute", 60], ["hour", 3600]]) {
+      const rate = (count / seconds) * length;
+      if (rate >= 1) return fmtCompact(+rate.toPrecision(3)) + " per " + unit;
+    }
+    return fmtCompact(+((count / seconds) * 86400).toPrecision(3)) + " per day";
+  }
+
+  function fmtDateTime(epoch) {
+    return new Date(epoch * 1000).toLocaleString([], {
+      month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
+    });
+  }
+
+  /** A chart's time label: the clock for buckets within a day, the date beyond (UTC days). */
+  function fmtBucket(epoch, bucketSeconds, rangeSeconds) {
+    const d = new Date(epoch * 1000);
+    if (bucketSeconds >= 86400) return d.toLocaleDateString([], { month: "short", day: "numeric", timeZone: "UTC" });
+    if (rangeSeconds > 86400) return d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit" });
+    return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function clip(text, max) {
+    text = String(text);
+    return text.length > max ? text.slice(0, max - 1) + "…" : text;
+  }
+
+  function shortId(id) {
+    return id.length > 12 ? "…" + id.slice(-12) : id;
+  }
+
+  // --- API ----------------------------------------------------------------------
+
+  class AuthNeeded extends Error {
+    constructor(status) {
+      super(status === 403 ? "this key is not the admin key" : "the admin key is needed");
+      this.status = status;
+    }
+  }
+
+  async function api(path, params) {
+    const url = new URL("api/" + path, document.baseURI);
+    for (const [name, value] of Object.entries(params || {})) {
+      if (value !== "" && value !== null && value !== undefined) url.searchParams.set(name, value);
+    }
+    const headers = { Accept: "application/json" };
+    const key = localStorage.getItem(KEY_STORAGE);
+    if (key) headers.Authorization = "Bearer " + key;
+    const response = await fetch(url, { headers });
+    if (response.status === 401 || response.status === 403) throw new AuthNeeded(response.status);
+    const body = await response.json().catch(() => null);
+    if (!response.ok) {
+      const message = body && body.error && body.error.message;
+      throw new Error(message || `${url.pathname} answered HTTP ${response.status}`);
+    }
+    return body;
+  }
+
+  function showError(error) {
+    if (error instanceof AuthNeeded) {
+      askForKey(error);
+      return;
+    }
+    const banner = $("#banner");
+    banner.textContent = "Could not load data: " + error.message;
+    banner.hidden = false;
+  }
+
+  function clearError() {
+    $("#banner").hidden = true;
+  }
+
+  function askForKey(error) {
+    const dialog = $("#login");
+    $("#login-reason").textContent = localStorage.getItem(KEY_STORAGE)
+      ? "The saved key was refused (" + error.message + "). Enter the admin key of this keel server."
+      : "The dashboard's data needs the admin key of this keel server.";
+    if (!dialog.open) dialog.showModal();
+    $("#login-key").focus();
+  }
+
+  // --- filters and range ------------------------------------------------------------
+
+  function currentRange() {
+    const now = Date.now() / 1000;
+    if (state.from !== null || state.to !== null) {
+      const until = state.to ?? now;
+      return { since: state.from ?? until - RANGES[state.range], until };
+    }
+    return { since: now - RANGES[state.range], until: now };
+  }
+
+  function overviewParams() {
+    const { since, until } = currentRange();
+    return { since: since.toFixed(3), until: until.toFixed(3), model: state.model, key: state.key };
+  }
+
+  function traceParams() {
+    return { ...overviewParams(), status: state.status, q: state.q, limit: TRACE_LIMIT };
+  }
+
+  function markRange() {
+    const custom = state.from !== null || state.to !== null;
+    for (const button of document.querySelectorAll("#ranges button")) {
+      button.classList.toggle("active", !custom && button.dataset.range === state.range);
+    }
+  }
+
+  function fillSelect(select, values, allLabel) {
+    const current = select.value;
+    select.replaceChildren(h("option", { value: "", text: allLabel }), ...values.map((v) => h("option", { value: v, text: v })));
+    if (current && !values.includes(current)) select.append(h("option", { value: current, text: current }));
+    select.value = current;
+  }
+
+  async function loadFacets() {
+    const facets = await api("facets");
+    fillSelect($("#f-model"), facets.models, "All models");
+    fillSelect($("#f-key"), facets.keys, "All keys");
+  }
+
+  function epochFromInput(input) {
+    return input.value ? new Date(input.value).getTime() / 1000 : null;
+  }
+
+  function bindFilters() {
+    for (const button of document.querySelectorAll("#ranges button")) {
+      button.addEventListener("click", () => {
+        state.range = button.dataset.range;
+        localStorage.setItem(RANGE_STORAGE, state.range);
+        state.from = state.to = null;
+        $("#f-from").value = $("#f-to").value = "";
+        markRange();
+        reloadAll();
+      });
+    }
+    $("#f-model").addEventListener("change", (e) => { state.model = e.target.value; reloadAll(); });
+    $("#f-key").addEventListener("change", (e) => { state.key = e.target.value; reloadAll(); });
+    $("#f-status").addEventListener("change", (e) => { state.status = e.target.value; reloadTraces(); });
+    let typing = null;
+    $("#f-q").addEventListener("input", (e) => {
+      clearTimeout(typing);
+      typing = setTimeout(() => { state.q = e.target.value.trim(); reloadTraces(); }, 300);
+    });
+    for (const id of ["#f-from", "#f-to"]) {
+      $(id).addEventListener("change", () => {
+        state.from = epochFromInput($("#f-from"));
+        state.to = epochFromInput($("#f-to"));
+        markRange();
+        reloadAll();
+      });
+    }
+    $("#filters").addEventListener("submit", (e) => e.preventDefault());
+    $("#f-clear").addEventListener("click", () => {
+      $("#filters").reset();
+      Object.assign(state, { model: "", key: "", status: "", q: "", from: null, to: null });
+      markRange();
+      reloadAll();
+    });
+    $("#refresh").addEventListener("click", () => (state.trace ? openTrace(state.trace.trace_id) : reloadAll()));
+    $("#signout").addEventListener("click", () => {
+      localStorage.removeItem(KEY_STORAGE);
+      $("#signout").hidden = true;
+      reloadAll();
+    });
+    $("#login-form").addEventListener("submit", () => {
+      localStorage.setItem(KEY_STORAGE, $("#login-key").value.trim());
+      $("#login-key").value = "";
+      $("#signout").hidden = false;
+      route();
+    });
+    let resizing = null;
+    window.addEventListener("resize", () => {
+      clearTimeout(resizing);
+      resizing = setTimeout(() => state.overview && renderCharts(state.overview), 150);
+    });
+  }
+
+  async function reloadAll() {
+    clearError();
+    try {
+      await Promise.all([loadFacets(), reloadOverview(), reloadTraces(true)]);
+      $("#updated").textContent = "Updated " + new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    } catch (error) {
+      showError(error);
+    }
+  }
+
+  async function reloadOverview() {
+    const overview = await api("overview", overviewParams());
+    state.overview = overview;
+    renderKpis(overview);
+    renderCharts(overview);
+  }
+
+  let traceRequest = 0;
+
+  async function reloadTraces(rethrow) {
+    const mine = ++traceRequest; // a slower earlier answer must not overwrite a newer one
+    try {
+      const body = await api("traces", traceParams());
+      if (mine === traceRequest) renderTraces(body.traces);
+    } catch (error) {
+      if (rethrow) throw error;
+      showError(error);
+    }
+  }
+
+  // --- KPI cards ---------------------------------------------------------------------
+
+  function kpi(label, value, sub, bad) {
+    return h("div", { class: "kpi" + (bad ? " bad" : "") },
+      h("div", { class: "label", text: label }), h("div", { class: "value", text: value }),
+      h("div", { class: "sub", text: sub || "\u00a0" }));
+  }
+
+  function renderKpis(o) {
+    const t = o.totals;
+    const rate = t.requests ? t.errors / t.requests : 0;
+    const tokens = t.input_tokens + t.output_tokens;
+    const avgCost = t.requests && t.cost_usd !== null ? fmtCost(t.cost_usd / t.requests) + " per request" : "";
+    replace($("#kpis"), 
+      kpi("Requests", fmtInt(t.requests), fmtRate(t.requests, o.until - o.since)),
+      kpi("Error rate", fmtPercent(rate), fmtInt(t.errors) + " errors", rate > 0.05),
+      kpi("Cost", fmtCost(t.cost_usd), avgCost),
+      kpi("Tokens", fmtCompact(tokens), fmtCompact(t.input_tokens) + " in · " + fmtCompact(t.output_tokens) + " out"),
+      kpi("Latency p50", fmtMs(o.latency.p50_ms), "p90 " + fmtMs(o.latency.p90_ms)),
+      kpi("Latency p95", fmtMs(o.latency.p95_ms), "p99 " + fmtMs(o.latency.p99_ms)),
+    );
+  }
+
+  // --- charts ---------------------------------------------------------------------------
+
+  const tooltip = () => $("#tooltip");
+
+  /** Show `lines` ([label, value] pairs or strings) next to the pointer while it is over `el`. */
+  function withTip(el, lines) {
+    el.addEventListener("mouseenter", () => {
+      tooltip().replaceChildren(...lines.map((line, i) =>
+        h("div", null, Array.isArray(line) ? [line[0] + ": ", h("b", { text: line[1] })] : i === 0 ? h("b", { text: line }) : line)));
+      tooltip().hidden = false;
+    });
+    el.addEventListener("mousemove", (e) => {
+      const tip = tooltip();
+      const x = Math.min(e.clientX + 14, window.innerWidth - tip.offsetWidth - 8);
+      tip.style.left = x + "px";
+      tip.style.top = e.clientY + 14 + "px";
+    });
+    el.addEventListener("mouseleave", () => { tooltip().hidden = true; });
+    return el;
+  }
+
+  /**
+   * An axis from 0 to at least `value` in at most four round steps (1, 2, 2.5 or 5 times a power
+   * of ten); counts (`integer`) get whole steps.
+   */
+  function niceScale(value, integer) {
+    if (!(value > 0)) return { max: integer ? 4 : 1, step: integer ? 1 : 0.25 };
+    const raw = value / 4;
+    const power = 10 ** Math.floor(Math.log10(raw));
+    const factors = integer && power < 10 ? [1, 2, 5, 10] : [1, 2, 2.5, 5, 10];
+    const step = Math.max(integer ? 1 : 0, factors.map((f) => f * power).find((f) => f >= raw));
+    return { max: Math.ceil(value / step - 1e-9) * step, step };
+  }
+
+  /** Milliseconds on an axis: short, and no decimals that do not say anything. */
+  function fmtAxisMs(ms) {
+    if (ms === 0) return "0";
+    if (ms >= 1000) return +(ms / 1000).toFixed(2) + " s";
+    return +ms.toFixed(ms < 1 ? 2 : 1) + " ms";
+  }
+
+  function fmtAxisCost(usd) {
+    return usd === 0 ? "$0" : fmtCost(usd);
+  }
+
+  function chartBox(el, height) {
+    const width = Math.max(260, Math.floor(el.clientWidth || el.parentElement.clientWidth || 400));
+    return { width, height };
+  }
+
+  function svgRoot(width, height, label) {
+    return s("svg", { viewBox: `0 0 ${width} ${height}`, width, height, class: "chart-svg", role: "img", "aria-label": label });
+  }
+
+  function empty(el, message) {
+    el.replaceChildren(h("div", { class: "empty", text: message || "No model calls in this range" }));
+  }
+
+  /** Horizontal grid lines and y labels for a scale over `plot`. */
+  function yAxis(svg, plot, scale, format) {
+    for (let value = 0; value <= scale.max + 1e-9; value += scale.step) {
+      const y = plot.top + plot.height - (value / scale.max) * plot.height;
+      svg.append(s("line", { class: value ? "grid-line" : "axis-line", x1: plot.left, x2: plot.left + plot.width, y1: y, y2: y }));
+      svg.append(s("text", { x: plot.left - 6, y: y + 4, "text-anchor": "end", text: format(value) }));
+    }
+  }
+
+  /** Labels under `count` slots, thinned so that they do not run into each other. */
+  function xLabels(svg, plot, count, labelAt) {
+    const slot = plot.width / count;
+    const widest = Math.max(...Array.from({ length: Math.min(count, 3) }, (_, i) => labelAt(i).length));
+    const step = Math.max(1, Math.ceil((widest * 6.4 + 14) / slot));
+    const right = plot.left + plot.width + 8; // the svg's width
+    for (let i = 0; i < count; i += step) {
+      const half = labelAt(i).length * 3.2; // keep a label under the last slot inside the chart
+      const x = Math.min(Math.max(plot.left + i * slot + slot / 2, half), right - half);
+      svg.append(s("text", { x, y: plot.top + plot.height + 16, "text-anchor": "middle", text: labelAt(i) }));
+    }
+  }
+
+  function xAxis(svg, plot, series, bucketSeconds, rangeSeconds) {
+    xLabels(svg, plot, series.length, (i) => fmtBucket(series[i].start, bucketSeconds, rangeSeconds));
+  }
+
+  function plotArea(width, height) {
+    return { left: 46, top: 10, width: width - 46 - 8, height: height - 10 - 24 };
+  }
+
+  /** Stacked bars over time: `parts` are [field, class] from the bottom up. */
+  function stackedBars(el, o, parts, tipFor, format) {
+    const series = o.series;
+    const totals = series.map((b) => parts.reduce((sum, [field]) => sum + (b[field] || 0), 0));
+    if (!totals.some((v) => v > 0)) return empty(el);
+    const { width, height } = chartBox(el, 200);
+    const plot = plotArea(width, height);
+    const scale = niceScale(Math.max(...totals), true);
+    const max = scale.max;
+    const svg = svgRoot(width, height, el.parentElement.querySelector("h2").textContent);
+    yAxis(svg, plot, scale, format);
+    const slot = plot.width / series.length;
+    const gap = slot > 6 ? Math.min(slot * 0.2, 6) : 0.5;
+    series.forEach((b, i) => {
+      const x = plot.left + i * slot + gap / 2;
+      let y = plot.top + plot.height;
+      for (const [field, cls] of parts) {
+        const barHeight = ((b[field] || 0) / max) * plot.height;
+        if (barHeight > 0) {
+          y -= barHeight;
+          svg.append(s("rect", { class: cls, x, y, width: Math.max(1, slot - gap), height: barHeight, rx: slot > 8 ? 2 : 0 }));
+        }
+      }
+      svg.append(withTip(s("rect", { class: "hit", x: plot.left + i * slot, y: plot.top, width: slot, height: plot.height }), tipFor(b)));
+    });
+    xAxis(svg, plot, series, o.bucket_seconds, o.until - o.since);
+    el.replaceChildren(svg);
+  }
+
+  function bucketTitle(b, o) {
+    const end = b.start + o.bucket_seconds;
+    const opts = { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" };
+    return new Date(b.start * 1000).toLocaleString([], opts) + " – " + new Date(end * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function renderRequests(el, o) {
+    const series = o.series.map((b) => ({ ...b, ok: b.requests - b.errors }));
+    stackedBars(el, { ...o, series }, [["ok", "bar-ok"], ["errors", "bar-err"]], (b) => [
+      bucketTitle(b, o), ["Requests", fmtInt(b.requests)], ["Errors", `${fmtInt(b.errors)} (${fmtPercent(b.requests ? b.errors / b.requests : 0)})`],
+      ["Cost", fmtCost(b.cost_usd)],
+    ], fmtCompact);
+  }
+
+  function renderTokens(el, o) {
+    stackedBars(el, o, [["input_tokens", "bar-tin"], ["output_tokens", "bar-tout"]], (b) => [
+      bucketTitle(b, o), ["Input tokens", fmtInt(b.input_tokens)], ["Output tokens", fmtInt(b.output_tokens)],
+    ], fmtCompact);
+  }
+
+  /** p50 and p95 latency per bucket as two lines; a bucket with no calls breaks the line. */
+  function renderLatencyOverTime(el, o) {
+    const series = o.series;
+    const values = series.flatMap((b) => [b.p50_ms, b.p95_ms]).filter((v) => v !== null);
+    if (!values.length) return empty(el);
+    const { width, height } = chartBox(el, 200);
+    const plot = plotArea(width, height);
+    const scale = niceScale(Math.max(...values));
+    const max = scale.max;
+    const svg = svgRoot(width, height, "Latency over time");
+    yAxis(svg, plot, scale, fmtAxisMs);
+    const slot = plot.width / series.length;
+    const xy = (i, v) => [plot.left + i * slot + slot / 2, plot.top + plot.height - (v / max) * plot.height];
+    for (const [field, cls] of [["p50_ms", "p50"], ["p95_ms", "p95"]]) {
+      let path = "";
+      let pen = false;
+      series.forEach((b, i) => {
+        if (b[field] === null) { pen = false; return; }
+        const [x, y] = xy(i, b[field]);
+        path += (pen ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1);
+        pen = true;
+        svg.append(s("circle", { class: "dot-" + cls, cx: x, cy: y, r: series.length > 40 ? 1.8 : 2.8 }));
+      });
+      svg.prepend(s("path", { class: "line-" + cls, d: path }));
+    }
+    svg.prepend(...[...svg.querySelectorAll("line, text")]); // grid below the lines
+    series.forEach((b, i) => {
+      if (!b.requests) return;
+      svg.append(withTip(s("rect", { class: "hit", x: plot.left + i * slot, y: plot.top, width: slot, height: plot.height }), [
+        bucketTitle(b, o), ["p50", fmtMs(b.p50_ms)], ["p95", fmtMs(b.p95_ms)], ["Requests", fmtInt(b.requests)],
+      ]));
+    });
+    xAxis(svg, plot, series, o.bucket_seconds, o.until - o.since);
+    el.replaceChildren(svg);
+  }
+
+  function renderCostByDay(el, o) {
+    const days = o.by_day;
+    if (!days.some((d) => d.requests)) return empty(el);
+    if (!days.some((d) => d.cost_usd)) return empty(el, "No priced calls in this range");
+    const { width, height } = chartBox(el, 200);
+    const plot = plotArea(width, height);
+    const scale = niceScale(Math.max(...days.map((d) => d.cost_usd || 0)));
+    const max = scale.max;
+    const svg = svgRoot(width, height, "Cost by day");
+    yAxis(svg, plot, scale, fmtAxisCost);
+    const slot = plot.width / days.length;
+    const barWidth = Math.min(48, slot * 0.7);
+    days.forEach((d, i) => {
+      const barHeight = ((d.cost_usd || 0) / max) * plot.height;
+      const x = plot.left + i * slot + (slot - barWidth) / 2;
+      if (barHeight > 0) svg.append(s("rect", { class: "bar-cost", x, y: plot.top + plot.height - barHeight, width: barWidth, height: barHeight, rx: 2 }));
+      svg.append(withTip(s("rect", { class: "hit", x: plot.left + i * slot, y: plot.top, width: slot, height: plot.height }), [
+        d.name + " (UTC)", ["Cost", fmtCost(d.cost_usd)], ["Requests", fmtInt(d.requests)], ["Errors", fmtInt(d.errors)],
+      ]));
+    });
+    const dayLabel = (i) => new Date(days[i].name + "T00:00:00Z").toLocaleDateString([], { month: "short", day: "numeric", timeZone: "UTC" });
+    xLabels(svg, plot, days.length, dayLabel);
+    el.replaceChildren(svg);
+  }
+
+  /**
+   * Horizontal bars, one row per item: label, bar, value. `value(item)` sizes the bar,
+   * `text(item)` is printed after it, `tip(item)` is shown on hover.
+   */
+  function horizontalBars(el, items, { value, text, tip, barClass, label }) {
+    if (!items.length) return empty(el);
+    const rows = items.slice(0, 10);
+    const row = 28;
+    const { width } = chartBox(el, 0);
+    const height = rows.length * row + 4;
+    const labelWidth = Math.min(150, width * 0.34);
+    const valueWidth = 96;
+    const barSpace = width - labelWidth - valueWidth - 12;
+    const max = Math.max(...rows.map(value)) || 1;
+    const svg = svgRoot(width, height, el.parentElement.querySelector("h2").textContent);
+    rows.forEach((item, i) => {
+      const y = i * row + 4;
+      const name = label(item);
+      svg.append(s("g", null, s("title", { text: name }), s("text", { class: "label", x: 0, y: y + 15, text: clip(name, Math.floor(labelWidth / 7)) })));
+      svg.append(s("rect", { class: "bar-track", x: labelWidth, y: y + 4, width: barSpace, height: 14, rx: 3 }));
+      const barWidth = (value(item) / max) * barSpace;
+      if (barWidth > 0) svg.append(s("rect", { class: barClass(item), x: labelWidth, y: y + 4, width: Math.max(2, barWidth), height: 14, rx: 3 }));
+      svg.append(s("text", { class: "value", x: width, y: y + 15, "text-anchor": "end", text: text(item) }));
+      svg.append(withTip(s("rect", { class: "hit", x: 0, y, width, height: row }), tip(item)));
+    });
+    if (items.length > rows.length) el.replaceChildren(svg, h("div", { class: "hint", text: `and ${items.length - rows.length} more` }));
+    else el.replaceChildren(svg);
+  }
+
+  function costBars(el, groups, labelFor) {
+    if (groups.length && !groups.some((g) => g.cost_usd)) {
+      // no prices known: rank by requests instead, and say so
+      return horizontalBars(el, groups, {
+        value: (g) => g.requests, text: (g) => fmtInt(g.requests) + " req", barClass: () => "bar-cost", label: labelFor,
+        tip: (g) => [labelFor(g), ["Requests", fmtInt(g.requests)], ["Cost", "unknown (no price)"]],
+      });
+    }
+    horizontalBars(el, groups, {
+      value: (g) => g.cost_usd || 0,
+      text: (g) => fmtCost(g.cost_usd),
+      barClass: () => "bar-cost",
+      label: labelFor,
+      tip: (g) => [labelFor(g), ["Cost", fmtCost(g.cost_usd)], ["Requests", fmtInt(g.requests)],
+        ["Errors", fmtInt(g.errors)], ["Tokens", fmtInt(g.input_tokens) + " in · " + fmtInt(g.output_tokens) + " out"]],
+    });
+  }
+
+  function renderErrors(el, o) {
+    const total = o.totals.requests;
+    $("#error-rate").textContent = total ? fmtPercent(o.totals.errors / total) + " of " + fmtInt(total) + " calls" : "";
+    if (total && !o.errors.length) return empty(el, "No errors in this range");
+    horizontalBars(el, o.errors, {
+      value: (e) => e.count,
+      text: (e) => fmtInt(e.count) + " · " + fmtPercent(e.rate),
+      barClass: () => "bar-err",
+      label: (e) => e.error_type,
+      tip: (e) => [e.error_type, ["Count", fmtInt(e.count)], ["Share of calls", fmtPercent(e.rate)], clip(e.example || "", 80)],
+    });
+  }
+
+  /** Four thin bars (p50, p90, p95, p99) per model on one shared scale. */
+  function renderLatencyByModel(el, o) {
+    const models = o.latency_by_model.slice(0, 8);
+    if (!models.length) return empty(el);
+    const keys = [["p50_ms", "q50", "p50"], ["p90_ms", "q90", "p90"], ["p95_ms", "q95", "p95"], ["p99_ms", "q99", "p99"]];
+    const { width } = chartBox(el, 0);
+    const group = 4 * 7 + 12;
+    const height = models.length * group + 22;
+    const labelWidth = Math.min(150, width * 0.34);
+    const barSpace = width - labelWidth - 84;
+    const scale = niceScale(Math.max(...models.map((m) => m.p99_ms || 0)));
+    const max = scale.max;
+    const svg = svgRoot(width, height, "Latency percentiles by model");
+    for (let value = 0; value <= max + 1e-9; value += scale.step) {
+      const x = labelWidth + (value / max) * barSpace;
+      svg.append(s("line", { class: "grid-line", x1: x, x2: x, y1: 0, y2: height - 18 }));
+      svg.append(s("text", { x, y: height - 4, "text-anchor": value ? "middle" : "start", text: fmtAxisMs(value) }));
+    }
+    models.forEach((m, i) => {
+      const y = i * group + 4;
+      svg.append(s("g", null, s("title", { text: m.name }), s("text", { class: "label", x: 0, y: y + 17, text: clip(m.name, Math.floor(labelWidth / 7)) })));
+      keys.forEach(([field, cls], k) => {
+        const w = ((m[field] || 0) / max) * barSpace;
+        svg.append(s("rect", { class: cls, x: labelWidth, y: y + k * 7, width: Math.max(1, w), height: 6, rx: 1.5 }));
+      });
+      svg.append(s("text", { x: labelWidth + barSpace + 8, y: y + 17 }, "p95 ", s("tspan", { class: "value", text: fmtMs(m.p95_ms) })));
+      svg.append(withTip(s("rect", { class: "hit", x: 0, y: y - 3, width, height: group }), [
+        m.name, ...keys.map(([field, , name]) => [name, fmtMs(m[field])]), ["Requests", fmtInt(m.requests)],
+      ]));
+    });
+    el.replaceChildren(svg);
+  }
+
+  function renderCharts(o) {
+    tooltip().hidden = true; // its bar may be gone
+    const chart = (id) => $(id + " .chart");
+    renderRequests(chart("#chart-requests"), o);
+    renderErrors(chart("#chart-errors"), o);
+    renderLatencyOverTime(chart("#chart-latency-time"), o);
+    renderLatencyByModel(chart("#chart-latency-model"), o);
+    renderTokens(chart("#chart-tokens"), o);
+    renderCostByDay(chart("#chart-cost-day"), o);
+    costBars(chart("#chart-cost-model"), o.by_model, (g) => g.name);
+    costBars(chart("#chart-cost-key"), o.by_key, (g) => g.name ?? "(no key)");
+  }
+
+  // --- trace list -------------------------------------------------------------------------
+
+  function statusBadge(status, errorType) {
+    return h("span", { class: "badge " + (status === "error" ? "error" : "ok"), text: status === "error" ? errorType || "error" : "ok" });
+  }
+
+  function traceRow(t) {
+    const tokens = t.input_tokens || t.output_tokens ? fmtInt(t.input_tokens) + " → " + fmtInt(t.output_tokens) : "–";
+    const preview = h("td", { class: "preview" },
+      h("span", { class: "in", text: clip(t.input_preview || "–", 90) }), h("span", { class: "arrow", text: "→" }),
+      t.status === "error" && !t.output_preview ? h("span", { text: clip(t.error_message || "", 90) }) : clip(t.output_preview || "–", 90));
+    const childErrors = t.errors && t.status !== "error" ? h("span", { class: "hint", text: ` ${t.errors} failed span${t.errors > 1 ? "s" : ""}` }) : null;
+    const row = h("tr", { class: "trace-row", "data-trace-id": t.trace_id, tabindex: 0 },
+      h("td", { class: "muted", text: fmtDateTime(t.start_time) }),
+      h("td", null, h("span", { text: t.name }), t.spans > 1 ? h("span", { class: "tag", style: "margin-left:6px", text: t.spans + " spans" }) : null),
+      h("td", null, t.model ? h("span", { class: "tag", text: t.model }) : "–",
+        t.models > 1 ? h("span", { class: "hint", title: t.models + " models", text: " +" + (t.models - 1) }) : null),
+      h("td", { class: "muted", text: t.api_key ?? "–" }),
+      h("td", null, statusBadge(t.status, t.error_type), childErrors),
+      h("td", { class: "num", text: fmtMs(t.duration_ms) }),
+      h("td", { class: "num", text: tokens }),
+      h("td", { class: "num", text: fmtCost(t.cost_usd) }),
+      preview);
+    const open = () => { location.hash = "#/trace/" + encodeURIComponent(t.trace_id); };
+    row.addEventListener("click", open);
+    row.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
+    return row;
+  }
+
+  function renderTraces(traces) {
+    const body = $("#traces tbody");
+    if (!traces.length) {
+      body.replaceChildren(h("tr", { class: "empty-row" }, h("td", { colspan: 9, text: "No traces match these filters." })));
+    } else {
+      body.replaceChildren(...traces.map(traceRow));
+    }
+    $("#trace-count").textContent = traces.length >= TRACE_LIMIT ? `newest ${TRACE_LIMIT}` : `${traces.length} trace${traces.length === 1 ? "" : "s"}`;
+  }
+
+  // --- trace view -------------------------------------------------------------------------
+
+  /** Spans in tree order (depth first, children by start time) with their depth and tree prefix. */
+  function spanTree(spans) {
+    const ids = new Set(spans.map((sp) => sp.span_id));
+    const children = new Map();
+    for (const sp of spans) {
+      const parent = sp.parent_id && ids.has(sp.parent_id) ? sp.parent_id : null;
+      if (!children.has(parent)) children.set(parent, []);
+      children.get(parent).push(sp);
+    }
+    for (const list of children.values()) list.sort((a, b) => a.start_time - b.start_time);
+    const ordered = [];
+    const walk = (parent, depth, prefix) => {
+      const list = children.get(parent) || [];
+      list.forEach((sp, i) => {
+        const last = i === list.length - 1;
+        ordered.push({ span: sp, depth, guide: depth ? prefix + (last ? "└ " : "├ ") : "" });
+        walk(sp.span_id, depth + 1, depth ? prefix + (last ? "  " : "│ ") : "");
+      });
+    };
+    walk(null, 0, "");
+    return ordered;
+  }
+
+  function opClass(span) {
+    return span.status === "error" ? "is-error" : span.operation === "chat" ? "op-chat" : span.operation === "embeddings" ? "op-embeddings" : "op-other";
+  }
+
+  function traceTotals(spans) {
+    const calls = spans.filter((sp) => sp.operation === "chat" || sp.operation === "embeddings");
+    const sum = (field) => calls.reduce((total, sp) => total + (sp[field] || 0), 0);
+    const priced = calls.some((sp) => sp.cost_usd !== null && sp.cost_usd !== undefined);
+    const start = Math.min(...spans.map((sp) => sp.start_time));
+    const end = Math.max(...spans.map((sp) => sp.end_time));
+    return { start, end, ms: (end - start) * 1000, input: sum("input_tokens"), output: sum("output_tokens"), cost: priced ? sum("cost_usd") : null, calls: calls.length };
+  }
+
+  function renderTraceHead(trace, totals) {
+    const root = spanTree(trace.spans)[0].span;
+    replace($("#trace-name"), root.name, " ", statusBadge(root.status, root.error_type));
+    $("#trace-id").textContent = trace.trace_id;
+    const stat = (label, value) => h("div", null, h("dt", { text: label }), h("dd", { text: value }));
+    replace($("#trace-stats"), 
+      stat("Started", fmtDateTime(totals.start)), stat("Duration", fmtMs(totals.ms)),
+      stat("Spans", fmtInt(trace.spans.length)), stat("Model calls", fmtInt(totals.calls)),
+      stat("Tokens", fmtInt(totals.input) + " → " + fmtInt(totals.output)), stat("Cost", fmtCost(totals.cost)));
+  }
+
+  function renderWaterfall(trace, totals) {
+    const total = Math.max(totals.end - totals.start, 1e-6);
+    const ticks = h("div", { class: "wf-ticks" }, [0, 0.25, 0.5, 0.75, 1].map((f) => h("span", { style: `left:${f * 100}%`, text: fmtAxisMs(+(f * total * 1000).toPrecision(2)) })));
+    const rows = spanTree(trace.spans).map(({ span, guide }) => {
+      const left = ((span.start_time - totals.start) / total) * 100;
+      const width = Math.max(((span.end_time - span.start_time) / total) * 100, 0.4);
+      // the duration goes inside a wide bar, else beside it, on whichever side has room
+      const inside = width > 22;
+      const labelAt = inside ? `left:${left + 0.8}%` : left + width > 78 ? `right:${100 - left + 1}%` : `left:${left + width + 1}%`;
+      const row = h("div", { class: "span-row", "data-span-id": span.span_id, tabindex: 0 },
+        h("div", { class: "span-name" },
+          guide ? h("span", { class: "tree", text: guide }) : null,
+          h("span", { class: "dot " + opClass(span) }),
+          h("span", { class: "nm", title: span.name, text: span.name })),
+        h("div", { class: "span-track" },
+          h("div", { class: "span-bar " + opClass(span), style: `left:${left}%;width:${width}%` }),
+          h("span", { class: "span-bar-label" + (inside ? " inside" : ""), style: labelAt, text: fmtMs(span.duration_ms) })));
+      row.addEventListener("click", () => selectSpan(span.span_id));
+      row.addEventListener("keydown", (e) => { if (e.key === "Enter") selectSpan(span.span_id); });
+      return row;
+    });
+    $("#waterfall").replaceChildren(h("div", { class: "wf-scale" }, h("span", { text: "Span" }), ticks), ...rows);
+    $("#span-count").textContent = trace.spans.length + (trace.spans.length === 1 ? " span" : " spans");
+  }
+
+  function messageBlock(role, content, extraClass) {
+    return h("div", { class: "msg " + (extraClass || role) }, h("div", { class: "role", text: role }), h("pre", { class: "content", text: content }));
+  }
+
+  function contentText(content) {
+    if (content === null || content === undefined) return "";
+    if (typeof content === "string") return content;
+    if (Array.isArray(content)) return content.map((p) => (p && p.type === "text" ? p.text : JSON.stringify(p))).join("\n");
+    return JSON.stringify(content, null, 2);
+  }
+
+  function toolCallsText(calls) {
+    return calls.map((c) => `${c.name || (c.function && c.function.name)}(${c.arguments || (c.function && c.function.arguments) || ""})`).join("\n");
+  }
+
+  function json(value) {
+    return h("pre", { class: "json", text: typeof value === "string" ? value : JSON.stringify(value, null, 2) });
+  }
+
+  function renderInput(input) {
+    if (input === null || input === undefined) return [h("p", { class: "hint", text: "No input recorded." })];
+    if (input && Array.isArray(input.messages)) {
+      const blocks = input.messages.map((m) => {
+        let text = contentText(m.content);
+        if (m.tool_calls && m.tool_calls.length) text += (text ? "\n" : "") + "→ " + toolCallsText(m.tool_calls);
+        return messageBlock(m.role || "message", text || "(empty)");
+      });
+      if (input.tools) blocks.push(h("div", { class: "hint", text: "Tools offered: " + input.tools.map((t) => (t.function ? t.function.name : t.name)).join(", ") }));
+      if (input.response_format) blocks.push(h("div", { class: "hint", text: "Structured output: " + (input.response_format.name || "schema") }));
+      return blocks;
+    }
+    return [json(input)];
+  }
+
+  function renderOutput(output, span) {
+    if (output === null || output === undefined) {
+      return [h("p", { class: "hint", text: span.status === "error" ? "No output: the span failed." : "No output recorded." })];
+    }
+    if (output && typeof output === "object" && "text" in output) {
+      const blocks = [];
+      if (output.text || !(output.tool_calls && output.tool_calls.length)) blocks.push(messageBlock("assistant", output.text || "(empty)", "output"));
+      if (output.tool_calls && output.tool_calls.length) blocks.push(messageBlock("tool calls", toolCallsText(output.tool_calls), "output"));
+      return blocks;
+    }
+    return [json(output)];
+  }
+
+  function attributeRows(attributes) {
+    return Object.keys(attributes).sort().map((name) => {
+      const value = attributes[name];
+      return h("tr", null, h("td", { text: name }), h("td", { text: typeof value === "string" ? value : JSON.stringify(value) }));
+    });
+  }
+
+  function renderSpanDetail(span) {
+    const meta = (label, value) => h("div", null, h("dt", { text: label }), h("dd", { title: String(value), text: value }));
+    const offset = (span.start_time - traceTotals(state.trace.spans).start) * 1000;
+    const tokens = span.input_tokens !== null && span.input_tokens !== undefined ? fmtInt(span.input_tokens) + " → " + fmtInt(span.output_tokens) : "–";
+    replace($("#span-detail"), 
+      h("h2", { class: "span-title" }, span.name, statusBadge(span.status, span.error_type)),
+      h("dl", { class: "meta" },
+        meta("Latency", fmtMs(span.duration_ms)), meta("Starts at", "+" + fmtMs(offset)),
+        meta("Tokens in → out", tokens), meta("Cost", fmtCost(span.cost_usd)),
+        meta("Model", span.model || "–"), meta("Provider", span.provider || "–"),
+        meta("Operation", span.operation || "–"), meta("Attempts", span.attempts ?? "–"),
+        meta("Key", span.api_key || "–"), meta("Started", fmtDateTime(span.start_time)),
+        meta("Span id", span.span_id), meta("Parent", span.parent_id || "–")),
+      span.status === "error" ? h("div", { class: "error-box" }, h("b", { text: span.error_type || "error" }), span.error_message || "") : null,
+      h("div", { class: "section-title", text: "Input" }), h("div", { class: "io input" }, renderInput(span.input)),
+      h("div", { class: "section-title", text: "Output" }), h("div", { class: "io output" }, renderOutput(span.output, span)),
+      h("div", { class: "section-title", text: "Attributes" }), h("table", { class: "attrs" }, h("tbody", null, attributeRows(span.attributes))));
+  }
+
+  function selectSpan(spanId) {
+    const span = state.trace.spans.find((sp) => sp.span_id === spanId);
+    if (!span) return;
+    state.selected = spanId;
+    for (const row of document.querySelectorAll(".span-row")) row.classList.toggle("selected", row.dataset.spanId === spanId);
+    renderSpanDetail(span);
+  }
+
+  /** The span to show first: the first model call (what a reader usually wants), else the root. */
+  function firstSpan(spans) {
+    const ordered = spanTree(spans).map((x) => x.span);
+    return (ordered.find((sp) => sp.operation === "chat" && sp.input) || ordered[0]).span_id;
+  }
+
+  async function openTrace(traceId) {
+    clearError();
+    try {
+      const trace = await api("traces/" + encodeURIComponent(traceId));
+      state.trace = trace;
+      const totals = traceTotals(trace.spans);
+      renderTraceHead(trace, totals);
+      renderWaterfall(trace, totals);
+      const keep = trace.spans.some((sp) => sp.span_id === state.selected);
+      selectSpan(keep ? state.selected : firstSpan(trace.spans));
+    } catch (error) {
+      showError(error);
+    }
+  }
+
+  // --- routing ----------------------------------------------------------------------------
+
+  function route() {
+    const match = location.hash.match(/^#\/trace\/(.+)$/);
+    tooltip().hidden = true;
+    if (match) {
+      $("#overview-view").hidden = true;
+      $("#trace-view").hidden = false;
+      $("#filters").hidden = true;
+      $("#ranges").hidden = true;
+      window.scrollTo(0, 0);
+      openTrace(decodeURIComponent(match[1]));
+    } else {
+      state.trace = null;
+      state.selected = null;
+      $("#trace-view").hidden = true;
+      $("#overview-view").hidden = false;
+      $("#filters").hidden = false;
+      $("#ranges").hidden = false;
+      reloadAll();
+    }
+  }
+
+  function start() {
+    markRange();
+    bindFilters();
+    $("#signout").hidden = !localStorage.getItem(KEY_STORAGE);
+    $("#trace-back").addEventListener("click", () => { location.hash = "#/"; });
+    window.addEventListener("hashchange", route);
+    route();
+  }
+
+  start();
+})();
