@@ -12,6 +12,9 @@ from keel import Gateway
 from keel.server.app import create_app
 from stubs import free_port
 
+#: Starlette's TestClient as a direct local caller (the open mode answers only those).
+LOCAL: dict[str, object] = {"base_url": "http://127.0.0.1", "client": ("127.0.0.1", 50000)}
+
 
 class Server:
     def __init__(self, gateway: Gateway | None = None, *, app: FastAPI | None = None) -> None:

@@ -25,6 +25,7 @@ from keel.store import Store
 from keel.store.alerts import CallStats, CallWindow, measure, read_alerts
 from keel.trace import Span, new_id, new_trace_id
 from keel.types import ChatRequest
+from serving import LOCAL
 from stubs import free_port
 
 # --- a webhook receiver, and a clock the tests can move ------------------------------------
@@ -537,7 +538,7 @@ def test_the_server_evaluates_rules_in_the_background(tmp_path: Path, receiver: 
         '[alerts.quiet]\nmetric = "requests"\nop = "<"\nthreshold = 1\nwindow = "1m"\n'
     )
     gw = gateway(tmp_path, toml)
-    with TestClient(create_app(gateway=gw)):
+    with TestClient(create_app(gateway=gw), **LOCAL):
         deadline = time.time() + 10
         while not receiver.bodies and time.time() < deadline:
             time.sleep(0.02)

@@ -16,6 +16,7 @@ from keel.errors import ServerError
 from keel.server.app import create_app
 from keel.store import SpanFilter, Store, analytics
 from keel.trace import Span
+from serving import LOCAL
 
 T0 = 1_699_923_600.0  # 2023-11-14 01:00:00 UTC, a whole hour
 HOUR = 3600.0
@@ -274,7 +275,7 @@ def gw(tmp_path: Path) -> Iterator[Gateway]:
 
 @pytest.fixture
 def client(gw: Gateway) -> Iterator[TestClient]:
-    with TestClient(create_app(gateway=gw)) as test_client:
+    with TestClient(create_app(gateway=gw), **LOCAL) as test_client:
         yield test_client
 
 
@@ -435,7 +436,7 @@ def test_an_empty_store_answers_zeroes(client: TestClient) -> None:
 
 def test_without_a_store_the_api_says_so(tmp_path: Path) -> None:
     gw = Gateway(store=False, models={"t": TestModel("hi")})
-    with TestClient(create_app(gateway=gw)) as client:
+    with TestClient(create_app(gateway=gw), **LOCAL) as client:
         response = client.get("/api/overview")
         assert response.status_code == 503 and "without a trace store" in response.json()["error"]["message"]
         assert client.get("/").status_code == 200  # the page itself still loads
@@ -455,7 +456,7 @@ def test_the_page_and_its_assets_are_served(client: TestClient) -> None:
 
 def test_the_api_needs_the_admin_key_when_one_is_set(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEEL_ADMIN_KEY", "sk-keel-admin-0123456789abcdef")
-    with TestClient(create_app(gateway=gw)) as client:
+    with TestClient(create_app(gateway=gw), **LOCAL) as client:
         assert client.get("/").status_code == 200  # the page holds no data
         assert client.get("/static/app.js").status_code == 200
         for path in ("/api/overview", "/api/traces", "/api/facets", "/api/traces/x"):

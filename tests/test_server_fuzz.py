@@ -36,15 +36,24 @@ kind = "embedding"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server per store backend: PostgreSQL refuses some values SQLite takes (NUL, int4 overflow)."""
+    if request.param == "postgres":
+        databases = request.getfixturevalue("pg_databases")
+        name = databases.take()
+        store = databases.url(name)
+    else:
+        store = str(tmp_path_factory.mktemp("db") / "k.db")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KEEL_ADMIN_KEY", ADMIN)
-        gw = gateway(Path(tmp_path_factory.mktemp("fuzz")), TOML, store=str(tmp_path_factory.mktemp("db") / "k.db"))
+        gw = gateway(Path(tmp_path_factory.mktemp("fuzz")), TOML, store=store)
         server = Server(gw)
         yield server
         server.stop()
         gw.close()
+    if request.param == "postgres":
+        databases.give_back(name)
 
 
 def _has_invalid_inputs(operation: dict[str, Any]) -> bool:

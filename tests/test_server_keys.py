@@ -149,7 +149,7 @@ def test_missing_invalid_and_revoked_keys_get_401_and_are_traced(gw: Gateway, se
     refused = spans(gw, status="error")
     assert {s.error_type for s in refused} == {"Unauthorized"}
     assert len(refused) == 3
-    assert all(s.attributes["gen_ai.operation.name"] == "chat" for s in refused)
+    assert all(s.attributes["gen_ai.operation.name"] == "http" for s in refused)  # not a model call
 
 
 def test_the_admin_key_may_call_models(served: Server) -> None:
@@ -222,16 +222,32 @@ def test_admin_api_creates_lists_and_revokes(served: Server) -> None:
 # --- the open mode -------------------------------------------------------------------------
 
 
-async def test_with_no_keys_only_localhost_may_call(gw: Gateway) -> None:
+@pytest.mark.parametrize(
+    ("client_host", "headers", "status"),
+    [
+        ("127.0.0.1", {"host": "127.0.0.1:8000"}, 200),
+        ("127.0.0.1", {"host": "localhost"}, 200),
+        ("::1", {"host": "[::1]:8000", "origin": "http://[::1]:8000"}, 200),
+        ("10.1.2.3", {"host": "127.0.0.1:8000"}, 401),  # another machine
+        ("127.0.0.1", {"host": "evil.example"}, 401),  # DNS rebinding: a web page's name resolved to 127.0.0.1
+        ("127.0.0.1", {"host": "localhost", "origin": "http://evil.example"}, 401),  # a foreign page's script
+        ("127.0.0.1", {"host": "localhost", "x-forwarded-for": "203.0.113.9"}, 401),  # behind a local proxy
+        ("127.0.0.1", {"host": "localhost", "forwarded": "for=203.0.113.9"}, 401),
+    ],
+)
+async def test_with_no_keys_only_direct_local_requests_may_call(
+    gw: Gateway, client_host: str, headers: dict[str, str], status: int
+) -> None:
     app = create_app(gateway=gw)
     body = {"model": "t", "messages": [{"role": "user", "content": "hi"}]}
     async with app.router.lifespan_context(app):
-        for host, status in (("127.0.0.1", 200), ("10.1.2.3", 401)):
-            transport = httpx.ASGITransport(app=app, client=(host, 5000))
-            async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
-                answer = await http.post("/v1/chat/completions", json=body)
-            assert answer.status_code == status, (host, answer.text)
-    assert "answers only on localhost" in answer.json()["error"]["message"]
+        transport = httpx.ASGITransport(app=app, client=(client_host, 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            answer = await http.post("/v1/chat/completions", json=body, headers=headers)
+            admin = await http.get("/admin/keys", headers=headers)
+    assert (answer.status_code, admin.status_code) == (status, status), answer.text
+    if status == 401:
+        assert "answers only requests made on this machine" in answer.json()["error"]["message"]
 
 
 def test_the_open_mode_is_announced_at_start(gw: Gateway, capfd: pytest.CaptureFixture[str]) -> None:
@@ -267,3 +283,93 @@ def test_metrics_need_the_admin_key(gw: Gateway, served: Server) -> None:
     assert httpx.get(f"{served.base}/metrics", headers={"authorization": f"Bearer {secret}"}).status_code == 403
     scraped = httpx.get(f"{served.base}/metrics", headers={"authorization": f"Bearer {ADMIN}"})
     assert scraped.status_code == 200 and "keel_requests_total" in scraped.text
+
+
+def test_a_key_lists_only_its_models_and_is_refused_before_a_model_is_built(gw: Gateway, served: Server) -> None:
+    secret = new_key(gw, "team-a", models=("t",))
+    assert [m.id for m in client(served, secret).models.list()] == ["t"]
+    assert "paid" in {m.id for m in client(served, ADMIN).models.list()}
+    # gpt-4o-mini has no OPENAI_API_KEY here: building it would fail with a 500; the key check comes first
+    with pytest.raises(openai.PermissionDeniedError, match="may not use model 'gpt-4o-mini'"):
+        ask(served, secret, model="gpt-4o-mini")
+
+
+def test_an_oversized_body_is_attributed_to_its_key(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_ADMIN_KEY", ADMIN)
+    gw.config = gw.config.model_copy(update={"server": gw.config.server.model_copy(update={"max_body_bytes": 100})})
+    server = Server(gw)
+    try:
+        secret = new_key(gw, "team-a")
+        answer = httpx.post(
+            f"{server.url}/chat/completions", headers={"authorization": f"Bearer {secret}"},
+            json={"model": "t", "messages": [{"role": "user", "content": "x" * 500}]},
+        )  # fmt: skip
+        assert answer.status_code == 413
+        assert [(s.error_type, s.attributes.get("keel.api_key")) for s in spans(gw)] == [("BodyTooLarge", "team-a")]
+    finally:
+        server.stop()
+
+
+def test_a_recreated_key_is_held_to_the_spend_of_its_name(gw: Gateway, served: Server) -> None:
+    """Spend made while the name had no budget still counts once a budget is set again."""
+    secret = new_key(gw, "team", daily_budget_usd=1.0)
+    ask(served, secret, model="paid")
+    revoke_key(store_of(gw), "team")
+    unlimited = new_key(gw, "team")
+    for _ in range(4):
+        ask(served, unlimited, model="paid")  # about $0.01 each
+    revoke_key(store_of(gw), "team")
+    limited = new_key(gw, "team", daily_budget_usd=0.06)  # spent about 0.05: the next worst case does not fit
+    with pytest.raises(openai.APIStatusError, match="daily budget") as caught:
+        ask(served, limited, model="paid")
+    assert caught.value.status_code == 402
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x", "rpm": 2**40},
+        {"name": "x", "tpm": 0},
+        {"name": "x", "daily_budget_usd": -1},
+        {"name": "x\u0000y"},
+        {"name": "x", "metadata": {"a": "\u0000"}},
+        {"name": "x" * 65},
+        {"name": "has space"},
+    ],
+)
+def test_the_admin_api_refuses_bad_keys_with_400(served: Server, body: dict[str, object]) -> None:
+    answer = httpx.post(f"{served.base}/admin/keys", headers={"authorization": f"Bearer {ADMIN}"}, json=body)
+    assert answer.status_code == 400, answer.text
+
+
+def test_the_admin_api_refuses_infinite_budgets(served: Server) -> None:
+    answer = httpx.post(
+        f"{served.base}/admin/keys", headers={"authorization": f"Bearer {ADMIN}", "content-type": "application/json"},
+        content=b'{"name": "x", "daily_budget_usd": Infinity}',
+    )  # fmt: skip
+    assert answer.status_code == 400
+    assert (
+        httpx.delete(f"{served.base}/admin/keys/a%00b", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 400
+    )
+
+
+def test_concurrent_creates_of_one_name_make_one_key(store: Store) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def make(_: int) -> str:
+        try:
+            create_key(store, "racer")
+            return "created"
+        except Exception as exc:  # every loser must get the clear InputError, not a driver error
+            return type(exc).__name__
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(make, range(8)))
+    assert sorted(outcomes) == ["InputError"] * 7 + ["created"]
+    assert [r.name for r in list_keys(store)] == ["racer"]
+
+
+def test_cli_refuses_non_finite_budgets() -> None:
+    for text in ("nan/day", "inf/month"):
+        result = CliRunner().invoke(cli, ["keys", "create", "--name", "x", "--budget-usd", text])
+        assert result.exit_code == 2 and "AMOUNT/day" in result.output

@@ -97,10 +97,10 @@ class ModelConfig(_Strict):
 class KeyConfig(_Strict):
     """Limits and budgets of one caller (a team, a feature, a virtual key)."""
 
-    rpm: int | None = Field(default=None, gt=0)
-    tpm: int | None = Field(default=None, gt=0)
-    daily_budget_usd: float | None = Field(default=None, ge=0)
-    monthly_budget_usd: float | None = Field(default=None, ge=0)
+    rpm: int | None = Field(default=None, gt=0, le=2**31 - 1)
+    tpm: int | None = Field(default=None, gt=0, le=2**31 - 1)
+    daily_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    monthly_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     models: tuple[str, ...] | None = None
 
 

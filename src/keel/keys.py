@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
@@ -73,16 +74,22 @@ def parse_budget(text: str) -> tuple[str, float]:
         value = float(amount)
     except ValueError:
         value = -1.0
-    if period.strip().lower() not in periods or value < 0:
+    if period.strip().lower() not in periods or not math.isfinite(value) or value < 0:
         raise InputError(f"budget {text!r} is not AMOUNT/day or AMOUNT/month (for example 50/month)")
     return periods[period.strip().lower()], value
 
 
 def _check_name(name: str) -> None:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise InputError(
             f"key name {name!r}: use 1-64 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
         )
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    text = json.dumps(metadata)
+    if "\\u0000" in text or len(text) > 8192:
+        raise InputError("key metadata must be under 8 KiB of JSON, without NUL characters")
 
 
 def create_key(
@@ -91,22 +98,24 @@ def create_key(
     """Store a new key; returns the secret (shown once) and its record."""
     limits = limits or KeyConfig()
     _check_name(name)
+    _check_metadata(metadata or {})
     secret = PREFIX + secrets.token_urlsafe(24)
     record = KeyRecord(f"key_{secrets.token_hex(6)}", name, secret[:SHOWN], time.time(), None, limits, metadata or {})
     sql = f"INSERT INTO keel_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    with store.transaction() as cur:
-        cur.execute(store._sql("SELECT 1 FROM keel_keys WHERE name = ? AND revoked_at IS NULL"), [name])
-        if cur.fetchone() is not None:
-            raise InputError(f"an active key named {name!r} exists; revoke it first (keel keys revoke {name})")
-        cur.execute(
-            store._sql(sql),
-            [
-                record.key_id, name, record.prefix, record.created_at, None, limits.rpm, limits.tpm,
-                limits.daily_budget_usd, limits.monthly_budget_usd,
-                store.json_param(dumps(list(limits.models)) if limits.models is not None else None),
-                store.json_param(dumps(record.metadata)), hash_key(secret),
-            ],
-        )  # fmt: skip
+    # One statement, no read first: the unique index on active names decides between concurrent creates.
+    try:
+        with store.transaction() as cur:
+            cur.execute(
+                store._sql(sql),
+                [
+                    record.key_id, name, record.prefix, record.created_at, None, limits.rpm, limits.tpm,
+                    limits.daily_budget_usd, limits.monthly_budget_usd,
+                    store.json_param(dumps(list(limits.models)) if limits.models is not None else None),
+                    store.json_param(dumps(record.metadata)), hash_key(secret),
+                ],
+            )  # fmt: skip
+    except store.integrity_errors:
+        raise InputError(f"an active key named {name!r} exists; revoke it first (keel keys revoke {name})") from None
     return secret, record
 
 
@@ -151,6 +160,8 @@ def key_by_hash(store: Store, key_hash: str) -> KeyRecord | None:
 
 def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
     """Revoke the active key with this name (or key id, or shown prefix)."""
+    if "\x00" in name_or_id or len(name_or_id) > 128:
+        raise InputError("a key name or id has at most 128 characters and no NUL")
     with store.transaction() as cur:
         cur.execute(
             store._sql(
@@ -164,7 +175,13 @@ def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
             raise InputError(f"no active key named {name_or_id!r} (keel keys list shows them)")
         if len(rows) > 1:
             raise InputError(f"{name_or_id!r} matches {len(rows)} keys; use the key id")
-        now = time.time()
-        cur.execute(store._sql("UPDATE keel_keys SET revoked_at = ? WHERE key_id = ?"), [now, rows[0][0]])
+    now = time.time()
+    # the write in a transaction of its own, one statement: a concurrent revoke of the same key finds it done
+    with store.transaction() as cur:
+        cur.execute(
+            store._sql("UPDATE keel_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL"), [now, rows[0][0]]
+        )
+        if cur.rowcount == 0:
+            raise InputError(f"the key {name_or_id!r} was revoked just now by someone else")
     record = _record(rows[0])
     return KeyRecord(record.key_id, record.name, record.prefix, record.created_at, now, record.limits, record.metadata)

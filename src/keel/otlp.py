@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -183,9 +184,13 @@ class OtlpExporter:
             if self._closed:
                 return
             self._closed = True
+        started = time.monotonic()
         if not self.flush(timeout):
             self._sender.shutdown()  # cut an unreachable collector's retries short, so that the processor stops now
-        self._processor.shutdown()  # type: ignore[no-untyped-call]
+        # an export in flight to a collector that never answers would hold shutdown for its own timeout
+        stopper = threading.Thread(target=self._processor.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(max(0.1, timeout - (time.monotonic() - started)))
 
 
 _open_exporters: weakref.WeakSet[OtlpExporter] = weakref.WeakSet()

@@ -31,6 +31,7 @@ def log_config(log_format: str, level: str) -> dict[str, Any]:
             "default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
         },
         "loggers": {name: {"handlers": ["default"], "level": level.upper(), "propagate": False} for name in LOGGERS},
+        "root": {"handlers": ["default"], "level": "WARNING"},  # libraries' warnings, in the same format
     }
 
 

@@ -65,6 +65,12 @@ class BudgetTracker:
             ledger = self._ledgers[(key, period)] = _Ledger(start, spent)
         return ledger
 
+    def forget(self, key: str) -> None:
+        """Drop a key's cached spend: its next call re-reads it from the store (the key's budget changed,
+        or it was spent elsewhere meanwhile). Reservations in flight settle against the ledgers they hold."""
+        for period in ("daily", "monthly"):
+            self._ledgers.pop((key, period), None)
+
     async def reserve(self, key: str | None, worst_case: float | None) -> Reservation | None:
         """Reserve the worst case of a call, or raise BudgetExceeded."""
         if key is None:

@@ -204,6 +204,7 @@ class Gateway:
         else:
             return
         self._key_limiters.pop(name, None)
+        self.budgets.forget(name)
 
     def _key_limiter(self, key: str) -> Limiter | None:
         key_config = self.keys.get(key)
@@ -231,8 +232,8 @@ class Gateway:
         return worst
 
     async def _admit(self, key: str | None, name: str, router: FallbackModel, request: ChatRequest) -> _Admission:
-        """Check the key's model list, budget and limits before anything is sent."""
-        self._check_key_model(key, name)
+        """Reserve the key's budget and take its rate-limit slot before anything is sent
+        (its model list is checked earlier, before the model is built)."""
         admission = _Admission()
         if key is None:
             return admission
@@ -320,6 +321,12 @@ class Gateway:
 
     def _failed(self, span: Span, error: BaseException, admission: _Admission, *, streamed: bool = False) -> None:
         span.fail(error)
+        if isinstance(error, asyncio.CancelledError):
+            span.error_type = span.attributes["error.type"] = "Cancelled"
+            reason = str(error)
+            if not reason or reason.startswith("Cancelled via cancel scope"):  # anyio's, when a client leaves
+                reason = "cancelled before it finished (the caller went away or the server stopped)"
+            span.error_message = reason
         cost = getattr(error, "cost_usd", None)
         if streamed and cost is None and admission.reservation is not None:
             # The caller left a stream the provider had started answering: it bills what it
@@ -356,6 +363,7 @@ class Gateway:
         started = time.perf_counter()
         try:
             name = self.resolve(model)
+            self._check_key_model(key, name)  # before the model is built: a refused key learns nothing else
             spec = spec_for(response_model) if response_model is not None else None
             options = ChatOptions(
                 temperature=temperature, max_tokens=max_tokens,
@@ -416,6 +424,7 @@ class Gateway:
         token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
             name = self.resolve(model)
+            self._check_key_model(key, name)
             stop_t = (stop,) if isinstance(stop, str) else tuple(stop or ())
             request = self._request(messages, name, system, ChatOptions(stop=stop_t, tools=_tools(tools), **options))
             self._record_request(span, request)
@@ -516,10 +525,10 @@ class Gateway:
             await deployment.aclose()
         self._deployments.clear()
         self._routers.clear()
+        if self.tracer.writer:  # the store first: a slow collector must not hold up the trace store
+            await asyncio.to_thread(self.tracer.writer.close)
         if self.otlp is not None:
             await asyncio.to_thread(self.otlp.shutdown)
-        if self.tracer.writer:
-            await asyncio.to_thread(self.tracer.writer.close)
         if self.store is not None:
             self.store.close()
 

@@ -9,6 +9,7 @@ server at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -22,16 +23,18 @@ from keel.store import Store
 
 __all__ = ["CreateKey", "router"]
 
+log = logging.getLogger("keel.server")
+
 
 class CreateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64)
-    rpm: int | None = Field(default=None, gt=0)
-    tpm: int | None = Field(default=None, gt=0)
-    daily_budget_usd: float | None = Field(default=None, ge=0)
-    monthly_budget_usd: float | None = Field(default=None, ge=0)
-    models: list[str] | None = None
+    rpm: int | None = Field(default=None, gt=0, le=2**31 - 1)
+    tpm: int | None = Field(default=None, gt=0, le=2**31 - 1)
+    daily_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    monthly_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    models: list[str] | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = None
 
 
@@ -40,6 +43,15 @@ def _store(request: Request) -> Store:
     if store is None:
         raise InputError("keys need a store; this server runs without one")
     return store
+
+
+async def _reload(request: Request) -> None:
+    """Apply a change to the running server now; if the store hiccups, the periodic reload will."""
+    keyring: KeyRing = request.app.state.keyring
+    try:
+        await keyring.load()
+    except Exception:
+        log.warning("could not reload keys after a change; the next periodic reload applies it", exc_info=True)
 
 
 def router() -> APIRouter:
@@ -61,15 +73,13 @@ def router() -> APIRouter:
             monthly_budget_usd=body.monthly_budget_usd, models=tuple(body.models) if body.models is not None else None,
         )  # fmt: skip
         secret, record = await asyncio.to_thread(create_key, _store(request), body.name, limits, body.metadata)
-        keyring: KeyRing = request.app.state.keyring
-        await keyring.load()
+        await _reload(request)
         return {**record.to_json(), "key": secret}
 
     @api.delete("/keys/{name}")
     async def revoke(name: str, request: Request) -> dict[str, Any]:
         record = await asyncio.to_thread(revoke_key, _store(request), name)
-        keyring: KeyRing = request.app.state.keyring
-        await keyring.load()
+        await _reload(request)
         return record.to_json()
 
     return api

@@ -147,26 +147,59 @@ def attribution(request: Request, user: str | None, metadata: dict[str, str] | N
 
 
 async def guarded(request: Request, call: Awaitable[T], timeout_s: float) -> T:
-    """Run a model call within the request timeout, cancelled if the client goes away first."""
+    """Run a model call within the request timeout, cancelled if the client goes away first.
+
+    The call is cancelled with the reason, which its span records as its error message.
+    """
     task = asyncio.ensure_future(call)
 
-    async def watch() -> None:
+    async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        task.cancel("client disconnected")
 
-    watcher = asyncio.ensure_future(watch())
+    watcher = asyncio.ensure_future(disconnected())
     try:
-        async with asyncio.timeout(timeout_s):
-            return await task
-    except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():  # cancelled by watch(), not by the server
-            raise ClientDisconnected("the client disconnected; the model call was cancelled") from None
+        done, _ = await asyncio.wait((task, watcher), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server itself is stopping this request
+        task.cancel("the server stopped the request")
         raise
-    except TimeoutError:
-        raise ProviderTimeout(f"the request took longer than server.request_timeout_s ({timeout_s:g} s)") from None
     finally:
         watcher.cancel()
+    if task in done:
+        return task.result()
+    reason = "client disconnected" if watcher in done else f"request timeout after {timeout_s:g} s"
+    task.cancel(reason)
+    await asyncio.gather(task, return_exceptions=True)  # its span is finished before we answer
+    if watcher in done:
+        raise ClientDisconnected("the client disconnected; the model call was cancelled")
+    raise ProviderTimeout(f"the request took longer than server.request_timeout_s ({timeout_s:g} s)")
+
+
+class Deadline:
+    """`with Deadline(when, reason):` cancels the block at loop time `when`, with the reason as the
+    cancellation's message (asyncio.timeout gives none, so a span would not say why), then raises
+    ProviderTimeout."""
+
+    def __init__(self, when: float, reason: str) -> None:
+        self.when, self.reason = when, reason
+        self.fired = False
+
+    def __enter__(self) -> Deadline:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def fire() -> None:
+            self.fired = True
+            task.cancel(self.reason)
+
+        self.handle = asyncio.get_running_loop().call_at(self.when, fire)
+        self.task = task
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        self.handle.cancel()
+        if self.fired and kind is asyncio.CancelledError and self.task.uncancel() == 0:
+            raise ProviderTimeout(f"the stream took longer than server.request_timeout_s ({self.reason})") from None
 
 
 def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
@@ -249,13 +282,10 @@ async def _stream_events(
             yield _sse(_chunk(cid, created, model, _delta_body(delta)))
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
+                with Deadline(deadline, "request timeout"):
                     delta = await anext(deltas)
             except StopAsyncIteration:
                 break
-            except TimeoutError:
-                await stream.aclose()
-                raise ProviderTimeout("the stream took longer than server.request_timeout_s") from None
             yield _sse(_chunk(cid, created, model, _delta_body(delta)))
         result = stream.result
         assert result is not None
@@ -361,6 +391,11 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
     async def list_models(request: Request) -> dict[str, Any]:
         gw: Gateway = request.app.state.gateway
         names = [n for n in gw.model_names if gw._model_config(n).kind == "chat"] + list(gw.config.aliases)
+        key = caller(request).key
+        allowed = gw.keys[key].models if key is not None and key in gw.keys else None
+        if allowed is not None:  # a key sees the models it may use
+            usable = {gw.resolve(m) for m in allowed}
+            names = [n for n in names if gw.resolve(n) in usable]
         return {
             "object": "list",
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": "keel"} for n in names],

@@ -28,7 +28,10 @@ from keel.errors import KeelError
 from keel.gateway import Gateway
 from keel.keys import KeyRecord, hash_key, key_by_hash, keys_by_hash
 
-__all__ = ["Caller", "Forbidden", "KeyRing", "Unauthorized", "caller", "is_loopback", "require_admin"]
+__all__ = [
+    "Caller", "Forbidden", "KeyRing", "Presented", "StoreUnavailable", "Unauthorized", "caller", "is_loopback",
+    "require_admin",
+]  # fmt: skip
 
 log = logging.getLogger("keel.server")
 
@@ -40,6 +43,11 @@ class Unauthorized(KeelError):
 
     http_status = 401
     code = "invalid_api_key"
+
+
+class StoreUnavailable(KeelError):
+    http_status = 503
+    code = "store_unavailable"
 
 
 class Forbidden(KeelError):
@@ -59,13 +67,48 @@ OPEN = Caller(None, admin=True)
 ADMIN = Caller(None, admin=True)
 
 
-def is_loopback(host: str | None) -> bool:
-    if host in ("testclient", "localhost"):  # starlette's in-process test client
-        return True
+def is_loopback(address: str | None) -> bool:
     try:
-        return ipaddress.ip_address(host or "").is_loopback
+        return ipaddress.ip_address(address or "").is_loopback
     except ValueError:
         return False
+
+
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def is_local_name(host_header: str | None) -> bool:
+    """A Host or Origin naming this machine ("localhost:8000", "http://127.0.0.1"), not a domain
+    that merely resolves here (DNS rebinding would let any web page call the open server)."""
+    if not host_header:
+        return False
+    host = host_header.split("://", 1)[-1].rstrip("/")
+    if host.startswith("["):  # [::1]:8000
+        host = host[: host.find("]") + 1]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.lower() in LOCAL_NAMES
+
+
+@dataclass(frozen=True)
+class Presented:
+    """What authentication looks at in a request."""
+
+    authorization: str | None = None
+    client: str | None = None  # the peer's address
+    host: str | None = None  # the Host header
+    origin: str | None = None  # the Origin header, sent by browsers
+    forwarded: bool = False  # X-Forwarded-For or Forwarded: a proxy stands in front
+
+
+def local_request(r: Presented) -> bool:
+    """From this machine, directly: a loopback peer, a local Host, no proxy, no foreign web page."""
+    return (
+        is_loopback(r.client)
+        and not r.forwarded
+        and is_local_name(r.host)
+        and (r.origin is None or r.origin == "null" or is_local_name(r.origin))
+    )
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -86,6 +129,7 @@ class KeyRing:
         self._by_hash: dict[str, KeyRecord] = {}
         self._registered: set[str] = set()
         self._unknown: set[str] = set()  # hashes looked up and not found since the last reload
+        self._loading = asyncio.Lock()  # reloads apply in order: a late, older read never undoes a newer one
 
     @property
     def has_admin(self) -> bool:
@@ -97,8 +141,12 @@ class KeyRing:
         return self._admin_hash is None and not self._registered
 
     async def load(self) -> None:
-        store = self.gateway.store
-        records = await asyncio.to_thread(keys_by_hash, store) if store is not None else {}
+        async with self._loading:
+            store = self.gateway.store
+            records = await asyncio.to_thread(keys_by_hash, store) if store is not None else {}
+            self._apply(records)
+
+    def _apply(self, records: dict[str, KeyRecord]) -> None:
         self._by_hash = records
         self._unknown = set()
         active = {r.name: r for r in records.values() if r.active}
@@ -122,7 +170,10 @@ class KeyRing:
         record = self._by_hash.get(key_hash)
         store = self.gateway.store
         if record is None and store is not None and key_hash not in self._unknown:
-            record = await asyncio.to_thread(key_by_hash, store, key_hash)
+            try:
+                record = await asyncio.to_thread(key_by_hash, store, key_hash)
+            except Exception as exc:
+                raise StoreUnavailable("cannot check the key: the store does not answer") from exc
             if record is None:
                 if len(self._unknown) >= MAX_UNKNOWN:
                     self._unknown.clear()
@@ -133,9 +184,9 @@ class KeyRing:
                 self.gateway.set_key(record.name, record.limits)
         return record
 
-    async def authenticate(self, authorization: str | None, client_host: str | None) -> Caller:
+    async def authenticate(self, request: Presented) -> Caller:
         """The caller of a request, or Unauthorized with the reason."""
-        token = bearer(authorization)
+        token = bearer(request.authorization)
         if token is not None:
             key_hash = hash_key(token)
             if self._admin_hash is not None and hmac.compare_digest(key_hash, self._admin_hash):
@@ -146,11 +197,12 @@ class KeyRing:
             if record is not None:
                 raise Unauthorized(f"the key {record.prefix}... ({record.name}) was revoked")
         if self.open:
-            if is_loopback(client_host):
+            if local_request(request):
                 return OPEN
             raise Unauthorized(
-                "keel has no keys configured, so it answers only on localhost; "
-                "create one with `keel keys create --name NAME` or set the admin key"
+                "keel has no keys configured, so it answers only requests made on this machine to "
+                "localhost or 127.0.0.1 (not through a proxy); create a key with `keel keys create --name NAME` "
+                "or set the admin key"
             )
         if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")

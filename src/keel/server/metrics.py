@@ -14,7 +14,7 @@ from keel.trace import Span
 
 __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics"]
 
-_OPERATIONS = frozenset({"chat", "embeddings"})
+_OPERATIONS = frozenset({"chat", "embeddings", "http"})  # http: refused before the gateway (401, 413, 400)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 
 

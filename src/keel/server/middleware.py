@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from urllib.parse import quote
 
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.errors import InputError, KeelError
 from keel.gateway import Gateway
-from keel.server.auth import KeyRing
+from keel.server.auth import KeyRing, Presented
 
 __all__ = ["EdgeMiddleware", "trace_refusal"]
 
@@ -25,7 +26,7 @@ access_log = logging.getLogger("keel.access")
 
 PUBLIC = frozenset({"/", "/healthz", "/readyz", "/favicon.ico", "/openapi.json", "/docs"})
 QUIET = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: access-logged at debug only
-OPERATIONS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/embeddings"})
 
 
 class BodyTooLarge(InputError):
@@ -40,12 +41,16 @@ def error_body(error: KeelError) -> bytes:
 
 
 def trace_refusal(gateway: Gateway, path: str, error: KeelError, key: str | None, model: str | None = None) -> None:
-    """A model call refused before it reached the gateway (auth, body, validation) is a failed span too."""
-    operation = OPERATIONS.get(path)
-    if operation is None:
+    """A model call refused before it reached the gateway (auth, body, validation) is a failed span too.
+
+    Its operation is "http", not "chat": it is in the trace list, the metrics and the logs, but not in
+    the model statistics or alert rules, which anyone without a key could otherwise skew.
+    """
+    if path not in MODEL_PATHS:
         return
-    span = gateway.tracer.start(f"{operation} {model or '?'}")
-    span.set(gen_ai__operation__name=operation, keel__http__status=error.http_status)
+    span = gateway.tracer.start(f"POST {path}")
+    span.set(gen_ai__operation__name="http", http__request__method="POST", url__path=path)
+    span.set(http__response__status_code=error.http_status)
     if model:
         span.set(gen_ai__request__model=model)
     if key is not None:
@@ -82,14 +87,19 @@ class EdgeMiddleware:
                 headers = _headers(scope)
                 client = scope.get("client")
                 keyring: KeyRing = self.state.keyring
+                presented = Presented(
+                    authorization=headers.get("authorization"), client=client[0] if client else None,
+                    host=headers.get("host"), origin=headers.get("origin"),
+                    forwarded="x-forwarded-for" in headers or "forwarded" in headers,
+                )  # fmt: skip
                 try:
-                    who = await keyring.authenticate(headers.get("authorization"), client[0] if client else None)
+                    who = await keyring.authenticate(presented)
+                    key = who.key
                     receive = await self._bounded(headers, receive)
                 except KeelError as error:
-                    trace_refusal(self.state.gateway, path, error, None)
+                    trace_refusal(self.state.gateway, path, error, key)
                     await _send_error(send_status, error)
                     return
-                key = who.key
                 scope.setdefault("state", {})["caller"] = who
             await self.app(scope, receive, send_status)
         finally:
@@ -98,21 +108,25 @@ class EdgeMiddleware:
                 access_log.log(
                     level,
                     "%s %s %d %.1f ms",
-                    scope["method"], path, status, (time.perf_counter() - started) * 1000,
-                    extra={"method": scope["method"], "path": path, "status": status, "key": key,
+                    scope["method"], quote(path), status, (time.perf_counter() - started) * 1000,
+                    extra={"method": scope["method"], "path": quote(path), "status": status, "key": key,
                            "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
                 )  # fmt: skip
 
     async def _bounded(self, headers: dict[str, str], receive: Receive) -> Receive:
-        """Refuse a body over the limit: by its Content-Length, or, when chunked, by reading it first."""
+        """Refuse a body over the limit: by its Content-Length, or, when chunked, by reading it first.
+
+        With Transfer-Encoding the body is framed by its chunks whatever Content-Length says, so it is
+        always counted then."""
         length = headers.get("content-length")
-        if length is not None:
+        chunked = "transfer-encoding" in headers
+        if length is not None and not chunked:
             if not length.isdigit():
                 raise InputError("Content-Length is not a number")
             if int(length) > self.max_body_bytes:
                 raise BodyTooLarge(f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}")
             return receive
-        if "chunked" not in headers.get("transfer-encoding", ""):
+        if not chunked:
             return receive
         chunks: list[bytes] = []
         size = 0
@@ -140,7 +154,10 @@ class EdgeMiddleware:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    wanted = (b"authorization", b"content-length", b"transfer-encoding")
+    wanted = (
+        b"authorization", b"content-length", b"transfer-encoding", b"host", b"origin", b"x-forwarded-for",
+        b"forwarded",
+    )  # fmt: skip
     return {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"] if k.lower() in wanted}
 
 

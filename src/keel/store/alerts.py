@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from keel.store.base import MODEL as BY_MODEL
 from keel.store.base import Store
 
 __all__ = ["AlertRow", "CallStats", "CallWindow", "claim_delivery", "mark_notified", "measure", "read_alerts", "save"]
@@ -67,7 +68,7 @@ class AlertRow:
 def _window_where(store: Store, window: CallWindow) -> tuple[str, list[Any]]:
     clauses = [MODEL_CALLS, "start_time >= ?", "start_time < ?"]
     params: list[Any] = [window.since, window.until]
-    for column, value in (("model", window.model), ("api_key", window.api_key)):
+    for column, value in ((BY_MODEL, window.model), ("api_key", window.api_key)):
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)

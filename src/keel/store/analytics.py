@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from keel.store.base import MODEL as BY_MODEL
 from keel.store.base import SpanFilter, Store
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 MODEL_CALLS = "operation IN ('chat', 'embeddings')"
-MODEL = "COALESCE(model, request_model, '(unknown)')"
+MODEL = f"COALESCE({BY_MODEL}, '(unknown)')"
 ERRORS = "SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END)"
 #: Bucket sizes a chart may use, smallest first; the range picks the first that gives at most MAX_BUCKETS.
 BUCKET_SIZES = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400, 30 * 86400)
@@ -346,10 +347,10 @@ def facets(store: Store, limit: int = 500) -> Facets:
     """The models, keys and error types in the store, for the filters' drop-downs."""
     values: dict[str, list[str]] = {}
     with store.transaction() as cur:
-        for column in ("model", "api_key", "error_type"):
-            sql = f"SELECT DISTINCT {column} FROM spans WHERE {column} IS NOT NULL ORDER BY {column} LIMIT ?"
+        for name, column in (("model", BY_MODEL), ("api_key", "api_key"), ("error_type", "error_type")):
+            sql = f"SELECT DISTINCT {column} FROM spans WHERE {column} IS NOT NULL ORDER BY 1 LIMIT ?"
             cur.execute(store._sql(sql), [limit])
-            values[column] = [str(r[0]) for r in cur.fetchall()]
+            values[name] = [str(r[0]) for r in cur.fetchall()]
     return Facets(values["model"], values["api_key"], values["error_type"])
 
 

@@ -58,6 +58,16 @@ class StatsRow:
         return self.errors / self.calls if self.calls else 0.0
 
 
+#: The model a span is counted under: the configured model that answered, else the one asked for
+#: (a call refused before routing has only that). Filters and group-bys use the same expression.
+MODEL = "COALESCE(model, request_model)"
+
+
+def like_escape(text: str) -> str:
+    """Text for LIKE ... ESCAPE '\\': its own %, _ and \\ match themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def span_row(span: Span) -> tuple[Any, ...]:
     a = span.attributes
     return (
@@ -93,6 +103,8 @@ class Store(ABC):
     placeholder: ClassVar[str] = "?"
     #: Column types substituted into migrations.
     types: ClassVar[dict[str, str]] = {"json": "TEXT", "real": "REAL"}
+    #: What the driver raises when a unique index refuses a row.
+    integrity_errors: ClassVar[tuple[type[Exception], ...]] = ()
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -186,7 +198,7 @@ class Store(ABC):
         clauses: list[str] = []
         params: list[Any] = []
         for column, value in (
-            ("trace_id", f.trace_id), ("model", f.model), ("status", f.status),
+            ("trace_id", f.trace_id), (MODEL, f.model), ("status", f.status),
             ("api_key", f.api_key), ("operation", f.operation),
         ):  # fmt: skip
             if value is not None:
@@ -202,8 +214,8 @@ class Store(ABC):
             clauses.append("parent_id IS NULL")
         if f.text:
             texts = (self._text("input"), self._text("output"), "COALESCE(error_message, '')")
-            clauses.append("(" + " OR ".join(f"LOWER({t}) LIKE ?" for t in texts) + ")")
-            params += [f"%{f.text.lower()}%"] * 3
+            clauses.append("(" + " OR ".join(f"LOWER({t}) LIKE ? ESCAPE '\\'" for t in texts) + ")")
+            params += [f"%{like_escape(f.text.lower())}%"] * 3
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     def _text(self, column: str) -> str:

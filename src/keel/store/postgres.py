@@ -91,6 +91,7 @@ class _Pool:
 class PostgresStore(Store):
     placeholder: ClassVar[str] = "%s"
     types: ClassVar[dict[str, str]] = {"json": "JSONB", "real": "DOUBLE PRECISION"}
+    integrity_errors = (psycopg.IntegrityError,)
 
     def __init__(
         self, url: str, *, max_connections: int = 10, pool_timeout: float = 30.0, connect_timeout: int = 10

@@ -33,6 +33,7 @@ def _set_wal(conn: sqlite3.Connection, tries: int = 100) -> None:
 
 class SQLiteStore(Store):
     placeholder = "?"
+    integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(str(path))
