@@ -52,14 +52,20 @@ def _print_states(config: Config, rows: dict[str, AlertRow], as_json: bool) -> N
     if as_json:
         typer.echo(json.dumps([{k: v for k, v in s.items() if k != "shown_value"} for s in states], indent=2))
         return
-    table = Table(title=f"{len(states)} alert rules", caption="times in UTC")
-    for column in ("rule", "condition", "state", "value", "since", "last evaluated", "message"):
-        table.add_column(column, justify="right" if column == "value" else "left", no_wrap=column != "message")
+    evaluated = max((s["last_evaluated"] for s in states if s["last_evaluated"]), default=None)
+    caption = f"last evaluated {evaluated} UTC" if evaluated else "never evaluated"
+    table = Table(title=f"{len(states)} alert rules", caption=caption)
+    # the state and value first and never wrapped: they are what an 80-column terminal must show
+    table.add_column("rule", no_wrap=True, max_width=24)
+    table.add_column("state", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("since (UTC)", no_wrap=True)
+    table.add_column("now", ratio=1)
     for s in states:
         state = s["state"] or "-"
         table.add_row(
-            escape(s["name"]), escape(s["condition"]), f"[{_STATE_STYLE.get(state, 'dim')}]{state}[/]",
-            s["shown_value"], s["since"] or "-", s["last_evaluated"] or "-", escape(s["message"]),
+            escape(s["name"]), f"[{_STATE_STYLE.get(state, 'dim')}]{state}[/]", s["shown_value"],
+            (s["since"] or "-")[5:16], escape(s["message"]),
         )  # fmt: skip
     console.print(table)
 

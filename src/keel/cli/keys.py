@@ -112,15 +112,15 @@ def list_(
     if as_json:
         print(json.dumps([{**r.to_json(), "spent_month_usd": spent[r.name]} for r in records], indent=1))
         return
-    table = Table(title=f"{len(records)} keys")
-    for column in ("name", "id", "key", "created (UTC)", "limits", "spent this month", "state"):
-        table.add_column(column, justify="right" if column == "spent this month" else "left")
+    table = Table(title=f"{len(records)} keys", caption="ids and creation times: --json")
+    table.add_column("name", no_wrap=True)
+    table.add_column("key", no_wrap=True)
+    table.add_column("limits", ratio=1)
+    table.add_column("spent (month)", justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
     for r in records:
-        state = "[green]active[/]" if r.active else f"[red]revoked {_when(r.revoked_at)}[/]"
-        table.add_row(
-            escape(r.name), r.key_id, f"{r.prefix}...", _when(r.created_at), escape(_describe(r)),
-            f"${spent[r.name]:.4f}", state,
-        )  # fmt: skip
+        state = "[green]active[/]" if r.active else f"[red]revoked {_when(r.revoked_at)[:10]}[/]"
+        table.add_row(escape(r.name), f"{r.prefix}...", escape(_describe(r)), f"${spent[r.name]:.4f}", state)
     console.print(table)
 
 
