@@ -3,6 +3,13 @@ llama.cpp server, Groq, Together, keel itself): set `base_url`.
 
 The SDK's own retries are off: keel's retry wrapper decides, so that attempts
 are counted and traced in one place.
+
+A non-streamed call goes through the SDK's transport (auth, base URL, timeouts,
+its status errors) but not its typed layer: keel builds the JSON body itself and
+reads the JSON answer as a dict, which costs a fraction of the SDK's parameter
+transform and response models (about 0.9 ms of CPU less per call, measured in
+benchmarks/proxy_throughput.py), and the SDK's aiohttp transport, its documented
+choice for concurrency (`openai[aiohttp]`; another 0.7 ms).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import httpx2
 import openai
 
 from keel import tokens
@@ -51,6 +59,17 @@ def request_body(request: ChatRequest) -> dict[str, Any]:
     return body
 
 
+def _usage_dict(raw: dict[str, Any] | None) -> Usage:
+    if not raw:
+        return Usage()
+    return Usage(
+        input_tokens=raw.get("prompt_tokens") or 0,
+        output_tokens=raw.get("completion_tokens") or 0,
+        cached_input_tokens=(raw.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+        reasoning_tokens=(raw.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0,
+    )
+
+
 def _usage(raw: Any) -> Usage:
     if raw is None:
         return Usage()
@@ -71,9 +90,14 @@ def _is_context_overflow(exc: openai.APIStatusError) -> bool:
     return code == "context_length_exceeded" or "context length" in text or "context_length_exceeded" in text
 
 
+def _refused(exc: Exception) -> bool:
+    """The aiohttp transport reports a refused connection as a connect timeout; it is not one."""
+    return "Connect call failed" in str(exc.__cause__ or "")
+
+
 def translate_error(exc: Exception, provider: str, model: str) -> ProviderError | ContextWindowExceeded:
     """An openai SDK exception as a keel error."""
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
         return timeout_error(provider, model)
     if isinstance(exc, openai.APIConnectionError):
         return connection_error(provider, model, exc.__cause__ or exc)
@@ -103,7 +127,13 @@ class OpenAIModel(Model):
         super().__init__(model_id, context_window=context_window)
         if provider_name:
             self.provider = provider_name
-        self.client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+        self.client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout,
+            http_client=openai.DefaultAioHttpClient(),
+        )
         self._encoding = tokens.encoding_for(model_id)
 
     def _create_kwargs(self, request: ChatRequest) -> dict[str, Any]:
@@ -113,25 +143,35 @@ class OpenAIModel(Model):
         return kwargs
 
     async def complete(self, request: ChatRequest) -> ModelResponse:
+        options: dict[str, Any] = {}
+        if request.options.timeout is not None:
+            options["timeout"] = request.options.timeout
         try:
-            raw = await self.client.chat.completions.create(**self._create_kwargs(request))
-            return self._response(raw)
+            raw = await self.client.post(  # type: ignore[call-overload]
+                "/chat/completions", body=request_body(request), options=options, cast_to=httpx2.Response
+            )
+            return self._response(json.loads(raw.content))
+        except ProviderError:
+            raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
 
     def _response(self, raw: Any) -> ModelResponse:
-        if not raw.choices:
-            raise MalformedResponse("the answer has no choices", provider=self.provider, model=raw.model)
-        choice = raw.choices[0]
+        if not isinstance(raw, dict) or not raw.get("choices"):
+            model = raw.get("model") if isinstance(raw, dict) else None
+            raise MalformedResponse("the answer has no choices", provider=self.provider, model=model)
+        choice = raw["choices"][0]
+        message = choice.get("message") or {}
         calls = tuple(
-            ToolCall(c.id, c.function.name, c.function.arguments or "{}") for c in (choice.message.tool_calls or [])
+            ToolCall(c["id"], c["function"]["name"], c["function"].get("arguments") or "{}")
+            for c in (message.get("tool_calls") or [])
         )
         return ModelResponse(
-            text=choice.message.content or "",
+            text=message.get("content") or "",
             tool_calls=calls,
-            finish_reason=choice.finish_reason or "stop",
-            usage=_usage(raw.usage),
-            model=raw.model or "",
+            finish_reason=choice.get("finish_reason") or "stop",
+            usage=_usage_dict(raw.get("usage")),
+            model=raw.get("model") or "",
             provider=self.provider,
         )
 
