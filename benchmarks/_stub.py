@@ -3,14 +3,15 @@
 A raw asyncio protocol speaking just enough HTTP/1.1 (keep-alive, pipelining,
 Content-Length bodies) to answer `POST .../chat/completions` with one
 pre-encoded chat.completion (with usage), and 404 to anything else. No JSON
-parsing, no routing table, no sleep: the benchmark measures the clients, so the
-server must cost as little as possible. It runs as its own process (see
+parsing, no routing table, no sleep unless asked (`--delay-ms`, a fixed delay
+before each answer, to model an upstream's latency): the benchmark measures the
+clients, so the server must cost as little as possible. It runs as its own process (see
 `StubProcess`) so that it never competes with the clients for the GIL.
 
 Measured here against uvicorn + starlette (h11; httptools is not installed)
 with the openai SDK as client: see benchmarks/README.md.
 
-Run alone: `python benchmarks/_stub.py [--port N] [--uvicorn]`; it prints
+Run alone: `python benchmarks/_stub.py [--port N] [--delay-ms MS] [--uvicorn]`; it prints
 `READY <port>` once listening and stops on SIGTERM or when stdin closes.
 """
 
@@ -61,6 +62,8 @@ BAD = _response("400 Bad Request", b'{"error":{"message":"only Content-Length bo
 class StubProtocol(asyncio.Protocol):
     """One connection: parse request heads and bodies out of a buffer, answer each."""
 
+    delay_s = 0.0  # answer this long after the request (in order: every answer waits the same)
+
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
@@ -91,13 +94,22 @@ class StubProtocol(asyncio.Protocol):
                 return
 
     def _answer(self, response: bytes, *, close: bool) -> None:
+        if self.delay_s > 0:
+            asyncio.get_running_loop().call_later(self.delay_s, self._write, response, close)
+        else:
+            self._write(response, close)
+
+    def _write(self, response: bytes, close: bool) -> None:
         assert self.transport is not None
+        if self.transport.is_closing():
+            return  # the client went away while we waited
         self.transport.write(response)
         if close:
             self.transport.close()
 
 
-async def serve_raw(port: int) -> None:
+async def serve_raw(port: int, delay_ms: float = 0.0) -> None:
+    StubProtocol.delay_s = delay_ms / 1000
     loop = asyncio.get_running_loop()
     server = await loop.create_server(StubProtocol, "127.0.0.1", port, backlog=1024, reuse_address=True)
     bound = server.sockets[0].getsockname()[1]
@@ -144,8 +156,11 @@ async def _run_until_stopped(loop: asyncio.AbstractEventLoop, port: int) -> None
 class StubProcess:
     """Starts the stub in a child process on a free loopback port; a context manager."""
 
-    def __init__(self, *, uvicorn: bool = False) -> None:
+    def __init__(self, *, uvicorn: bool = False, delay_ms: float = 0.0) -> None:
+        if uvicorn and delay_ms:
+            raise ValueError("--delay-ms is for the raw stub only")
         self.uvicorn = uvicorn
+        self.delay_ms = delay_ms
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
 
@@ -154,7 +169,8 @@ class StubProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> StubProcess:
-        args = [sys.executable, str(Path(__file__).resolve()), "--port", "0", *(["--uvicorn"] if self.uvicorn else [])]
+        args = [sys.executable, str(Path(__file__).resolve()), "--port", "0", "--delay-ms", str(self.delay_ms)]
+        args += ["--uvicorn"] if self.uvicorn else []
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
@@ -189,9 +205,12 @@ class StubProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=0, help="0: any free port (printed as READY <port>)")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="wait this long before each answer (default 0)")
     parser.add_argument("--uvicorn", action="store_true", help="serve with uvicorn + starlette instead")
     args = parser.parse_args()
-    asyncio.run(serve_uvicorn(args.port) if args.uvicorn else serve_raw(args.port))
+    if args.uvicorn and args.delay_ms:
+        parser.error("--delay-ms is for the raw stub only")
+    asyncio.run(serve_uvicorn(args.port) if args.uvicorn else serve_raw(args.port, args.delay_ms))
 
 
 if __name__ == "__main__":
