@@ -204,6 +204,8 @@ class Gateway:
         else:
             return
         self._key_limiters.pop(name, None)
+        if self.tracer.writer is not None:  # the spend re-read next must include calls still in the writer's queue
+            self.tracer.writer.flush(timeout=5.0)
         self.budgets.forget(name)
 
     def _key_limiter(self, key: str) -> Limiter | None:
