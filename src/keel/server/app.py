@@ -30,6 +30,7 @@ from keel.gateway import ChatStream, Gateway
 from keel.server import admin
 from keel.server.auth import KeyRing, caller, require_admin
 from keel.server.dashboard import dashboard_router
+from keel.server.errors import error_body, error_response, keel_error_response
 from keel.server.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from keel.server.middleware import EdgeMiddleware, trace_refusal
 from keel.server.schemas import ChatCompletionRequest, EmbeddingRequest
@@ -48,20 +49,6 @@ class ClientDisconnected(KeelError):
 
 
 log = logging.getLogger("uvicorn.error")  # shown with uvicorn's own start-up lines
-
-
-def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-def keel_error_response(error: KeelError) -> JSONResponse:
-    type_ = "invalid_request_error" if error.http_status < 500 else "api_error"
-    response = error_response(error.http_status, error.message, type_, error.code)
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after:
-        response.headers["retry-after"] = str(max(1, round(retry_after)))
-    return response
 
 
 def _response_model(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -295,10 +282,10 @@ async def _stream_events(
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": result.model,
                         "choices": [], "usage": _usage(result)})  # fmt: skip
     except KeelError as error:
-        yield _sse({"error": {"message": error.message, "type": "api_error", "param": None, "code": error.code}})
+        yield _sse(error_body(error.message, "api_error", error.code))
     except Exception:  # the status line is sent already: say so in the stream, and end it properly
         log.exception("stream failed")
-        yield _sse({"error": {"message": "internal error", "type": "api_error", "param": None, "code": "internal"}})
+        yield _sse(error_body("internal error", "api_error", "internal"))
     yield b"data: [DONE]\n\n"
 
 

@@ -8,7 +8,6 @@ trace, the metrics and the dashboard see it like any other failure.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from urllib.parse import quote
@@ -19,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keel.errors import InputError, KeelError
 from keel.gateway import Gateway
 from keel.server.auth import KeyRing, Presented
+from keel.server.errors import keel_error_response
 
 __all__ = ["EdgeMiddleware", "trace_refusal"]
 
@@ -32,12 +32,6 @@ MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/embeddings"})
 class BodyTooLarge(InputError):
     http_status = 413
     code = "request_too_large"
-
-
-def error_body(error: KeelError) -> bytes:
-    type_ = "invalid_request_error" if error.http_status < 500 else "api_error"
-    body = {"error": {"message": error.message, "type": type_, "param": None, "code": error.code}}
-    return json.dumps(body).encode()
 
 
 def trace_refusal(gateway: Gateway, path: str, error: KeelError, key: str | None, model: str | None = None) -> None:
@@ -98,7 +92,7 @@ class EdgeMiddleware:
                     receive = await self._bounded(headers, receive)
                 except KeelError as error:
                     trace_refusal(self.state.gateway, path, error, key)
-                    await _send_error(send_status, error)
+                    await keel_error_response(error)(scope, receive, send_status)
                     return
                 scope.setdefault("state", {})["caller"] = who
             await self.app(scope, receive, send_status)
@@ -159,15 +153,3 @@ def _headers(scope: Scope) -> dict[str, str]:
         b"forwarded",
     )  # fmt: skip
     return {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"] if k.lower() in wanted}
-
-
-async def _send_error(send: Send, error: KeelError) -> None:
-    body = error_body(error)
-    headers: list[tuple[bytes, bytes]] = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if error.http_status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
