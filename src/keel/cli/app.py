@@ -60,7 +60,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _register() -> None:
-    from keel.cli import alerts, chat, config, keys, models, serve, traces
+    from keel.cli import alerts, chat, config, keys, models, rag, serve, traces
 
     app.command("chat")(chat.chat)
     app.command("models")(models.models)
@@ -68,6 +68,7 @@ def _register() -> None:
     app.add_typer(config.app, name="config")
     app.add_typer(keys.app, name="keys")
     app.add_typer(alerts.app, name="alerts")
+    app.add_typer(rag.app, name="rag")
     app.command("serve")(serve.serve)
 
 

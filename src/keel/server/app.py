@@ -15,7 +15,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -29,23 +29,18 @@ from keel.errors import InputError, KeelError, ProviderTimeout
 from keel.gateway import ChatStream, Gateway
 from keel.server import admin
 from keel.server.auth import KeyRing, caller, require_admin
+from keel.server.calls import attribution, guarded
 from keel.server.dashboard import dashboard_router
 from keel.server.errors import error_body, error_response, keel_error_response
 from keel.server.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from keel.server.middleware import EdgeMiddleware, trace_refusal
+from keel.server.rag import rag_router
 from keel.server.schemas import ChatCompletionRequest, EmbeddingRequest
 from keel.types import ChatResult, StreamDelta
 
 __all__ = ["create_app"]
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(KeelError):
-    """The client went away before the answer: the model call was cancelled."""
-
-    http_status = 499
-    code = "client_disconnected"
 
 
 log = logging.getLogger("uvicorn.error")  # shown with uvicorn's own start-up lines
@@ -114,53 +109,6 @@ def _headers(result: ChatResult) -> dict[str, str]:
     if result.cost_usd is not None:
         headers["x-keel-cost-usd"] = f"{result.cost_usd:.8f}"
     return headers
-
-
-def attribution(request: Request, user: str | None, metadata: dict[str, str] | None) -> dict[str, Any] | None:
-    """Who and what a call is for, from the body (`user`, `metadata`) and headers:
-    `x-keel-user`, `x-keel-session-id`, `x-keel-tags` (comma-separated) and `x-keel-meta-NAME`."""
-    found: dict[str, Any] = dict(metadata or {})
-    headers = request.headers
-    for field, header in (("user", "x-keel-user"), ("session_id", "x-keel-session-id")):
-        if value := headers.get(header):
-            found[field] = value[:256]
-    if user:
-        found["user"] = user
-    if tags := headers.get("x-keel-tags"):
-        found["tags"] = [t.strip()[:64] for t in tags.split(",") if t.strip()][:32]
-    for name, value in headers.items():
-        if name.startswith("x-keel-meta-") and len(found) < 64:
-            found[name.removeprefix("x-keel-meta-")[:64]] = value[:256]
-    return found or None
-
-
-async def guarded(request: Request, call: Awaitable[T], timeout_s: float) -> T:
-    """Run a model call within the request timeout, cancelled if the client goes away first.
-
-    The call is cancelled with the reason, which its span records as its error message.
-    """
-    task = asyncio.ensure_future(call)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait((task, watcher), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the server itself is stopping this request
-        task.cancel("the server stopped the request")
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    reason = "client disconnected" if watcher in done else f"request timeout after {timeout_s:g} s"
-    task.cancel(reason)
-    await asyncio.gather(task, return_exceptions=True)  # its span is finished before we answer
-    if watcher in done:
-        raise ClientDisconnected("the client disconnected; the model call was cancelled")
-    raise ProviderTimeout(f"the request took longer than server.request_timeout_s ({timeout_s:g} s)")
 
 
 class Deadline:
@@ -327,9 +275,11 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
             await gw.aclose()
 
     app = FastAPI(title="keel", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
     app.add_middleware(EdgeMiddleware, state=app.state, max_body_bytes=settings.max_body_bytes)
     app.include_router(admin.router())
     app.include_router(dashboard_router())
+    app.include_router(rag_router())
 
     @app.exception_handler(KeelError)
     async def _keel_error(request: Request, error: KeelError) -> JSONResponse:

@@ -99,10 +99,14 @@ def span_from_row(row: Sequence[Any]) -> Span:
 class Store(ABC):
     """Where spans (and later: keys, jobs, collections) live."""
 
+    #: "sqlite" or "postgres": which dialect-only migration statements apply.
+    dialect: ClassVar[str] = "sqlite"
     #: DB-API placeholder of the backend: "?" or "%s".
     placeholder: ClassVar[str] = "?"
     #: Column types substituted into migrations.
-    types: ClassVar[dict[str, str]] = {"json": "TEXT", "real": "REAL"}
+    types: ClassVar[dict[str, str]] = {
+        "json": "TEXT", "real": "REAL", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB",
+    }  # fmt: skip
     #: What the driver raises when a unique index refuses a row.
     integrity_errors: ClassVar[tuple[type[Exception], ...]] = ()
 
@@ -125,8 +129,8 @@ class Store(ABC):
 
     # --- migrations -----------------------------------------------------------
 
-    def migrate(self) -> list[str]:
-        """Apply pending migrations; returns the names applied now.
+    def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
+        """Apply pending migrations (the core schema unless told otherwise); returns the names applied now.
 
         Safe when several processes start at once: each step holds the
         backend's migration lock and re-reads what is applied under it.
@@ -136,7 +140,7 @@ class Store(ABC):
             cur.execute("CREATE TABLE IF NOT EXISTS keel_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
         done = set(self.applied_migrations())
         applied_now: list[str] = []
-        for migration in MIGRATIONS:
+        for migration in migrations:
             if migration.name not in done and self._apply_migration(migration):
                 applied_now.append(migration.name)
         return applied_now
@@ -148,7 +152,7 @@ class Store(ABC):
             cur.execute(self._sql("SELECT 1 FROM keel_migrations WHERE name = ?"), (migration.name,))
             if cur.fetchone() is not None:
                 return False
-            for statement in migration.statements:
+            for statement in migration.for_dialect(self.dialect):
                 cur.execute(statement.format(**self.types))
             cur.execute(
                 self._sql("INSERT INTO keel_migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)"),

@@ -6,8 +6,15 @@ Spans are keyed by (trace_id, span_id): trace ids start with the time (see
 index instead of landing on a random page; that halves the cost of writing a
 span on SQLite and keeps it flat as the table grows. Never edit
 or reorder a migration that has shipped: append a new one. SQL is written
-once with two placeholders that each backend fills in: `{json}` (TEXT on
-SQLite, JSONB on PostgreSQL) and `{real}` (REAL / DOUBLE PRECISION).
+once with placeholders that each backend fills in: `{json}` (TEXT on
+SQLite, JSONB on PostgreSQL), `{real}` (REAL / DOUBLE PRECISION), `{serial}`
+(an auto-numbered integer primary key) and `{blob}` (BLOB / BYTEA); what only
+one dialect has (SQLite's FTS5, PostgreSQL's full-text and pgvector) goes in
+`sqlite` or `postgres`, applied after the shared statements.
+
+An application layer that owns tables (RAG) keeps its own migration list and
+applies it with `store.migrate(ITS_MIGRATIONS)` when it is first used, so a
+gateway-only deployment never needs, say, the pgvector extension.
 """
 
 from __future__ import annotations
@@ -21,6 +28,11 @@ __all__ = ["MIGRATIONS", "Migration"]
 class Migration:
     name: str
     statements: tuple[str, ...]
+    sqlite: tuple[str, ...] = ()  # only on SQLite, after `statements`
+    postgres: tuple[str, ...] = ()  # only on PostgreSQL, after `statements`
+
+    def for_dialect(self, dialect: str) -> tuple[str, ...]:
+        return self.statements + (self.sqlite if dialect == "sqlite" else self.postgres)
 
 
 MIGRATIONS: tuple[Migration, ...] = (

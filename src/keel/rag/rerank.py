@@ -1,0 +1,101 @@
+"""Reranking the fused candidates.
+
+No cross-encoder reranker can be installed offline here: none ships inside a
+PyPI package (the packages that wrap one, such as flashrank, download the
+model from a hub at run time, which fails with no network). So keel's
+reranker is an LLM through the gateway, the issue's stated fallback: each
+candidate is judged on its own (pointwise) by a chat model asked for a
+relevance grade 0-3 as JSON, every judgement a traced, priced, rate-limited
+call like any other. With a capable model (gpt-4o-mini, Claude Haiku) this is
+a strong reranker; with the bundled SmolLM2-135M it is not (measured in
+docs/benchmarks.md), and keel does not pretend otherwise.
+
+The reranked order sorts by grade, and within a grade keeps the retrieval
+order, so a reranker that cannot tell candidates apart changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from keel.errors import ConfigError, KeelError
+from keel.gateway import Gateway
+from keel.rag.retrieve import Hit
+
+__all__ = ["LLMReranker", "Reranker", "make_reranker"]
+
+GRADES = 3
+_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"relevance": {"type": "integer", "minimum": 0, "maximum": GRADES}},
+    "required": ["relevance"],
+    "additionalProperties": False,
+}
+_PROMPT = (
+    "Grade how well the passage answers or supports the query.\n"
+    "3 = answers it directly, 2 = clearly relevant, 1 = related topic only, 0 = unrelated.\n\n"
+    "Query: {query}\n\nPassage ({title}):\n{text}\n\n"
+    'Reply with JSON: {{"relevance": 0-3}}'
+)
+
+
+class Reranker(ABC):
+    name: str
+
+    @abstractmethod
+    async def scores(self, query: str, hits: Sequence[Hit], *, key: str | None = None) -> list[float]:
+        """One score in [0, 1] per hit."""
+
+    async def rerank(self, query: str, hits: Sequence[Hit], *, key: str | None = None) -> list[Hit]:
+        scores = await self.scores(query, hits, key=key)
+        graded = [replace(h, rerank=s) for h, s in zip(hits, scores, strict=True)]
+        order = sorted(range(len(graded)), key=lambda i: (-(graded[i].rerank or 0.0), i))
+        return [replace(graded[i], score=float(graded[i].rerank or 0.0)) for i in order]
+
+
+class LLMReranker(Reranker):
+    """Pointwise relevance grades from a chat model through the gateway."""
+
+    def __init__(self, gateway: Gateway, model: str, *, concurrency: int = 4, max_chars: int = 2000) -> None:
+        self.gateway = gateway
+        self.model = gateway.resolve(model)
+        self.name = f"llm:{self.model}"
+        self.concurrency = concurrency
+        self.max_chars = max_chars
+
+    async def scores(self, query: str, hits: Sequence[Hit], *, key: str | None = None) -> list[float]:
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def grade(hit: Hit) -> float:
+            prompt = _PROMPT.format(
+                query=query, title=hit.chunk.context or hit.chunk.title, text=hit.chunk.text[: self.max_chars]
+            )
+            async with gate:
+                try:
+                    result = await self.gateway.chat(
+                        prompt, self.model, response_model=_SCHEMA, temperature=0.0, max_tokens=16, max_reasks=0,
+                        key=key, metadata={"purpose": "rerank"},
+                    )  # fmt: skip
+                except KeelError:
+                    return 0.0  # a failed judgement ranks the hit last among the graded, it does not fail the query
+            relevance = result.parsed.get("relevance", 0) if isinstance(result.parsed, dict) else 0
+            return max(0, min(GRADES, int(relevance))) / GRADES
+
+        return list(await asyncio.gather(*(grade(h) for h in hits)))
+
+
+def make_reranker(gateway: Gateway, spec: str | None) -> Reranker | None:
+    """A reranker from its name: "llm:MODEL" (or None: no reranking)."""
+    if not spec or spec == "none":
+        return None
+    kind, _, model = spec.partition(":")
+    if kind == "llm" and model:
+        return LLMReranker(gateway, model)
+    raise ConfigError(
+        f"reranker {spec!r} is not known: use llm:MODEL (a chat model that grades relevance); no cross-encoder can"
+        " be installed offline"
+    )

@@ -1,0 +1,70 @@
+"""What every model call made for an HTTP request shares: who it is for, a timeout, and cancellation
+when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from keel.errors import KeelError, ProviderTimeout
+
+__all__ = ["ClientDisconnected", "attribution", "guarded"]
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(KeelError):
+    """The client went away before the answer: the model call was cancelled."""
+
+    http_status = 499
+    code = "client_disconnected"
+
+
+async def guarded(request: Request, call: Awaitable[T], timeout_s: float) -> T:
+    """Run a model call within the request timeout, cancelled if the client goes away first.
+
+    The call is cancelled with the reason, which its span records as its error message.
+    """
+    task = asyncio.ensure_future(call)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait((task, watcher), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server itself is stopping this request
+        task.cancel("the server stopped the request")
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    reason = "client disconnected" if watcher in done else f"request timeout after {timeout_s:g} s"
+    task.cancel(reason)
+    await asyncio.gather(task, return_exceptions=True)  # its span is finished before we answer
+    if watcher in done:
+        raise ClientDisconnected("the client disconnected; the model call was cancelled")
+    raise ProviderTimeout(f"the request took longer than server.request_timeout_s ({timeout_s:g} s)")
+
+
+def attribution(request: Request, user: str | None, metadata: dict[str, str] | None) -> dict[str, Any] | None:
+    """Who and what a call is for, from the body (`user`, `metadata`) and headers:
+    `x-keel-user`, `x-keel-session-id`, `x-keel-tags` (comma-separated) and `x-keel-meta-NAME`."""
+    found: dict[str, Any] = dict(metadata or {})
+    headers = request.headers
+    for field, header in (("user", "x-keel-user"), ("session_id", "x-keel-session-id")):
+        if value := headers.get(header):
+            found[field] = value[:256]
+    if user:
+        found["user"] = user
+    if tags := headers.get("x-keel-tags"):
+        found["tags"] = [t.strip()[:64] for t in tags.split(",") if t.strip()][:32]
+    for name, value in headers.items():
+        if name.startswith("x-keel-meta-") and len(found) < 64:
+            found[name.removeprefix("x-keel-meta-")[:64]] = value[:256]
+    return found or None
