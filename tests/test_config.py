@@ -87,6 +87,12 @@ def test_bad_environment_value_names_the_field() -> None:
         load_config(environ={"KEEL_TIMEOUT": "soon"})
 
 
+def test_environment_cannot_set_a_field_inside_a_value(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'store = "keel.db"\n')  # a value where a table belongs
+    with pytest.raises(ConfigError, match=r"store must be a table to set store\.url from the environment"):
+        load_config(path, environ={"KEEL_STORE": "other.db"})
+
+
 def test_keel_config_env_picks_the_file(tmp_path: Path) -> None:
     path = write_config(tmp_path, 'default_model = "gpt-4.1"\n')
     assert load_config(environ={"KEEL_CONFIG": str(path)}).default_model == "gpt-4.1"

@@ -399,12 +399,13 @@ def _match_key(mapping: Mapping[str, Any], part: str) -> str:
 
 def _set_path(data: dict[str, Any], parts: Sequence[str], value: Any) -> None:
     node = data
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], start=1):
         key = _match_key(node, part)
         child = node.get(key)
-        if not isinstance(child, dict):
-            child = {} if child is None else dict(child)
-        node[key] = child = dict(child)
+        if child is not None and not isinstance(child, dict):
+            where = ".".join(parts[:depth])
+            raise ConfigError(f"{where} must be a table to set {'.'.join(parts)} from the environment")
+        node[key] = child = dict(child or {})
         node = child
     node[_match_key(node, parts[-1])] = value
 

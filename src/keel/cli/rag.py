@@ -116,14 +116,17 @@ def _print_report(report: IngestReport) -> None:
 
 
 def _search_options(
-    retriever: str | None, fusion: str | None, top_k: int | None, filter_json: str | None
+    retriever: str | None, fusion: str | None, top_k: int | None, filter_json: str | None, candidates: int | None
 ) -> dict[str, Any]:
-    return {"retriever": retriever, "fusion": fusion, "top_k": top_k, "filter": filter_json}
+    return {"retriever": retriever, "fusion": fusion, "top_k": top_k, "filter": filter_json, "candidates": candidates}
 
 
 RetrieverOption = Annotated[str | None, typer.Option(help="bm25, dense or hybrid (default rag.retriever).")]
 FusionOption = Annotated[str | None, typer.Option(help="Hybrid fusion: rrf or weighted (default rag.fusion).")]
 TopKOption = Annotated[int | None, typer.Option("--top-k", "-k", help="How many chunks.")]
+CandidatesOption = Annotated[
+    int | None, typer.Option(help="Chunks each retriever returns before fusion (default rag.candidates).")
+]
 FilterOption = Annotated[
     str | None, typer.Option("--filter", help='Metadata filter as JSON, e.g. \'{"source": "docs/a.md"}\'.')
 ]
@@ -144,6 +147,7 @@ def search(
     retriever: RetrieverOption = None,
     fusion: FusionOption = None,
     top_k: TopKOption = 10,
+    candidates: CandidatesOption = None,
     filter_json: FilterOption = None,
     rerank: RerankOption = None,
     as_json: JsonOption = False,
@@ -155,7 +159,10 @@ def search(
     with Gateway() as gw:
         rag = RAG(gw)
         retrieval = rag.search_sync(
-            query, collection, rerank=_rerank(rerank), **_search_options(retriever, fusion, top_k, filter_json)
+            query,
+            collection,
+            rerank=_rerank(rerank),
+            **_search_options(retriever, fusion, top_k, filter_json, candidates),
         )
         rag.close()
     if as_json:
@@ -212,7 +219,7 @@ def ask(
         rag = RAG(gw)
         answer = rag.ask_sync(
             question, collection, mode=mode, model=model, rerank=_rerank(rerank),
-            **_search_options(retriever, None, top_k, filter_json),
+            **_search_options(retriever, None, top_k, filter_json, None),
         )  # fmt: skip
         rag.close()
     if as_json:

@@ -15,13 +15,13 @@ mostly unsupported, which is what a small local model tends to do.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from keel.rag.grounding import AnswerSentence, best_support, rescale_cosine, split_answer
+from keel.rag.grounding import AnswerSentence, best_support, missing_specifics, rescale_cosine, split_answer
 from keel.rag.retrieve import Hit
 from keel.rag.sentences import sentence_spans
 from keel.rag.words import coverage
@@ -187,8 +187,11 @@ def check_sentences(
     source_vectors: np.ndarray,
     n_sources: int,
     threshold: float,
+    headings: Mapping[int, str] | None = None,
 ) -> tuple[list[CheckedSentence], dict[int, Quote]]:
-    """Each sentence checked against the sentences of the sources it cites; the best quote per source."""
+    """Each sentence checked against the sentences of the sources it cites; the best quote per source.
+
+    `headings` (source number -> title or heading path) count as cited text for the specifics check."""
     checked: list[CheckedSentence] = []
     quotes: dict[int, tuple[float, Quote]] = {}
     for i, sentence in enumerate(sentences):
@@ -211,11 +214,13 @@ def check_sentences(
             n, quote = sources[rows[best]]
             if score > quotes.get(n, (-1.0, quote))[0]:
                 quotes[n] = (score, quote)
-        supported = score >= threshold
-        checked.append(CheckedSentence(
-            sentence.text, sentence.start, sentence.end, valid, supported, score,
-            "" if supported else "its cited sources do not say this",
-        ))  # fmt: skip
+        cited = [sources[j][1].text for j in rows] + [(headings or {}).get(n, "") for n in valid]
+        missing = missing_specifics(sentence.text, " ".join(cited))
+        supported = score >= threshold and not missing
+        reason = "" if supported else "its cited sources do not say this"
+        if missing:
+            reason = f"its cited sources do not mention {', '.join(repr(m) for m in missing[:5])}"
+        checked.append(CheckedSentence(sentence.text, sentence.start, sentence.end, valid, supported, score, reason))
     return checked, {n: q for n, (_, q) in quotes.items()}
 
 

@@ -12,9 +12,11 @@ counter (for chunk sizes) and its query and document prefixes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +25,10 @@ from keel.gateway import Gateway
 from keel.rag.index.base import RagIndex
 from keel.rag.tokenize import TokenCounter, token_counter
 
-__all__ = ["Embedder", "EmbeddingSpace", "text_hash"]
+__all__ = ["Embedder", "EmbeddingSpace", "StoreCall", "text_hash"]
+
+#: Runs a blocking store call off the event loop: `await store_call(fn, *args)`.
+StoreCall = Callable[..., Awaitable[Any]]
 
 
 def text_hash(text: str) -> str:
@@ -69,19 +74,24 @@ class Embedder:
         self.index = index
         self.computed = 0  # texts embedded by the model in this embedder's life
         self.cached = 0  # texts served from the cache
+        self._store_call: StoreCall = asyncio.to_thread
+
+    def with_store_call(self, store_call: StoreCall) -> Embedder:
+        """The same embedder with its cache reads and writes made through `store_call` (ingestion retries them)."""
+        twin = Embedder(self.gateway, self.space, self.index)
+        twin._store_call = store_call
+        return twin
 
     async def documents(self, texts: Sequence[str], *, key: str | None = None) -> np.ndarray:
-        import asyncio
-
         sent = [self.space.document_prefix + t for t in texts]
         hashes = [text_hash(t) for t in sent]
-        found = await asyncio.to_thread(self.index.cached_vectors, self.space.identity, hashes)
+        found = await self._store_call(self.index.cached_vectors, self.space.identity, hashes)
         missing = list(dict.fromkeys(h for h in hashes if h not in found))
         if missing:
             by_hash = {h: t for h, t in zip(hashes, sent, strict=True)}
             vectors = await self._embed([by_hash[h] for h in missing], key=key)
             fresh = dict(zip(missing, vectors, strict=True))
-            await asyncio.to_thread(self.index.cache_vectors, self.space.identity, fresh)
+            await self._store_call(self.index.cache_vectors, self.space.identity, fresh)
             found.update(fresh)
         self.computed += len(missing)
         self.cached += len(hashes) - len(missing)

@@ -110,6 +110,10 @@ class RAG:
 
     async def create(self, name: str, settings: CollectionSettings) -> CollectionInfo:
         check_name(name)
+        return await self._create(name, settings)
+
+    async def _create(self, name: str, settings: CollectionSettings) -> CollectionInfo:
+        """Create without the name check (a rebuild's shadow collection has a name no user can give)."""
         space = self._space(settings.embedding_model)
         self._check_window(space, settings)
         embedder = Embedder(self.gateway, space, self.index)
@@ -223,7 +227,7 @@ class RAG:
             await asyncio.to_thread(self.index.drop_collection, shadow)  # an older rebuild with other settings
             shadow = None
         if shadow is None:
-            shadow = await self.create(shadow_name, settings)
+            shadow = await self._create(shadow_name, settings)
         source = Source(lambda: self.index.iter_documents(info.collection_id), None, info.n_chunks or None)
         with self.gateway.tracer.span(f"rag.rebuild {info.name}") as span:
             span.set(gen_ai__operation__name="rag.rebuild", keel__rag__collection=info.name)
@@ -254,8 +258,8 @@ class RAG:
             fusion=fusion or c.fusion,  # type: ignore[arg-type]
             rrf_k=c.rrf_k if rrf_k is None else rrf_k,
             dense_weight=c.dense_weight if dense_weight is None else dense_weight,
-            candidates=candidates or c.candidates,
-            top_k=top_k or c.top_k,
+            candidates=c.candidates if candidates is None else candidates,
+            top_k=c.top_k if top_k is None else top_k,
             conditions=parse_filter(filter),
         ).check()
 
@@ -425,7 +429,13 @@ class RAG:
                 return [], {}
             vectors = await embedder.documents([s.text or "-" for s in sentences], key=key)
             checked, quotes = check_sentences(
-                sentences, vectors, sources, source_vectors, len(hits), self.config.grounding_threshold
+                sentences,
+                vectors,
+                sources,
+                source_vectors,
+                len(hits),
+                self.config.grounding_threshold,
+                {n: h.chunk.context or h.chunk.title for n, h in enumerate(hits, start=1)},
             )
             span.set(keel__rag__sentences=len(checked), keel__rag__supported=sum(s.supported for s in checked))
             span.output = {"sentences": [s.to_json() for s in checked]}

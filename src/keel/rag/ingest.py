@@ -24,8 +24,9 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -44,7 +45,11 @@ from keel.rag.embedder import Embedder
 from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex
 from keel.rag.tokenize import TokenCounter
 
-__all__ = ["IngestProgress", "IngestReport", "StoreUnavailable", "count_documents", "run_ingest"]
+__all__ = [
+    "IngestProgress", "IngestReport", "StoreUnavailable", "count_documents", "run_ingest", "store_call_with_retries",
+]  # fmt: skip
+
+T = TypeVar("T")
 
 log = logging.getLogger("keel.rag")
 
@@ -229,40 +234,39 @@ async def run_ingest(
     """Ingest `source` into the collection; see the module docstring for the guarantees."""
     report = report or IngestReport(info.name)
     started = time.perf_counter()
-    hashes = await asyncio.to_thread(index.document_hashes, info.collection_id)
+    embedder = embedder.with_store_call(partial(store_call_with_retries, index))
+    hashes = await store_call_with_retries(index, index.document_hashes, info.collection_id)
     reader = _Reader(source, hashes, settings, tokens, batch)
     if progress is not None:
         progress.started(source.total)
     to_embed: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=2)
     to_write: asyncio.Queue[tuple[_Prepared, list[DocumentWrite]] | None] = asyncio.Queue(maxsize=2)
 
+    # A stage ends the next one with None only when it finishes: when one fails, _gather_or_cancel cancels
+    # the others (a sentinel sent from a `finally` would wait forever on a full queue nobody reads).
     async def read() -> None:
-        try:
-            while not reader.done:
-                t0 = time.perf_counter()
-                prepared = await asyncio.to_thread(reader.next_batch)
-                report.read_s += time.perf_counter() - t0
-                await to_embed.put(prepared)
-        finally:
-            await to_embed.put(None)
+        while not reader.done:
+            t0 = time.perf_counter()
+            prepared = await asyncio.to_thread(reader.next_batch)
+            report.read_s += time.perf_counter() - t0
+            await to_embed.put(prepared)
+        await to_embed.put(None)
 
     async def embed() -> None:
-        try:
-            while (prepared := await to_embed.get()) is not None:
-                texts = [c.indexed_text for _, pieces in prepared.documents for c in pieces]
-                t0 = time.perf_counter()
-                computed, cached = embedder.computed, embedder.cached
-                vectors = await embedder.documents(texts, key=key) if texts else np.zeros((0, 0), np.float32)
-                report.embed_s += time.perf_counter() - t0
-                report.embedded += embedder.computed - computed
-                report.cached += embedder.cached - cached
-                writes, row = [], 0
-                for document, pieces in prepared.documents:
-                    writes.append(DocumentWrite(document, pieces, vectors[row : row + len(pieces)]))
-                    row += len(pieces)
-                await to_write.put((prepared, writes))
-        finally:
-            await to_write.put(None)
+        while (prepared := await to_embed.get()) is not None:
+            texts = [c.indexed_text for _, pieces in prepared.documents for c in pieces]
+            t0 = time.perf_counter()
+            computed, cached = embedder.computed, embedder.cached
+            vectors = await embedder.documents(texts, key=key) if texts else np.zeros((0, 0), np.float32)
+            report.embed_s += time.perf_counter() - t0
+            report.embedded += embedder.computed - computed
+            report.cached += embedder.cached - cached
+            writes, row = [], 0
+            for document, pieces in prepared.documents:
+                writes.append(DocumentWrite(document, pieces, vectors[row : row + len(pieces)]))
+                row += len(pieces)
+            await to_write.put((prepared, writes))
+        await to_write.put(None)
 
     async def write() -> None:
         while (item := await to_write.get()) is not None:
@@ -285,13 +289,15 @@ async def run_ingest(
 
     await _gather_or_cancel(read(), embed(), write())
     if source.scope is not None:
-        under = await asyncio.to_thread(index.documents_under, info.collection_id, source.scope.rstrip("/"))
+        under = await store_call_with_retries(
+            index, index.documents_under, info.collection_id, source.scope.rstrip("/")
+        )
         # a file that could not be read this time keeps what it gave before: it may be fixed, not deleted
         gone = {d for d, src in under.items() if d not in reader.seen and src not in reader.problem_sources}
         if gone:
             await _write_with_retries(index, info, [], sorted(gone))
             report.deleted += len(gone)
-    await asyncio.to_thread(index.flush, info)
+    await store_call_with_retries(index, index.flush, info)
     report.seconds += time.perf_counter() - started
     return report
 
@@ -311,19 +317,25 @@ async def _gather_or_cancel(*coroutines: Any) -> None:
 async def _write_with_retries(
     index: RagIndex, info: CollectionInfo, writes: Sequence[DocumentWrite], deletes: Sequence[str]
 ) -> None:
+    await store_call_with_retries(index, index.write, info, writes, deletes)
+
+
+async def store_call_with_retries(index: RagIndex, call: Callable[..., T], *args: Any) -> T:
+    """A store call in a thread, retried while the store does not answer (a PostgreSQL restart or failover);
+    after the last retry, StoreUnavailable. Every call of an ingest is idempotent, so a retry is safe."""
     transient = _transient_errors(index)
     for attempt, pause in enumerate((*WRITE_RETRIES, None)):
         try:
-            await asyncio.to_thread(index.write, info, writes, deletes)
-            return
+            return await asyncio.to_thread(call, *args)
         except transient as exc:
             if pause is None:
                 raise StoreUnavailable(
                     f"the store stopped answering ({type(exc).__name__}: {str(exc).strip()[:200]}); what was written"
                     " is kept: run the same command again to resume"
                 ) from exc
-            log.warning("writing to the store failed (attempt %d): %s; retrying in %.1f s", attempt + 1, exc, pause)
+            log.warning("the store did not answer (attempt %d): %s; retrying in %.1f s", attempt + 1, exc, pause)
             await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def _transient_errors(index: RagIndex) -> tuple[type[BaseException], ...]:

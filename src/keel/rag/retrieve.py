@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -131,7 +131,7 @@ class Retriever:
         with self.tracer.span(f"rag.retrieve {self.info.name}") as span:
             span.set(gen_ai__operation__name="retrieval", keel__rag__collection=self.info.name)
             span.set(keel__rag__retriever=options.mode, keel__rag__candidates=options.candidates)
-            span.input = {"query": query, "filter": [c.__dict__ for c in options.conditions]}
+            span.input = {"query": query, "filter": [asdict(c) for c in options.conditions]}
             timings: dict[str, float] = {}
             bm25, dense = await self._candidates(query, options, timings, key)
             hits = self._rank(bm25, dense, options, keep)
