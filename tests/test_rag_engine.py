@@ -18,7 +18,7 @@ import pytest
 
 from helpers import gateway, spans
 from keel import FunctionModel, Gateway
-from keel.errors import InputError
+from keel.errors import ConfigError, InputError
 from keel.rag import (
     RAG,
     Document,
@@ -233,6 +233,35 @@ def test_llm_reranker_reorders_by_grade(facts: RAG, rag_gateway: Gateway) -> Non
     reranked = facts.search_sync("how do keys work", "facts", top_k=4, rerank="llm:grader").hits
     assert reranked[0].chunk.doc_id == "budgets" and reranked[0].rerank == 1.0
     assert [h.chunk.doc_id for h in reranked[1:]] == [h.chunk.doc_id for h in plain if h.chunk.doc_id != "budgets"]
+
+
+def test_embedding_reranker_fuses_a_second_models_ranking(facts: RAG, rag_gateway: Gateway) -> None:
+    """embed:MODEL: the second model's similarity ranking, fused with the retrieval order by RRF;
+    candidate vectors come from the cache the second time."""
+    query = "why do oceans rise and fall"
+    plain = facts.search_sync(query, "facts", top_k=4, rerank=False).hits
+    reranked = facts.search_sync(query, "facts", top_k=4, rerank="embed:local-embed").hits
+    assert sorted(h.chunk.chunk_id for h in reranked) == sorted(h.chunk.chunk_id for h in plain)
+    assert reranked[0].chunk.doc_id == "tides"
+    scores = [h.rerank for h in reranked]
+    assert all(s is not None and 0 < s <= 1 for s in scores) and scores == sorted(scores, reverse=True)  # type: ignore[type-var]
+    second = np.array(
+        rag_gateway.embed_sync([query] + [f"{h.chunk.context}\n{h.chunk.text}" for h in plain], "local-embed").vectors
+    )
+    similarity = second[1:] @ second[0]
+    ranks = {i: r for r, i in enumerate(np.argsort(-similarity), start=1)}
+    expected = sorted(range(4), key=lambda i: (-(1 / (61 + i) + 1 / (60 + ranks[i])), i))
+    assert [h.chunk.chunk_id for h in reranked] == [plain[i].chunk.chunk_id for i in expected]
+
+    def second_model_calls() -> list[int]:
+        found = spans(rag_gateway, operation="embeddings", limit=1000)
+        return [s.attributes.get("gen_ai.usage.input_tokens", 0) for s in found if s.name == "embeddings local-embed"]
+
+    before = second_model_calls()
+    facts.search_sync(query, "facts", top_k=4, rerank="embed:local-embed")
+    assert len(second_model_calls()) == len(before) + 1  # only the query: the candidates' vectors were cached
+    with pytest.raises(ConfigError, match="not known"):
+        facts.search_sync(query, "facts", rerank="cross:anything")
 
 
 # --- answers --------------------------------------------------------------------------------------
