@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install browser serve test lint typecheck bench clean
+.PHONY: install browser serve test lint typecheck bench bench-rag clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,13 @@ bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/gateway_overhead.py
 	$(BIN)/python benchmarks/proxy_throughput.py
+
+# RAG on SciFact (both backends and LlamaIndex), the grounding thresholds, and 1M synthetic chunks
+bench-rag: install
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/rag_beir.py ../shared/data/scifact --split train --json benchmarks/out/rag_beir.json
+	$(BIN)/python benchmarks/rag_grounding.py ../shared/data/scifact --json benchmarks/out/rag_grounding.json
+	$(BIN)/python benchmarks/rag_scale.py --chunks 1000000 --json benchmarks/out/rag_scale.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

@@ -211,7 +211,7 @@ def ask(
     rerank: RerankOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Answer from the collection with [n] citations to exact spans; abstains when the documents do not say.
+    """Answer from the collection with \\[n] citations to exact spans; abstains when the documents do not say.
 
     Example: keel rag ask "Do statins reduce cancer risk?" -c scifact
     """
