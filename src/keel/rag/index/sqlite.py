@@ -174,8 +174,8 @@ class SQLiteRagIndex(RagIndex):
                 newest = int(stored.max()) if len(stored) else 0
             else:
                 with self.store.transaction() as cur:
-                    cur.execute(
-                        "SELECT chunk_id FROM rag_chunks WHERE collection_id = ? AND chunk_id > ?",
+                    cur.execute(  # `+collection_id`: walk the primary key from max_id (see RagIndex.chunks)
+                        "SELECT chunk_id FROM rag_chunks WHERE +collection_id = ? AND chunk_id > ?",
                         [info.collection_id, ann.state.max_id],
                     )
                     ids = [int(r[0]) for r in cur.fetchall()]
@@ -190,7 +190,7 @@ class SQLiteRagIndex(RagIndex):
             part = ids[start : start + batch]
             with self.store.transaction() as cur:
                 cur.execute(
-                    "SELECT chunk_id, embedding FROM rag_chunks WHERE collection_id = ? AND chunk_id IN"
+                    "SELECT chunk_id, embedding FROM rag_chunks WHERE +collection_id = ? AND chunk_id IN"
                     " (SELECT value FROM json_each(?))",
                     [info.collection_id, "[" + ",".join(str(int(i)) for i in part) + "]"],
                 )
