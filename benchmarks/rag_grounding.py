@@ -35,7 +35,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from keel import Gateway
 from keel.config import load_config
@@ -163,7 +163,14 @@ def abstention(folder: Path, embed_query: Vectors, embed_doc: Vectors, min_suppo
     table.add_row("only unrelated abstracts", quantiles(unanswerable), f"{np.mean(support_no >= min_support):.1%}")
     console.print(table)
     console.print(f"ROC AUC, answerable against not: {auc:.3f}")
+    fpr, tpr, cut = roc_curve([1] * len(qids) + [0] * len(qids), np.concatenate([support_yes, support_no]))
+    best = int(np.argmax(tpr - fpr))
+    console.print(
+        f"min_support with the best Youden's J: {cut[best]:.3f} (answers {tpr[best]:.1%} of answerable questions,"
+        f" {fpr[best]:.1%} of the others)"
+    )
     return {
+        "youden_min_support": round(float(cut[best]), 4), "youden_answer_rates": [float(tpr[best]), float(fpr[best])],
         "queries": len(qids), "min_support": min_support, "auc": round(float(auc), 4),
         "answer_rate_answerable": round(float(np.mean(support_yes >= min_support)), 4),
         "answer_rate_unanswerable": round(float(np.mean(support_no >= min_support)), 4),

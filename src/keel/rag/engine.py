@@ -268,7 +268,7 @@ class RAG:
             return None
         spec = rerank if isinstance(rerank, str) else self.config.reranker
         if rerank is True and not spec:
-            raise InputError("no reranker is configured: set rag.reranker (embed:local-embed, or llm:gpt-4o-mini)")
+            raise InputError("no reranker is configured: set rag.reranker (llm:gpt-4o-mini, or embed:MODEL)")
         return make_reranker(self.gateway, spec, self.index)
 
     async def search(
