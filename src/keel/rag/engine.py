@@ -413,8 +413,7 @@ class RAG:
             return 0.0
         best = max((h.dense for h in hits if h.dense is not None), default=None)
         if best is None or len([h for h in hits if h.dense is not None]) < len(hits):
-            texts = [h.chunk.context + "\n" + h.chunk.text if h.chunk.context else h.chunk.text for h in hits[:5]]
-            vectors = await embedder.documents(texts)
+            vectors = await embedder.documents([h.chunk.indexed_text for h in hits[:5]])
             best = max(best or -1.0, float(np.max(vectors @ query_vector)))
         return float(rescale_cosine(best))
 

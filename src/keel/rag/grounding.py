@@ -14,8 +14,8 @@ cited source sentence reaches `threshold` and every specific it states (a
 number, or a name: a capitalised word inside the sentence) appears somewhere
 in the text it cites. Embeddings place "The tides were discovered by Napoleon
 in 1802" close to a passage about tides; the specifics check catches the
-invented name and year, the commonest kind of made-up detail. A sentence that cites nothing, or
-only numbers that are not sources, is unsupported. This is a similarity
+invented name and year, the commonest kind of made-up detail. A sentence
+that cites nothing, or only numbers that are not sources, is unsupported. This is a similarity
 check, not an entailment model: it catches invented content and wrong
 citations, not a negation that keeps the words ("X does not cause Y" against
 "X causes Y"). keel says so rather than pretend otherwise.

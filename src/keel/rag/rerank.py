@@ -38,7 +38,7 @@ from keel.errors import ConfigError, KeelError
 from keel.gateway import Gateway
 from keel.rag.embedder import Embedder, EmbeddingSpace
 from keel.rag.index.base import RagIndex
-from keel.rag.retrieve import Hit
+from keel.rag.retrieve import Hit, fuse_rrf
 
 __all__ = ["EmbeddingReranker", "LLMReranker", "Reranker", "make_reranker"]
 
@@ -113,12 +113,13 @@ class EmbeddingReranker(Reranker):
     async def scores(self, query: str, hits: Sequence[Hit], *, key: str | None = None) -> list[float]:
         if not hits:
             return []
-        texts = [f"{h.chunk.context}\n{h.chunk.text}" if h.chunk.context else h.chunk.text for h in hits]
-        vectors = await self.embedder.documents(texts, key=key)
+        vectors = await self.embedder.documents([h.chunk.indexed_text for h in hits], key=key)
         similarity = vectors @ await self.embedder.query(query, key=key)
-        second = {int(i): rank for rank, i in enumerate(np.argsort(-similarity, kind="stable"), start=1)}
+        first = [(i, 0.0) for i in range(len(hits))]
+        second = [(int(i), 0.0) for i in np.argsort(-similarity, kind="stable")]
+        fused = fuse_rrf([(first, 1.0), (second, 1.0)], self.rrf_k)
         best = 2.0 / (self.rrf_k + 1)  # first in both rankings
-        return [(1 / (self.rrf_k + i + 1) + 1 / (self.rrf_k + second[i])) / best for i in range(len(hits))]
+        return [fused[i] / best for i in range(len(hits))]
 
 
 def make_reranker(gateway: Gateway, spec: str | None, index: RagIndex | None = None) -> Reranker | None:

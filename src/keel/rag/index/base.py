@@ -73,6 +73,11 @@ class StoredChunk:
     title: str = ""
     source: str = ""
 
+    @property
+    def indexed_text(self) -> str:
+        """What was embedded (as `Chunk.indexed_text`): the context line, then the chunk."""
+        return f"{self.context}\n{self.text}" if self.context else self.text
+
 
 @dataclass(frozen=True)
 class StoredDocument:
