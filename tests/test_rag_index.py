@@ -1,4 +1,4 @@
-"""The RAG index contract, run identically on SQLite (FTS5 + usearch) and PostgreSQL (full-text + pgvector)."""
+"""The RAG index contract, run identically on SQLite (tantivy + usearch) and PostgreSQL (full-text + pgvector)."""
 
 from __future__ import annotations
 
@@ -191,6 +191,7 @@ def test_a_second_process_sees_writes_and_deletes(store: Store, store_url: str, 
         reader = open_index(other)
         info = reader.collection("c")
         assert info is not None and len(reader.vector(info, unit(1, 0), 10)) == 5
+        assert len(reader.keyword(info, "dogs", 10)) == 2
         writer = open_index(store)
         write(writer, filled, [(*doc("birds", ["Birds sing at dawn."]), [unit(0, 0, 0, 0, 1)])])
         writer.write(filled, [], deletes=["dogs"])
@@ -199,6 +200,9 @@ def test_a_second_process_sees_writes_and_deletes(store: Store, store_url: str, 
         found = reader.chunks(info.collection_id, [h[0] for h in reader.vector(info, unit(0, 0, 0, 0, 1), 10)])
         assert {c.doc_id for c in found.values()} == {"cats", "quantum", "birds"}
         assert reader.vector(info, unit(0, 0, 0, 0, 1), 1)[0][1] == pytest.approx(1.0, abs=1e-4)
+        found = reader.chunks(info.collection_id, [h[0] for h in reader.keyword(info, "birds dogs cats", 10)])
+        assert {c.doc_id for c in found.values()} == {"cats", "birds"}
+        writer.close()
         reader.close()
     finally:
         other.close()
@@ -228,3 +232,62 @@ def test_sqlite_vector_file_survives_restarts_and_damage(tmp_path: object) -> No
         assert [c.doc_id for c in found.values()] == ["b"]
         index.close()
         store.close()
+
+
+def test_sqlite_keyword_index_survives_damage_and_a_lost_state(tmp_path: object) -> None:
+    """The tantivy folder is derived: damaged, lost or behind, it is rebuilt from the store, each chunk once."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    store = open_store(str(folder / "k.db"))
+    index = open_index(store)
+    info = index.create_collection("c", embedding_model="m", embedding_id="test:m", dimensions=DIMS, settings={})
+    write(index, info, [(*doc("a", ["alpha text"]), [unit(1)]), (*doc("b", ["beta text"]), [unit(0, 1)])])
+    index.close()
+    store.close()
+    tantivy_dir = folder / "k.db.rag" / f"{info.collection_id}.tantivy"
+    assert (tantivy_dir / "meta.json").exists() and (tantivy_dir / "keel-state.json").exists()
+
+    def damage_meta() -> None:
+        (tantivy_dir / "meta.json").write_text("garbage")
+
+    def lose_state() -> None:  # the documents stay, the record of what they reflect goes: a resync must not duplicate
+        (tantivy_dir / "keel-state.json").unlink()
+
+    def remove_folder() -> None:
+        shutil.rmtree(tantivy_dir)
+
+    for damage in (damage_meta, lose_state, remove_folder):
+        damage()
+        store = open_store(str(folder / "k.db"))
+        index = open_index(store)
+        fresh = index.collection("c")
+        assert fresh is not None
+        hits = index.keyword(fresh, "alpha beta text", 10)
+        assert sorted(c.doc_id for c in index.chunks(fresh.collection_id, [h[0] for h in hits]).values()) == ["a", "b"]
+        assert len(hits) == 2, damage.__name__
+        index.close()
+        store.close()
+
+
+def test_sqlite_drops_the_fts5_tables_of_older_stores(tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = str(Path(str(tmp_path)) / "k.db")
+    store = open_store(path)
+    index = open_index(store)
+    info = index.create_collection("c", embedding_model="m", embedding_id="test:m", dimensions=DIMS, settings={})
+    write(index, info, [(*doc("a", ["alpha text"]), [unit(1)])])
+    with store.transaction() as cur:  # what a store made before the tantivy index holds
+        cur.execute(f"CREATE VIRTUAL TABLE rag_fts_{info.collection_id} USING fts5(context, text)")
+    index.close()
+    store.close()
+    store = open_store(path)
+    index = open_index(store)
+    with store.transaction() as cur:
+        cur.execute("SELECT name FROM sqlite_master WHERE name LIKE 'rag_fts%'")
+        assert cur.fetchall() == []
+    assert len(index.keyword(info, "alpha", 10)) == 1
+    index.close()
+    store.close()

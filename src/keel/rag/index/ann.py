@@ -16,25 +16,19 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from keel.errors import ConfigError
+from keel.rag.index.derived import SyncState
 
-__all__ = ["AnnIndex", "AnnState"]
+__all__ = ["AnnIndex"]
 
 log = logging.getLogger("keel.rag")
-
-
-@dataclass
-class AnnState:
-    version: int = -1
-    deletions: int = 0
-    max_id: int = 0
 
 
 def _usearch() -> Any:
@@ -48,13 +42,15 @@ def _usearch() -> Any:
 class AnnIndex:
     """An HNSW index (cosine) of one collection's chunk vectors, keyed by chunk id."""
 
+    columns = "embedding"
+
     def __init__(self, path: Path | None, dimensions: int, *, connectivity: int = 16, expansion_search: int = 128):
         self.path = path
         self.dimensions = dimensions
         self.connectivity = connectivity
         self.expansion_search = expansion_search
         self.lock = threading.RLock()
-        self.state = AnnState()
+        self.state = SyncState()
         self.dirty = False
         self._index = self._load()
 
@@ -79,11 +75,11 @@ class AnnIndex:
             if index is None or index.ndim != self.dimensions:
                 raise ValueError("dimensions differ")
             index.expansion_search = self.expansion_search
-            self.state = AnnState(int(meta["version"]), int(meta["deletions"]), int(meta["max_id"]))
+            self.state = SyncState(int(meta["version"]), int(meta["deletions"]), int(meta["max_id"]))
             return index
         except Exception as exc:  # a damaged or foreign file is rebuilt from the store, never trusted
             log.warning("vector index %s unusable (%s); rebuilding it from the store", self.path, exc)
-            self.state = AnnState()
+            self.state = SyncState()
             return self._new()
 
     def save(self) -> None:
@@ -115,7 +111,7 @@ class AnnIndex:
     def reset(self) -> None:
         with self.lock:
             self._index = self._new()
-            self.state = AnnState()
+            self.state = SyncState()
             self.dirty = True
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -138,6 +134,26 @@ class AnnIndex:
             if np.any(present):
                 self._index.remove(keys[present])
                 self.dirty = True
+
+    @contextmanager
+    def session(self) -> Iterator[AnnIndex]:
+        """A change under the lock (in memory: `save` writes the file)."""
+        with self.lock:
+            before = SyncState(**self.state.__dict__)
+            yield self
+            if self.state != before:
+                self.dirty = True
+
+    def add_rows(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Rows of (chunk id, float32 blob)."""
+        if rows:
+            keys = np.array([r[0] for r in rows], dtype=np.int64)
+            vectors = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype="<f4").reshape(len(rows), -1)
+            self.add(keys, vectors)
+
+    def add_written(self, ids: Sequence[int], writes: Sequence[Any]) -> None:
+        if ids:
+            self.add(np.asarray(ids, dtype=np.int64), np.vstack([w.vectors for w in writes if len(w.chunks)]))
 
     def keys(self) -> np.ndarray:
         with self.lock:

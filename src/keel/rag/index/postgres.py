@@ -2,7 +2,7 @@
 
 Keyword search: `to_tsvector('english', ...)` (a generated column with a GIN
 index) finds the chunks holding any query lexeme; they are scored with
-BM25 (k1 = 1.2, b = 0.75, as SQLite's FTS5) from the lexemes' term
+BM25 (k1 = 1.2, b = 0.75, as the embedded backend's tantivy index) from the lexemes' term
 frequencies in the tsvector, each chunk's length (`n_terms`), the
 collection's chunk count and average length, and document frequencies kept
 per collection in `rag_terms`. PostgreSQL's own `ts_rank` is not BM25 (it
