@@ -90,21 +90,21 @@ def test_vector_search_is_cosine_nearest_first(index: RagIndex, filled: Collecti
     assert hits[0][1] == pytest.approx(float(unit(1, 0) @ unit(1, -0.1)), abs=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("condition", "expected"),
-    [
-        ({"lang": "fr"}, {"quantum"}),
-        ({"year": {"$gte": 2022}}, {"dogs", "quantum"}),
-        ({"year": {"$lt": 2022}}, {"cats"}),
-        ({"lang": {"$in": ["fr", "de"]}}, {"quantum"}),
-        ({"lang": {"$nin": ["fr"]}}, {"cats", "dogs"}),
-        ({"draft": {"$ne": True}}, {"cats", "dogs"}),
-        ({"draft": {"$exists": True}}, {"quantum"}),
-        ({"source": "docs/dogs.md"}, {"dogs"}),
-        ({"doc_id": "cats"}, {"cats"}),
-        ({"n": 1, "lang": "en"}, {"cats", "dogs"}),
-    ],
-)
+FILTER_CASES: list[tuple[dict[str, object], set[str]]] = [
+    ({"lang": "fr"}, {"quantum"}),
+    ({"year": {"$gte": 2022}}, {"dogs", "quantum"}),
+    ({"year": {"$lt": 2022}}, {"cats"}),
+    ({"lang": {"$in": ["fr", "de"]}}, {"quantum"}),
+    ({"lang": {"$nin": ["fr"]}}, {"cats", "dogs"}),
+    ({"draft": {"$ne": True}}, {"cats", "dogs"}),
+    ({"draft": {"$exists": True}}, {"quantum"}),
+    ({"source": "docs/dogs.md"}, {"dogs"}),
+    ({"doc_id": "cats"}, {"cats"}),
+    ({"n": 1, "lang": "en"}, {"cats", "dogs"}),
+]
+
+
+@pytest.mark.parametrize(("condition", "expected"), FILTER_CASES)
 def test_metadata_filters_hold_for_both_retrievers(
     index: RagIndex, filled: CollectionInfo, condition: dict[str, object], expected: set[str]
 ) -> None:
@@ -116,6 +116,41 @@ def test_metadata_filters_hold_for_both_retrievers(
         assert {c.doc_id for c in found.values()} == expected
     if "n" in condition:
         assert all(c.metadata["n"] == 1 for c in index.chunks(filled.collection_id, [h[0] for h in dense]).values())
+
+
+def test_sqlite_indexes_filtered_fields_of_large_collections(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the size threshold a filtered field gets an expression index the filter's SQL uses; same answers."""
+    from pathlib import Path
+
+    import keel.rag.index.sqlite as embedded
+
+    monkeypatch.setattr(embedded, "FIELD_INDEX_MIN_CHUNKS", 1)
+    store = open_store(str(Path(str(tmp_path)) / "k.db"))
+    index = open_index(store)
+    info = index.create_collection("c", embedding_model="m", embedding_id="test:m", dimensions=DIMS, settings={})
+    write(index, info, [
+        (*doc("cats", ["Cats purr.", "A cat sleeps."], lang="en", year=2020), [unit(1, 0), unit(1, 0.2)]),
+        (*doc("dogs", ["Dogs bark.", "A dog walks."], lang="en", year=2022), [unit(0, 1), unit(0.2, 1)]),
+        (*doc("quantum", ["Quantum qubits."], lang="fr", year=2024, draft=True), [unit(0, 0, 1)]),
+    ])  # fmt: skip
+    info = index.collection("c")
+    assert info is not None
+    for condition, expected in FILTER_CASES:
+        conditions = parse_filter(condition)
+        for hits in (index.vector(info, unit(1, 1, 1), 10, conditions),
+                     index.keyword(info, "cat cats dog dogs qubits purr walk", 10, conditions)):  # fmt: skip
+            found = index.chunks(info.collection_id, [h[0] for h in hits])
+            assert {c.doc_id for c in found.values()} == expected, condition
+    with store.transaction() as cur:
+        cur.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'rag_meta_%'")
+        assert cur.fetchone()[0] == 5  # lang, year, draft, source, n (doc_id has its own index)
+        cur.execute(
+            "EXPLAIN QUERY PLAN SELECT c.chunk_id FROM rag_chunks c WHERE c.collection_id = ?"
+            " AND json_extract(c.metadata, '$.\"year\"') >= ?", [info.collection_id, 2022],
+        )  # fmt: skip
+        assert "rag_meta_" in " ".join(str(r) for r in cur.fetchall())
+    index.close()
+    store.close()
 
 
 @pytest.mark.parametrize(
