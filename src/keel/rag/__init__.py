@@ -8,7 +8,7 @@
         rag.ingest_sync("docs/", collection="handbook")
         print(rag.ask_sync("How do I rotate a key?", collection="handbook").text)
 
-The backend follows the gateway's store: SQLite (FTS5 and a usearch HNSW file)
+The backend follows the gateway's store: SQLite (with a tantivy BM25 folder and a usearch HNSW file)
 or PostgreSQL (full-text search and pgvector). See docs/rag.md.
 """
 

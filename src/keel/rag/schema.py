@@ -15,9 +15,10 @@
   by every collection, so re-ingesting and comparing collections never embed
   the same text with the same model twice.
 
-Keyword search differs by backend. SQLite: one FTS5 table per collection
-(`rag_fts_<id>`, created with the collection), so BM25 statistics are the
-collection's own. PostgreSQL: a generated `tsvector` column with a GIN index,
+Keyword search differs by backend. SQLite: a tantivy index per collection
+(`<store>.rag/<id>.tantivy/`, derived from `rag_chunks` like the HNSW file,
+see keel.rag.index.keywords), so BM25 statistics are the collection's own.
+PostgreSQL: a generated `tsvector` column with a GIN index,
 scored as BM25 from `rag_terms` (document frequency per lexeme and
 collection, kept up to date by every write) and each chunk's `n_terms`.
 Vectors: SQLite keeps them as float32 blobs (the truth) and searches a usearch

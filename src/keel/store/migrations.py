@@ -9,7 +9,7 @@ or reorder a migration that has shipped: append a new one. SQL is written
 once with placeholders that each backend fills in: `{json}` (TEXT on
 SQLite, JSONB on PostgreSQL), `{real}` (REAL / DOUBLE PRECISION), `{serial}`
 (an auto-numbered integer primary key) and `{blob}` (BLOB / BYTEA); what only
-one dialect has (SQLite's FTS5, PostgreSQL's full-text and pgvector) goes in
+one dialect has (PostgreSQL's full-text search and pgvector, say) goes in
 `sqlite` or `postgres`, applied after the shared statements.
 
 An application layer that owns tables (RAG) keeps its own migration list and

@@ -198,7 +198,7 @@ class RagIndex(ABC):
 
     @abstractmethod
     def _create_objects(self, cur: Any, collection_id: int, dimensions: int) -> None:
-        """Backend objects of a new collection (SQLite: its FTS5 table; PostgreSQL: its HNSW index)."""
+        """Backend objects of a new collection (PostgreSQL: its HNSW index; SQLite: none, its indexes are files)."""
 
     @abstractmethod
     def _drop_objects(self, cur: Any, collection_id: int) -> None: ...

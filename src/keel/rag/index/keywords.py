@@ -196,9 +196,9 @@ class KeywordIndex:
             only = q.const_score_query(q.term_set_query(self._schema, "id", [int(i) for i in allowed]), 0.0)
             query_ = q.boolean_query([(must, query_), (must, only)])
         with self.lock:
-            searcher = self._index.searcher()
-            hits = searcher.search(query_, limit=int(k), count=False).hits
-            ids = searcher.fast_field_values("id", [address for _, address in hits]) if hits else []
+            searcher = self._index.searcher()  # a snapshot: searching it needs no lock
+        hits = searcher.search(query_, limit=int(k), count=False).hits
+        ids = searcher.fast_field_values("id", [address for _, address in hits]) if hits else []
         return [(int(i), float(score)) for (score, _), i in zip(hits, ids, strict=True)]
 
     def __len__(self) -> int:
