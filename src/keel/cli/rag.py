@@ -131,7 +131,8 @@ FilterOption = Annotated[
     str | None, typer.Option("--filter", help='Metadata filter as JSON, e.g. \'{"source": "docs/a.md"}\'.')
 ]
 RerankOption = Annotated[
-    str | None, typer.Option(help="Rerank with this reranker (llm:MODEL); 'none' turns off rag.reranker.")
+    str | None,
+    typer.Option(help="Rerank with llm:MODEL, embed:MODEL or sentences:MODEL; 'none' turns off rag.reranker."),
 ]
 
 

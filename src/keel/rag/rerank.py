@@ -22,6 +22,13 @@ priced, rate-limited call like any other:
   that is stronger or different in kind (a hosted embedding model over a
   local index); measure before switching it on. Candidate vectors are cached
   by content hash like every other embedding.
+- `sentences:MODEL`: the candidate's best sentence rather than its whole
+  text. Each sentence (with the chunk's heading context in front) is
+  embedded by MODEL, usually the collection's own, and a candidate scores
+  the cosine of its sentence closest to the query; that ranking is fused
+  with the retrieval ranking by reciprocal rank. A chunk embedding averages
+  everything the chunk says, while a question is often answered by one
+  sentence of it. Sentence vectors are cached by content hash.
 """
 
 from __future__ import annotations
@@ -39,8 +46,9 @@ from keel.gateway import Gateway
 from keel.rag.embedder import Embedder, EmbeddingSpace
 from keel.rag.index.base import RagIndex
 from keel.rag.retrieve import Hit, fuse_rrf
+from keel.rag.sentences import sentence_spans
 
-__all__ = ["EmbeddingReranker", "LLMReranker", "Reranker", "make_reranker"]
+__all__ = ["EmbeddingReranker", "LLMReranker", "Reranker", "SentenceReranker", "make_reranker"]
 
 GRADES = 3
 _SCHEMA: dict[str, Any] = {
@@ -114,12 +122,42 @@ class EmbeddingReranker(Reranker):
         if not hits:
             return []
         vectors = await self.embedder.documents([h.chunk.indexed_text for h in hits], key=key)
+        return _fused_with_retrieval(vectors @ await self.embedder.query(query, key=key), self.rrf_k)
+
+
+def _fused_with_retrieval(similarity: np.ndarray, rrf_k: float) -> list[float]:
+    """RRF of the retrieval order (the hits as given) and the order by `similarity`, scaled to [0, 1]."""
+    first = [(i, 0.0) for i in range(len(similarity))]
+    second = [(int(i), 0.0) for i in np.argsort(-similarity, kind="stable")]
+    fused = fuse_rrf([(first, 1.0), (second, 1.0)], rrf_k)
+    best = 2.0 / (rrf_k + 1)  # first in both rankings
+    return [fused[i] / best for i in range(len(similarity))]
+
+
+class SentenceReranker(Reranker):
+    """Each candidate's best sentence by an embedding model, fused with the retrieval ranking (RRF)."""
+
+    def __init__(self, gateway: Gateway, index: RagIndex, model: str, *, rrf_k: float = 60.0) -> None:
+        self.embedder = Embedder(gateway, EmbeddingSpace.of(gateway, model), index)
+        self.name = f"sentences:{self.embedder.space.name}"
+        self.rrf_k = rrf_k
+
+    async def scores(self, query: str, hits: Sequence[Hit], *, key: str | None = None) -> list[float]:
+        if not hits:
+            return []
+        texts: list[str] = []
+        owner: list[int] = []
+        for i, hit in enumerate(hits):
+            text = hit.chunk.text
+            context = hit.chunk.context or hit.chunk.title
+            for start, end in sentence_spans(text) or [(0, len(text))]:
+                texts.append(f"{context}\n{text[start:end]}" if context else text[start:end])
+                owner.append(i)
+        vectors = await self.embedder.documents(texts, key=key)
         similarity = vectors @ await self.embedder.query(query, key=key)
-        first = [(i, 0.0) for i in range(len(hits))]
-        second = [(int(i), 0.0) for i in np.argsort(-similarity, kind="stable")]
-        fused = fuse_rrf([(first, 1.0), (second, 1.0)], self.rrf_k)
-        best = 2.0 / (self.rrf_k + 1)  # first in both rankings
-        return [fused[i] / best for i in range(len(hits))]
+        best = np.full(len(hits), -np.inf)
+        np.maximum.at(best, np.asarray(owner), similarity)
+        return _fused_with_retrieval(best, self.rrf_k)
 
 
 def make_reranker(gateway: Gateway, spec: str | None, index: RagIndex | None = None) -> Reranker | None:
@@ -131,7 +169,10 @@ def make_reranker(gateway: Gateway, spec: str | None, index: RagIndex | None = N
         return LLMReranker(gateway, model)
     if kind == "embed" and model and index is not None:
         return EmbeddingReranker(gateway, index, model)
+    if kind == "sentences" and model and index is not None:
+        return SentenceReranker(gateway, index, model)
     raise ConfigError(
-        f"reranker {spec!r} is not known: use llm:MODEL (a chat model grades relevance) or embed:MODEL (a second"
-        " embedding model's opinion); no cross-encoder can be installed offline"
+        f"reranker {spec!r} is not known: use llm:MODEL (a chat model grades relevance), embed:MODEL (a second"
+        " embedding model's opinion) or sentences:MODEL (each candidate's best sentence); no cross-encoder can be"
+        " installed offline"
     )
