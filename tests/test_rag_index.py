@@ -153,6 +153,48 @@ def test_sqlite_indexes_filtered_fields_of_large_collections(tmp_path: object, m
     store.close()
 
 
+def test_sqlite_field_index_waits_for_another_writer(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filters from two threads while another connection writes: the index is built once, nothing is "locked"."""
+    import sqlite3
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import keel.rag.index.sqlite as embedded
+
+    monkeypatch.setattr(embedded, "FIELD_INDEX_MIN_CHUNKS", 1)
+    path = Path(str(tmp_path)) / "k.db"
+    store = open_store(str(path))
+    index = open_index(store)
+    info = index.create_collection("c", embedding_model="m", embedding_id="test:m", dimensions=DIMS, settings={})
+    write(index, info, [(*doc("cats", ["Cats purr."], year=2020), [unit(1, 0)]),
+                        (*doc("dogs", ["Dogs bark."], year=2022), [unit(0, 1)])])  # fmt: skip
+    info = index.collection("c")
+    assert info is not None
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE elsewhere (x)")  # another process's write, committed while the filters wait
+    committer = threading.Timer(0.3, lambda: writer.execute("COMMIT"))
+    committer.start()
+    started = time.perf_counter()
+    conditions = parse_filter({"year": {"$gte": 2021}})
+    with ThreadPoolExecutor(2) as pool:
+        dense = pool.submit(index.vector, info, unit(1, 1), 10, conditions)
+        keyword = pool.submit(index.keyword, info, "cats dogs purr bark", 10, conditions)
+        hits = [dense.result(), keyword.result()]
+    committer.join()
+    writer.close()
+    assert time.perf_counter() - started >= 0.25  # it did wait for the writer
+    for found in hits:
+        assert {c.doc_id for c in index.chunks(info.collection_id, [h[0] for h in found]).values()} == {"dogs"}
+    with store.transaction() as cur:
+        cur.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'rag_meta_%'")
+        assert cur.fetchone()[0] == 1
+    index.close()
+    store.close()
+
+
 @pytest.mark.parametrize(
     "bad",
     ['{"a": [1]}', '{"a": {"$regex": "x"}}', '{"a b": 1}', '{"a": {"$in": []}}', "[1]", "{nope", '{"a": null}',

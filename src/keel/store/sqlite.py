@@ -57,10 +57,11 @@ class SQLiteStore(Store):
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, *, immediate: bool = False) -> Iterator[Any]:
+        """`immediate`: take the write lock at BEGIN, under the busy timeout (for a write that must wait its turn)."""
         conn = self._connection()
         cur = conn.cursor()
-        cur.execute("BEGIN")
+        cur.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
             yield cur
         except BaseException:

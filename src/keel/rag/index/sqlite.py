@@ -78,6 +78,7 @@ class SQLiteRagIndex(RagIndex):
         self._keywords: dict[int, KeywordIndex] = {}
         self._lock = threading.Lock()
         self._indexed_fields: set[str] = set()
+        self._field_lock = threading.Lock()
         self._drop_fts_tables()
 
     @property
@@ -265,18 +266,26 @@ class SQLiteRagIndex(RagIndex):
         """An expression index for each metadata field filtered on in a large collection (once per store)."""
         if info.n_chunks < FIELD_INDEX_MIN_CHUNKS:
             return
-        keys = {c.key for c in conditions if c.op in _INDEXED_OPS and c.key != "doc_id"} - self._indexed_fields
-        for key in sorted(keys):  # keys are checked names (filters._KEY): no quote can reach the SQL
-            name = "rag_meta_" + hashlib.sha1(key.encode()).hexdigest()[:16]
-            with self.store.transaction() as cur:
-                cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", [name])
-                if cur.fetchone() is None:
+        keys = {c.key for c in conditions if c.op in _INDEXED_OPS and c.key != "doc_id"}
+        if not keys - self._indexed_fields:
+            return
+        # One builder at a time: a hybrid search filters its keyword and vector halves in two threads at once, and
+        # at 1M chunks the build takes seconds. The CREATE takes the write lock at BEGIN, so it waits out another
+        # process's build under the busy timeout (a read upgraded to a write fails at once: "database is locked").
+        with self._field_lock:
+            for key in sorted(keys - self._indexed_fields):  # checked names (filters._KEY): no quote reaches the SQL
+                name = "rag_meta_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+                with self.store.transaction() as cur:
+                    cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", [name])
+                    exists = cur.fetchone() is not None
+                if not exists:
                     log.info("indexing metadata field %r for filters (once; later writes keep it)", key)
-                    cur.execute(
-                        f"CREATE INDEX IF NOT EXISTS {name} ON rag_chunks (collection_id,"
-                        f" json_extract(metadata, '$.\"{key}\"'))"
-                    )
-            self._indexed_fields.add(key)
+                    with self.sqlite.transaction(immediate=True) as cur:
+                        cur.execute(
+                            f"CREATE INDEX IF NOT EXISTS {name} ON rag_chunks (collection_id,"
+                            f" json_extract(metadata, '$.\"{key}\"'))"
+                        )
+                self._indexed_fields.add(key)
 
     def _allowed(self, info: CollectionInfo, conditions: tuple[Condition, ...]) -> np.ndarray:
         self._index_fields(info, conditions)
