@@ -154,7 +154,7 @@ def test_sqlite_indexes_filtered_fields_of_large_collections(tmp_path: object, m
 
 
 def test_sqlite_field_index_waits_for_another_writer(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Filters from two threads while another connection writes: the index is built once, nothing is "locked"."""
+    """Filters from two threads while another connection writes: both wait, answer right, one index exists."""
     import sqlite3
     import threading
     import time
