@@ -11,9 +11,10 @@ from keel import errors
 def test_exported_names() -> None:
     assert sorted(keel.__all__) == sorted(
         [
-            "ChatOptions", "ChatRequest", "ChatResult", "ChatStream", "Config", "EmbeddingResult", "FunctionModel",
-            "Gateway", "KeelError", "Message", "Model", "ModelResponse", "ResponseFormat", "StreamDelta", "TestModel",
-            "Tool", "ToolCall", "Usage", "__version__", "errors", "load_config",
+            "Call", "CallContext", "ChatOptions", "ChatRequest", "ChatResult", "ChatStream", "Config",
+            "EmbeddingResult", "FunctionModel", "Gateway", "KeelError", "Message", "Model", "ModelResponse",
+            "RequestWrapper", "ResponseFormat", "StreamDelta", "TestModel", "Tool", "ToolCall", "Usage", "__version__",
+            "errors", "load_config",
         ]
     )  # fmt: skip
     for name in keel.__all__:

@@ -124,9 +124,9 @@ def test_a_virtual_key_is_accepted_and_attributed(gw: Gateway, served: Server) -
     [span] = spans(gw, trace_id=http.headers["x-keel-trace-id"])
     a = span.attributes
     assert a["keel.api_key"] == "team-a"
-    assert a["keel.metadata.user"] == "u-7"
-    assert a["keel.metadata.session_id"] == "s-42"
-    assert a["keel.metadata.tags"] == ["beta", "search"]
+    assert a["keel.user"] == "u-7"
+    assert a["keel.session"] == "s-42"
+    assert a["keel.tags"] == ["beta", "search"]
     assert a["keel.metadata.feature"] == "summaries"
     assert a["keel.metadata.ticket"] == "T-1"
 

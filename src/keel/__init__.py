@@ -9,6 +9,7 @@ from keel import errors
 from keel.config import Config, load_config
 from keel.errors import KeelError
 from keel.gateway import ChatStream, Gateway
+from keel.gateway.pipeline import Call, CallContext, RequestWrapper
 from keel.models import FunctionModel, Model, TestModel
 from keel.types import (
     ChatOptions,
@@ -27,6 +28,8 @@ from keel.types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Call",
+    "CallContext",
     "ChatOptions",
     "ChatRequest",
     "ChatResult",
@@ -39,6 +42,7 @@ __all__ = [
     "Message",
     "Model",
     "ModelResponse",
+    "RequestWrapper",
     "ResponseFormat",
     "StreamDelta",
     "TestModel",

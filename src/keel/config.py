@@ -256,6 +256,20 @@ class OtlpConfig(_Strict):
 _OTLP_EXAMPLE = "http://localhost:4318/v1/traces"
 
 
+class WrapperConfig(_Strict):
+    """One `[[gateway.wrappers]]` entry: a request wrapper class by import path, its slot and options."""
+
+    path: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # package.module:Class
+    slot: str | None = None
+    options: dict[str, Any] = {}
+
+
+class GatewayConfig(_Strict):
+    """`[gateway]`: the request pipeline's own wrappers, added after the built-in ones of their slot."""
+
+    wrappers: list[WrapperConfig] = []
+
+
 class Config(_Strict):
     default_model: str = "local"
     default_embedding_model: str = "local-embed"
@@ -268,6 +282,7 @@ class Config(_Strict):
     circuit_breaker: CircuitConfig = CircuitConfig()
     server: ServerConfig = ServerConfig()
     otlp: OtlpConfig = OtlpConfig()
+    gateway: GatewayConfig = GatewayConfig()
     models: dict[str, ModelConfig] = {}
     aliases: dict[str, str] = {}
     keys: dict[str, KeyConfig] = {}

@@ -58,6 +58,10 @@ class BudgetTracker:
         limits = {"daily": config.daily_budget_usd, "monthly": config.monthly_budget_usd}
         return {period: value for period, value in limits.items() if value is not None}
 
+    def limited(self, key: str) -> bool:
+        """Whether the key has a daily or monthly budget."""
+        return bool(self._limits(key))
+
     async def _ledger(self, key: str, period: str, start: float) -> _Ledger:
         ledger = self._ledgers.get((key, period))
         if ledger is None or ledger.start != start:

@@ -11,22 +11,24 @@ import asyncio
 import contextvars
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from pydantic import BaseModel
 
-from keel import tokens
 from keel.config import Config, KeyConfig, ModelConfig, load_config
-from keel.errors import ConfigError, InputError, KeelError, MalformedResponse, ModelNotAllowed, UnknownModel
-from keel.gateway.budget import BudgetTracker, Reservation
+from keel.errors import ConfigError, InputError, MalformedResponse, ModelNotAllowed, UnknownModel
+from keel.gateway.budget import BudgetTracker
 from keel.gateway.deployment import Deployment
 from keel.gateway.fallback import FallbackModel
 from keel.gateway.limits import Limiter
+from keel.gateway.pipeline import Call, CallContext, Pipeline, RequestWrapper, final_item, wrappers_from_config
 from keel.gateway.registry import build_adapter, wrap
-from keel.gateway.structured import StructuredSpec, run_structured, spec_for
+from keel.gateway.structured import spec_for
 from keel.gateway.sync import LoopThread
+from keel.gateway.wrappers import KeyBudget, KeyLimits, KeyScope, Structured, Tracing, route, worst_case_cost
 from keel.models.base import Model
 from keel.store import Store, open_store
 from keel.trace import Redactor, Span, SpanWriter, Tracer, _current
@@ -40,14 +42,13 @@ from keel.types import (
     ModelResponse,
     StreamDelta,
     Tool,
-    Usage,
     parse_messages,
 )
 
 if TYPE_CHECKING:
     from keel.otlp import OtlpExporter
 
-__all__ = ["ChatStream", "Gateway"]
+__all__ = ["ChatArgs", "ChatStream", "EmbedArgs", "Gateway", "SyncChatStream"]
 
 DEFAULT_MAX_OUTPUT = 4096
 _PROVIDERS = {"openai", "anthropic", "gemini", "local", "test", "onnx"}
@@ -93,13 +94,31 @@ def _check_options(o: ChatOptions) -> None:
         raise InputError(f"top_p must be in (0, 1], got {o.top_p}")
 
 
-@dataclass
-class _Admission:
-    """What a call reserved before it was sent, to settle after."""
+class ChatArgs(TypedDict, total=False):
+    """The keyword arguments of `Gateway.chat` (and `chat_sync`, `stream`, `stream_sync`)."""
 
-    reservation: Reservation | None = None
-    limiter: Limiter | None = None
-    estimated: int = 0
+    system: str | None
+    temperature: float | None
+    max_tokens: int | None
+    stop: Sequence[str] | str | None
+    seed: int | None
+    top_p: float | None
+    tools: Sequence[Tool | Mapping[str, Any]] | None
+    tool_choice: str | None
+    timeout: float | None
+    response_model: type[BaseModel] | Mapping[str, Any] | None
+    max_reasks: int
+    key: str | None
+    metadata: Mapping[str, Any] | None
+    context: CallContext | None
+
+
+class EmbedArgs(TypedDict, total=False):
+    """The keyword arguments of `Gateway.embed` (and `embed_sync`)."""
+
+    key: str | None
+    metadata: Mapping[str, Any] | None
+    context: CallContext | None
 
 
 class Gateway:
@@ -108,6 +127,9 @@ class Gateway:
     >>> gw = Gateway()                                # keel.toml or the embedded defaults
     >>> result = gw.chat_sync("What is RAG?", model="local")
     >>> result.text, result.usage, result.cost_usd, result.trace_id
+
+    Every call passes `gw.pipeline`, one ordered stack of request wrappers (see
+    `keel.gateway.pipeline`); `wrappers` adds your own, as does `[[gateway.wrappers]]` in keel.toml.
     """
 
     def __init__(
@@ -117,6 +139,7 @@ class Gateway:
         store: Store | str | bool | None = None,
         models: Mapping[str, Model] | None = None,
         key: str | None = None,
+        wrappers: Sequence[RequestWrapper] = (),
     ) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.store: Store | None
@@ -145,6 +168,22 @@ class Gateway:
         if self.otlp is not None:
             self.tracer.listeners.append(self.otlp.observe)
         self._loop_thread: LoopThread | None = None
+        #: The request pipeline every call passes; `pipeline.add(wrapper, slot)` adds one.
+        self.pipeline = self._build_pipeline(wrappers)
+
+    def _build_pipeline(self, extra: Sequence[RequestWrapper]) -> Pipeline:
+        built_in: list[tuple[str, RequestWrapper]] = [
+            ("trace", Tracing()),
+            ("scope", KeyScope(self._check_key_model)),
+            ("budget", KeyBudget(self.budgets, self._worst_case)),
+            ("limits", KeyLimits(self._key_limiter)),
+            ("structured", Structured()),
+        ]
+        configured = wrappers_from_config([w.model_dump() for w in self.config.gateway.wrappers])
+        pipeline = Pipeline(route(self._router, self.deployment), [*built_in, *configured])
+        for wrapper in extra:
+            pipeline.add(wrapper)
+        return pipeline
 
     # --- models ---------------------------------------------------------------
 
@@ -221,45 +260,55 @@ class Gateway:
         if allowed is not None and name not in {self.resolve(m) for m in allowed}:
             raise ModelNotAllowed(f"key {key!r} may not use model {name!r}; allowed: {', '.join(allowed)}")
 
-    def _worst_case(self, router: FallbackModel, request: ChatRequest) -> float | None:
-        worst: float | None = None
-        prompt = router.count_tokens(request)
-        for name in [*router.chain, *router.context_chain]:
-            deployment = self.deployment(name)
-            if deployment.price is None:
-                continue
-            out = request.options.max_tokens or deployment.max_output_tokens or DEFAULT_MAX_OUTPUT
-            cost = deployment.price.cost(Usage(input_tokens=prompt, output_tokens=out))
-            worst = cost if worst is None else max(worst, cost)
-        return worst
+    def _worst_case(self, call: Call) -> float | None:
+        return worst_case_cost(self._router(call.model), call.chat_request, self.deployment, DEFAULT_MAX_OUTPUT)
 
-    async def _admit(self, key: str | None, name: str, router: FallbackModel, request: ChatRequest) -> _Admission:
-        """Reserve the key's budget and take its rate-limit slot before anything is sent
-        (its model list is checked earlier, before the model is built)."""
-        admission = _Admission()
-        if key is None:
-            return admission
-        budget = self.keys.get(key)
-        if budget is not None and (budget.daily_budget_usd is not None or budget.monthly_budget_usd is not None):
-            admission.reservation = await self.budgets.reserve(key, self._worst_case(router, request))
-        limiter = self._key_limiter(key)
-        if limiter is not None:
-            estimated = tokens.estimate(request) if limiter.tpm else 0
-            try:
-                await limiter.acquire(estimated)
-            except KeelError:
-                self.budgets.settle(admission.reservation, None)
-                admission.reservation = None
-                raise
-            admission.limiter, admission.estimated = limiter, estimated
-        return admission
+    # --- calls ------------------------------------------------------------------
 
-    async def _settle(self, admission: _Admission, response: ModelResponse) -> None:
-        self.budgets.settle(admission.reservation, response.cost_usd)
-        if admission.limiter is not None:
-            await admission.limiter.settle(admission.estimated, response.usage)
+    def _context(
+        self, key: str | None, metadata: Mapping[str, Any] | None, context: CallContext | None
+    ) -> CallContext:
+        """The call's context: `context` if given, with `key` and `metadata` filled in or added."""
+        base = context or CallContext()
+        key = key or base.key or self.key
+        if metadata:
+            base = replace(base, metadata={**base.metadata, **metadata})
+        return base if key == base.key else replace(base, key=key)
 
-    # --- chat -------------------------------------------------------------------
+    def _start_span(self, operation: str, model: str | None, context: CallContext) -> Span:
+        span = self.tracer.start(f"{operation} {model or self.config.default_model}")
+        span.set(gen_ai__operation__name=operation, gen_ai__request__model=model or self.config.default_model)
+        span.attributes.update(context.span_attributes())
+        return span
+
+    def _chat_call(
+        self,
+        span: Span,
+        context: CallContext,
+        messages: str | Sequence[MessageLike],
+        model: str | None,
+        stream: bool,
+        args: ChatArgs,
+    ) -> Call:
+        """Validate a chat call's arguments into a `Call` (or raise the caller's mistake)."""
+        name = self.resolve(model)
+        response_model = args.get("response_model")
+        spec = spec_for(response_model) if response_model is not None else None
+        stop = args.get("stop")
+        options = ChatOptions(
+            temperature=args.get("temperature"), max_tokens=args.get("max_tokens"),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            seed=args.get("seed"), top_p=args.get("top_p"), tools=_tools(args.get("tools")),
+            tool_choice=args.get("tool_choice"), timeout=args.get("timeout"),
+            response_format=spec.format if spec else None,
+        )  # fmt: skip
+        max_reasks = args.get("max_reasks", 2)
+        if isinstance(max_reasks, bool) or not isinstance(max_reasks, int) or max_reasks < 0:
+            raise InputError(f"max_reasks must be 0 or more, got {max_reasks!r}")
+        request = self._request(messages, name, args.get("system"), options)
+        return Call(
+            "chat", name, context, span, request=request, stream=stream, structured=spec, max_reasks=max_reasks
+        )
 
     def _request(
         self, messages: str | Sequence[MessageLike], name: str, system: str | None, options: ChatOptions
@@ -270,58 +319,16 @@ class Gateway:
         _check_options(options)
         return ChatRequest(name, parsed, options)
 
-    def _start_span(
-        self, operation: str, model: str | None, key: str | None, metadata: Mapping[str, Any] | None
-    ) -> Span:
-        span = self.tracer.start(f"{operation} {model or self.config.default_model}")
-        span.set(gen_ai__operation__name=operation, gen_ai__request__model=model or self.config.default_model)
-        if key is not None:
-            span.attributes["keel.api_key"] = key
-        for k, v in (metadata or {}).items():
-            span.attributes[f"keel.metadata.{k}"] = v
-        return span
-
-    def _record_request(self, span: Span, request: ChatRequest) -> None:
-        o = request.options
-        span.set(keel__model=request.model)
-        for attr, value in (
-            ("gen_ai.request.temperature", o.temperature), ("gen_ai.request.max_tokens", o.max_tokens),
-            ("gen_ai.request.seed", o.seed), ("gen_ai.request.top_p", o.top_p),
-            ("gen_ai.request.stop_sequences", list(o.stop) or None),
-        ):  # fmt: skip
-            if value is not None:
-                span.attributes[attr] = value
-        span.input = {"messages": [m.to_openai() for m in request.messages]}
-        if o.tools:
-            span.input["tools"] = [t.to_openai() for t in o.tools]
-        if o.response_format is not None:
-            span.input["response_format"] = {"name": o.response_format.name, "schema": dict(o.response_format.schema)}
-
-    def _record_usage(self, span: Span, usage: Usage | None, cost: float | None, attempts: int) -> None:
-        if usage is not None:
-            span.set(gen_ai__usage__input_tokens=usage.input_tokens, gen_ai__usage__output_tokens=usage.output_tokens)
-            span.set(keel__usage__cached_input_tokens=usage.cached_input_tokens)
-            span.set(keel__usage__reasoning_tokens=usage.reasoning_tokens)
-        span.set(keel__cost_usd=cost, keel__attempts=attempts)
-
-    def _result(self, span: Span, response: ModelResponse, started: float, parsed: Any = None) -> ChatResult:
-        latency = time.perf_counter() - started
-        span.set(gen_ai__provider__name=response.provider, gen_ai__response__model=response.model)
-        span.set(gen_ai__response__finish_reasons=[response.finish_reason], keel__model=response.deployment)
-        span.set(keel__cache_hit=False)
-        self._record_usage(span, response.usage, response.cost_usd, response.attempts)
-        span.output = {
-            "text": response.text,
-            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in response.tool_calls],
-        }
+    def _result(self, call: Call, response: ModelResponse, started: float) -> ChatResult:
         return ChatResult(
             text=response.text, tool_calls=response.tool_calls, finish_reason=response.finish_reason,
-            usage=response.usage, cost_usd=response.cost_usd, latency_s=latency, model=response.deployment,
-            response_model=response.model, provider=response.provider, attempts=response.attempts,
-            trace_id=span.trace_id, span_id=span.span_id, parsed=parsed,
+            usage=response.usage, cost_usd=response.cost_usd, latency_s=time.perf_counter() - started,
+            model=response.deployment, response_model=response.model, provider=response.provider,
+            attempts=response.attempts, trace_id=call.span.trace_id, span_id=call.span.span_id, parsed=call.parsed,
         )  # fmt: skip
 
-    def _failed(self, span: Span, error: BaseException, admission: _Admission, *, streamed: bool = False) -> None:
+    @staticmethod
+    def _failed(span: Span, error: BaseException) -> None:
         span.fail(error)
         if isinstance(error, asyncio.CancelledError):
             span.error_type = span.attributes["error.type"] = "Cancelled"
@@ -329,128 +336,67 @@ class Gateway:
             if not reason or reason.startswith("Cancelled via cancel scope"):  # anyio's, when a client leaves
                 reason = "cancelled before it finished (the caller went away or the server stopped)"
             span.error_message = reason
-        cost = getattr(error, "cost_usd", None)
-        if streamed and cost is None and admission.reservation is not None:
-            # The caller left a stream the provider had started answering: it bills what it
-            # generated, which keel cannot see, so the budget keeps the reserved worst case.
-            cost = admission.reservation.amount
-            span.set(keel__cost_estimated=True)
-        self._record_usage(span, getattr(error, "usage", None), cost, getattr(error, "attempts", 0))
-        self.budgets.settle(admission.reservation, cost)
 
     async def chat(
-        self,
-        messages: str | Sequence[MessageLike],
-        model: str | None = None,
-        *,
-        system: str | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        top_p: float | None = None,
-        tools: Sequence[Tool | Mapping[str, Any]] | None = None,
-        tool_choice: str | None = None,
-        timeout: float | None = None,
-        response_model: type[BaseModel] | Mapping[str, Any] | None = None,
-        max_reasks: int = 2,
-        key: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
+        self, messages: str | Sequence[MessageLike], model: str | None = None, **args: Unpack[ChatArgs]
     ) -> ChatResult:
-        """One chat call: messages in, a `ChatResult` out (or a `KeelError`)."""
-        key = key or self.key
-        span = self._start_span("chat", model, key, metadata)
+        """One chat call: messages in, a `ChatResult` out (or a `KeelError`).
+
+        Options: system, temperature, max_tokens, stop, seed, top_p, tools, tool_choice, timeout,
+        response_model (a pydantic class or a JSON schema) with max_reasks, and who the call is for:
+        key, metadata, or a whole `CallContext` (tenant, user, session, tags).
+        """
+        _check_args(args, ChatArgs)
+        context = self._context(args.get("key"), args.get("metadata"), args.get("context"))
+        span = self._start_span("chat", model, context)
         token = _current.set(span)
-        admission = _Admission()
         started = time.perf_counter()
         try:
-            name = self.resolve(model)
-            self._check_key_model(key, name)  # before the model is built: a refused key learns nothing else
-            spec = spec_for(response_model) if response_model is not None else None
-            options = ChatOptions(
-                temperature=temperature, max_tokens=max_tokens,
-                stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-                seed=seed, top_p=top_p, tools=_tools(tools), tool_choice=tool_choice, timeout=timeout,
-                response_format=spec.format if spec else None,
-            )  # fmt: skip
-            request = self._request(messages, name, system, options)
-            self._record_request(span, request)
-            router = self._router(name)
-            admission = await self._admit(key, name, router, request)
-            response, parsed = await self._complete(router, request, spec, max_reasks, span)
-            await self._settle(admission, response)
-            return self._result(span, response, started, parsed)
+            call = self._chat_call(span, context, messages, model, False, args)
+            response = await final_item(self.pipeline.handler(call))
+            assert isinstance(response, ModelResponse)  # a chat call's final item
+            return self._result(call, response, started)
         except BaseException as error:
-            self._failed(span, error, admission)
+            self._failed(span, error)
             raise
         finally:
             _current.reset(token)
             self.tracer.finish(span)
 
-    async def _complete(
-        self, router: FallbackModel, request: ChatRequest, spec: StructuredSpec | None, max_reasks: int, span: Span
-    ) -> tuple[ModelResponse, Any]:
-        if spec is None:
-            return await router.complete(request), None
-
-        async def call(messages: tuple[Message, ...]) -> ModelResponse:
-            return await router.complete(replace(request, messages=messages))
-
-        response, parsed, tries = await run_structured(call, request.messages, spec, max_reasks)
-        span.set(keel__structured__tries=tries)
-        return response, parsed
-
-    def stream(self, messages: str | Sequence[MessageLike], model: str | None = None, **kwargs: Any) -> ChatStream:
-        """Stream a chat call: iterate for `StreamDelta`s, then read `.result`."""
-        if "response_model" in kwargs:
-            raise InputError("structured output cannot be streamed; use chat()")
-        return ChatStream(self._stream(messages, model, **kwargs))
+    def stream(
+        self, messages: str | Sequence[MessageLike], model: str | None = None, **args: Unpack[ChatArgs]
+    ) -> ChatStream:
+        """Stream a chat call: iterate for `StreamDelta`s, then read `.result` (same options as `chat`;
+        with `response_model` the answer streams as JSON and is validated at its end)."""
+        _check_args(args, ChatArgs)
+        return ChatStream(self._stream(messages, model, args))
 
     async def _stream(
-        self,
-        messages: str | Sequence[MessageLike],
-        model: str | None,
-        *,
-        system: str | None = None,
-        key: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        stop: Sequence[str] | str | None = None,
-        tools: Sequence[Tool | Mapping[str, Any]] | None = None,
-        **options: Any,
+        self, messages: str | Sequence[MessageLike], model: str | None, args: ChatArgs
     ) -> AsyncIterator[StreamDelta | ChatResult]:
-        key = key or self.key
-        span = self._start_span("chat", model, key, metadata)
+        context = self._context(args.get("key"), args.get("metadata"), args.get("context"))
+        span = self._start_span("chat", model, context)
         span.set(keel__stream=True)
-        admission = _Admission()
         started = time.perf_counter()
         token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
-            name = self.resolve(model)
-            self._check_key_model(key, name)
-            stop_t = (stop,) if isinstance(stop, str) else tuple(stop or ())
-            request = self._request(messages, name, system, ChatOptions(stop=stop_t, tools=_tools(tools), **options))
-            self._record_request(span, request)
-            router = self._router(name)
-            admission = await self._admit(key, name, router, request)
-            # the caller's code runs between our yields: it must not see this span as its parent
-            if token is not None:
-                _current.reset(token)
-                token = None
+            call = self._chat_call(span, context, messages, model, True, args)
             final: ModelResponse | None = None
-            async for item in router.stream(request):  # read to the end, so every wrapper closes cleanly
-                if isinstance(item, ModelResponse):
-                    final = item
-                    continue
-                if "keel.time_to_first_token_ms" not in span.attributes:
-                    span.attributes["keel.time_to_first_token_ms"] = round((time.perf_counter() - started) * 1000, 2)
-                yield item
+            async with aclosing(self.pipeline.handler(call)) as items:  # a caller leaving early closes them all
+                async for item in items:
+                    if isinstance(item, ModelResponse):
+                        final = item
+                        continue
+                    if token is not None:  # the caller's code runs between our yields: not under this span
+                        _current.reset(token)
+                        token = None
+                    assert isinstance(item, StreamDelta)  # a chat call yields deltas, then its response
+                    yield item
             if final is None:
-                raise MalformedResponse("the stream ended without a final response", provider=router.provider)
-            await self._settle(admission, final)
-            yield self._result(span, final, started)
+                raise MalformedResponse("the stream ended without a final response", provider=call.model)
+            yield self._result(call, final, started)
         except BaseException as error:
-            streamed = "keel.time_to_first_token_ms" in span.attributes  # a first piece reached the caller
-            self._failed(span, error, admission, streamed=streamed)
+            self._failed(span, error)
             raise
         finally:
             if token is not None:
@@ -460,15 +406,12 @@ class Gateway:
     # --- embeddings and tokens -----------------------------------------------------
 
     async def embed(
-        self,
-        texts: Sequence[str],
-        model: str | None = None,
-        *,
-        key: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
+        self, texts: Sequence[str], model: str | None = None, **args: Unpack[EmbedArgs]
     ) -> EmbeddingResult:
-        key = key or self.key
-        span = self._start_span("embeddings", model or self.config.default_embedding_model, key, metadata)
+        """Embed `texts` with an embedding model (the configured default unless named)."""
+        _check_args(args, EmbedArgs)
+        context = self._context(args.get("key"), args.get("metadata"), args.get("context"))
+        span = self._start_span("embeddings", model or self.config.default_embedding_model, context)
         token = _current.set(span)
         try:
             if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
@@ -478,12 +421,11 @@ class Gateway:
                 raise InputError(f"{name!r} is a chat model; embed with an embedding model (see `keel models`)")
             if not texts:
                 raise InputError("texts is empty")
-            self._check_key_model(key, name)
-            deployment = self.deployment(name)
-            span.set(keel__model=name, gen_ai__provider__name=deployment.provider)
-            result = await deployment.embed(list(texts))
-            span.set(gen_ai__response__model=result.model, gen_ai__usage__input_tokens=result.usage.input_tokens)
-            span.set(keel__cost_usd=result.cost_usd, keel__attempts=result.attempts, keel__embedding__count=len(texts))
+            span.set(keel__model=name)
+            call = Call("embeddings", name, context, span, texts=tuple(texts))
+            result = await final_item(self.pipeline.handler(call))
+            assert isinstance(result, EmbeddingResult)  # an embeddings call's final item
+            span.set(gen_ai__provider__name=self.deployment(name).provider)
             return replace(result, trace_id=span.trace_id)
         except BaseException as error:
             span.fail(error)
@@ -505,16 +447,23 @@ class Gateway:
             self._loop_thread = LoopThread()
         return self._loop_thread
 
-    def chat_sync(self, messages: str | Sequence[MessageLike], model: str | None = None, **kwargs: Any) -> ChatResult:
-        return self._loop().run(self.chat(messages, model, **kwargs))
+    def chat_sync(
+        self, messages: str | Sequence[MessageLike], model: str | None = None, **args: Unpack[ChatArgs]
+    ) -> ChatResult:
+        """`chat` for synchronous code."""
+        return self._loop().run(self.chat(messages, model, **args))
 
     def stream_sync(
-        self, messages: str | Sequence[MessageLike], model: str | None = None, **kwargs: Any
+        self, messages: str | Sequence[MessageLike], model: str | None = None, **args: Unpack[ChatArgs]
     ) -> SyncChatStream:
-        return SyncChatStream(self.stream(messages, model, **kwargs), self._loop())
+        """`stream` for synchronous code: iterate for deltas, then read `.result`."""
+        return SyncChatStream(self.stream(messages, model, **args), self._loop())
 
-    def embed_sync(self, texts: Sequence[str], model: str | None = None, **kwargs: Any) -> EmbeddingResult:
-        return self._loop().run(self.embed(texts, model, **kwargs))
+    def embed_sync(
+        self, texts: Sequence[str], model: str | None = None, **args: Unpack[EmbedArgs]
+    ) -> EmbeddingResult:
+        """`embed` for synchronous code."""
+        return self._loop().run(self.embed(texts, model, **args))
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every span so far is in the store (and at the OTLP collector, if one is configured)."""
@@ -553,6 +502,15 @@ class Gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_args(args: Mapping[str, Any], kind: type) -> None:
+    """Unknown keyword arguments are the caller's mistake (typos included), said as such."""
+    unknown = set(args) - set(kind.__annotations__)
+    if unknown:
+        raise InputError(
+            f"unknown argument(s) {', '.join(sorted(unknown))}; accepted: {', '.join(kind.__annotations__)}"
+        )
 
 
 def _otlp_exporter(config: Config, redactor: Redactor) -> OtlpExporter | None:

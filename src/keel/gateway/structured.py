@@ -56,6 +56,13 @@ class StructuredSpec:
     format: ResponseFormat
     validate: Callable[[Any], Any]  # raises ValidationError / jsonschema.ValidationError
 
+    def validate_text(self, text: str) -> Any:
+        """The validated value of a JSON answer, or ValueError saying what is wrong with it."""
+        try:
+            return self.validate(parse_json(text))
+        except (json.JSONDecodeError, ValidationError, jsonschema.ValidationError) as error:
+            raise ValueError(_problem(error)) from None
+
 
 def spec_for(target: type[BaseModel] | Mapping[str, Any], name: str | None = None) -> StructuredSpec:
     """The response format and validator for a pydantic model class or a JSON schema."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from keel.errors import ConfigError, InputError, UnknownModel
 from keel.gateway import Gateway
+from keel.gateway.pipeline import CallContext
 from keel.rag.answer import (
     NOT_IN_DOCUMENTS,
     Answer,
@@ -320,6 +321,7 @@ class RAG:
         max_tokens: int | None = None,
         key: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        context: CallContext | None = None,
         **options: Any,
     ) -> Answer:
         """An answer with [n] citations, each sentence checked against what it cites, or an abstention."""
@@ -332,6 +334,8 @@ class RAG:
         started = time.perf_counter()
         with self.gateway.tracer.span(f"rag.ask {collection}") as span:
             span.set(gen_ai__operation__name="rag", keel__rag__collection=collection, keel__rag__mode=mode)
+            if context is not None:  # who the question is for (tenant, user, session, tags)
+                span.attributes.update(context.span_attributes())
             if key is not None:
                 span.attributes["keel.api_key"] = key
             for k, v in (metadata or {}).items():

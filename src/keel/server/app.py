@@ -153,8 +153,7 @@ def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any
         "seed": body.seed,
         "tools": body.tools,
         "tool_choice": _tool_choice(body.tool_choice),
-        "metadata": attribution(request, body.user, body.metadata),
-        "key": caller(request).key,
+        "context": attribution(request, caller(request).key, body.user, body.metadata),
     }
 
 
@@ -321,7 +320,7 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         texts = [body.input] if isinstance(body.input, str) else body.input
         if body.dimensions is not None:
             raise InputError("dimensions is not supported: keel returns the model's own size")
-        call = gw.embed(texts, body.model, key=caller(request).key, metadata=attribution(request, body.user, None))
+        call = gw.embed(texts, body.model, context=attribution(request, caller(request).key, body.user, None))
         result = await guarded(request, call, settings.request_timeout_s)
         encode = _base64_floats if body.encoding_format == "base64" else list
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)]

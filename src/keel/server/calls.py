@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from keel.errors import KeelError, ProviderTimeout
+from keel.gateway.pipeline import CallContext
 
 __all__ = ["ClientDisconnected", "attribution", "guarded"]
 
@@ -52,19 +53,27 @@ async def guarded(request: Request, call: Awaitable[T], timeout_s: float) -> T:
     raise ProviderTimeout(f"the request took longer than server.request_timeout_s ({timeout_s:g} s)")
 
 
-def attribution(request: Request, user: str | None, metadata: dict[str, str] | None) -> dict[str, Any] | None:
-    """Who and what a call is for, from the body (`user`, `metadata`) and headers:
-    `x-keel-user`, `x-keel-session-id`, `x-keel-tags` (comma-separated) and `x-keel-meta-NAME`."""
-    found: dict[str, Any] = dict(metadata or {})
+def attribution(
+    request: Request, key: str | None, user: str | None, metadata: dict[str, str] | None
+) -> CallContext:
+    """Who and what a call is for, from the caller's key, the body (`user`, `metadata`) and headers:
+    `x-keel-user`, `x-keel-session-id`, `x-keel-tenant`, `x-keel-tags` (comma-separated) and
+    `x-keel-meta-NAME`."""
     headers = request.headers
-    for field, header in (("user", "x-keel-user"), ("session_id", "x-keel-session-id")):
-        if value := headers.get(header):
-            found[field] = value[:256]
-    if user:
-        found["user"] = user
-    if tags := headers.get("x-keel-tags"):
-        found["tags"] = [t.strip()[:64] for t in tags.split(",") if t.strip()][:32]
+    found: dict[str, Any] = dict(metadata or {})
     for name, value in headers.items():
         if name.startswith("x-keel-meta-") and len(found) < 64:
             found[name.removeprefix("x-keel-meta-")[:64]] = value[:256]
-    return found or None
+    tags = headers.get("x-keel-tags") or ""
+    return CallContext(
+        key=key,
+        tenant=_header(headers.get("x-keel-tenant")),
+        user=user or _header(headers.get("x-keel-user")),
+        session=_header(headers.get("x-keel-session-id")),
+        tags=tuple(t.strip()[:64] for t in tags.split(",") if t.strip())[:32],
+        metadata=found,
+    )
+
+
+def _header(value: str | None) -> str | None:
+    return value[:256] if value else None

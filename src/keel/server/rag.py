@@ -112,7 +112,7 @@ def rag_router() -> APIRouter:
         call = rag.ask(
             body.question, collection, mode=body.mode, model=body.model, rerank=body.rerank,
             context_tokens=body.context_tokens, max_tokens=body.max_tokens, key=caller(request).key,
-            metadata=attribution(request, body.user, body.metadata), **body.options(),
+            context=attribution(request, caller(request).key, body.user, body.metadata), **body.options(),
         )  # fmt: skip
         answer = await guarded(request, call, request.app.state.settings.request_timeout_s)
         return {"object": "rag.answer", "collection": collection, **answer.to_json()}
