@@ -76,7 +76,8 @@ async def test_chat_stream_and_embed_pass_the_same_wrapper_with_their_context(tm
     assert streamed.text == result.text == "hello"
     for span in spans(gw):
         a = span.attributes
-        assert (a["keel.tenant"], a["keel.user"], a["keel.session"], a["keel.tags"]) == ("acme", "u-1", "s-42", ["beta"])
+        who = (a["keel.tenant"], a["keel.user"], a["keel.session"], a["keel.tags"])
+        assert who == ("acme", "u-1", "s-42", ["beta"])
         assert a["keel.metadata.feature"] == "faq"
 
 
@@ -92,7 +93,6 @@ async def test_embeddings_pass_the_pipeline(tmp_path: Path) -> None:
             return await super().embed(texts)
 
     gw._extra["emb"] = Embedder()
-    gw.config.models  # the extra model is embeddable by name
     await gw.embed(["write to ann@example.com"], model="emb", context=CallContext(tenant="acme"))
     assert recorder.calls[0].operation == "embeddings" and recorder.calls[0].context.tenant == "acme"
     assert seen == [["write to [email]"]]
@@ -192,6 +192,6 @@ async def test_a_budgeted_key_is_not_refused_for_a_fallback_without_its_api_key(
 
 def test_unknown_keyword_arguments_are_named(tmp_path: Path) -> None:
     gw: Gateway = gateway(tmp_path, models={"t": TestModel()})
-    with pytest.raises(errors.InputError, match="unknown argument.*temprature"):
+    with pytest.raises(errors.InputError, match=r"unknown argument.*temprature"):
         gw.chat_sync("hi", model="t", temprature=0.1)  # type: ignore[call-arg]
     gw.close()
