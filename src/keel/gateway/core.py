@@ -25,7 +25,7 @@ from keel.gateway.deployment import Deployment
 from keel.gateway.fallback import FallbackModel
 from keel.gateway.limits import Limiter
 from keel.gateway.registry import build_adapter, wrap
-from keel.gateway.structured import StructuredSpec, run_structured, spec_for
+from keel.gateway.structured import StructuredSpec, check_streamed, run_structured, spec_for
 from keel.gateway.sync import LoopThread
 from keel.models.base import Model
 from keel.store import Store, open_store
@@ -396,14 +396,17 @@ class Gateway:
         async def call(messages: tuple[Message, ...]) -> ModelResponse:
             return await router.complete(replace(request, messages=messages))
 
-        response, parsed, tries = await run_structured(call, request.messages, spec, max_reasks)
+        max_tokens = request.options.max_tokens
+        response, parsed, tries = await run_structured(call, request.messages, spec, max_reasks, max_tokens)
         span.set(keel__structured__tries=tries)
         return response, parsed
 
     def stream(self, messages: str | Sequence[MessageLike], model: str | None = None, **kwargs: Any) -> ChatStream:
-        """Stream a chat call: iterate for `StreamDelta`s, then read `.result`."""
-        if "response_model" in kwargs:
-            raise InputError("structured output cannot be streamed; use chat()")
+        """Stream a chat call: iterate for `StreamDelta`s, then read `.result`.
+
+        With `response_model`, the JSON streams as text and is validated at the end (`.result.parsed`);
+        an invalid answer raises StructuredOutputError after its pieces, since there is no re-ask.
+        """
         return ChatStream(self._stream(messages, model, **kwargs))
 
     async def _stream(
@@ -416,6 +419,7 @@ class Gateway:
         metadata: Mapping[str, Any] | None = None,
         stop: Sequence[str] | str | None = None,
         tools: Sequence[Tool | Mapping[str, Any]] | None = None,
+        response_model: type[BaseModel] | Mapping[str, Any] | None = None,
         **options: Any,
     ) -> AsyncIterator[StreamDelta | ChatResult]:
         key = key or self.key
@@ -427,8 +431,11 @@ class Gateway:
         try:
             name = self.resolve(model)
             self._check_key_model(key, name)
+            spec = spec_for(response_model) if response_model is not None else None
             stop_t = (stop,) if isinstance(stop, str) else tuple(stop or ())
-            request = self._request(messages, name, system, ChatOptions(stop=stop_t, tools=_tools(tools), **options))
+            fmt = spec.format if spec else None
+            chat_options = ChatOptions(stop=stop_t, tools=_tools(tools), response_format=fmt, **options)
+            request = self._request(messages, name, system, chat_options)
             self._record_request(span, request)
             router = self._router(name)
             admission = await self._admit(key, name, router, request)
@@ -446,8 +453,12 @@ class Gateway:
                 yield item
             if final is None:
                 raise MalformedResponse("the stream ended without a final response", provider=router.provider)
+            parsed = None
+            if spec is not None:
+                span.set(keel__structured__tries=1)
+                parsed = check_streamed(spec, final, request.options.max_tokens)
             await self._settle(admission, final)
-            yield self._result(span, final, started)
+            yield self._result(span, final, started, parsed)
         except BaseException as error:
             streamed = "keel.time_to_first_token_ms" in span.attributes  # a first piece reached the caller
             self._failed(span, error, admission, streamed=streamed)
