@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from helpers import gateway, openai_model, spans
 from keel import Gateway, TestModel, errors
 from keel.types import ModelResponse
+from provider_stubs import Reply, StubServer, anthropic_stream, gemini_response, gemini_stream, sse
 from serving import Server
 from stubs import OpenAIStub, Scripted, stream_chunks, stream_error
 
@@ -332,3 +333,39 @@ def test_server_says_max_tokens_cut_the_json(served_up: tuple[Server, Gateway, o
     assert "max_tokens=100" in caught.value.message and "tries" not in caught.value.message
     model = gw._extra["json"]
     assert isinstance(model, TestModel) and model.calls == 1
+
+
+async def test_a_retryable_error_event_first_is_retried(tmp_path: Path, openai_stub: OpenAIStub) -> None:
+    openai_stub.push(Scripted(stream=[stream_error("The server is overloaded")]), Scripted(stream=stream_chunks("ok")))
+    gw = gateway(tmp_path, "max_retries = 1\n" + openai_model("up", openai_stub.url))
+    result = await gw.stream("hi", model="up").collect()
+    assert result.text == "ok" and result.attempts == 2 and len(openai_stub.requests) == 2
+    await gw.aclose()
+
+
+# --- Anthropic and Gemini: the same faults fall back before the first byte ----------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "fault"),
+    [
+        ("anthropic", Reply(events=[sse({"type": "error", "error": {"type": "overloaded_error", "message": "x"}})])),
+        ("anthropic", Reply(body=b"{not json")),
+        ("anthropic", Reply(events=anthropic_stream([], stop=False)[:1])),
+        ("gemini", Reply(events=[b'data: {"error": {"code": 503, "message": "x", "status": "UNAVAILABLE"}}\r\n\r\n'])),
+        ("gemini", Reply(events=gemini_stream([gemini_response(None, finish_reason=None)]))),
+        ("gemini", Reply(body=b"{not json")),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")  # google-genai's
+async def test_other_providers_fall_back_before_the_first_byte(
+    tmp_path: Path, stub: StubServer, monkeypatch: pytest.MonkeyPatch, provider: str, fault: Reply
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    monkeypatch.setenv("GEMINI_API_KEY", "gk-test")
+    stub.push(fault)
+    head = f'max_retries = 0\n[models.up]\nprovider = "{provider}"\nmodel = "m"\nbase_url = "{stub.url}"\n'
+    gw = gateway(tmp_path, head + 'fallbacks = ["backup"]\n' + BACKUP)
+    result = await gw.stream("hi", model="up").collect()
+    assert result.text == "from the backup" and result.attempts == 2 and len(stub.requests) == 1
+    await gw.aclose()
