@@ -369,3 +369,14 @@ async def test_other_providers_fall_back_before_the_first_byte(
     result = await gw.stream("hi", model="up").collect()
     assert result.text == "from the backup" and result.attempts == 2 and len(stub.requests) == 1
     await gw.aclose()
+
+
+@pytest.mark.parametrize(
+    "chunk", [{"choices": "nope"}, {"choices": [{"delta": None, "finish_reason": "stop"}]}, "a string", [1, 2]]
+)
+async def test_a_chunk_of_the_wrong_shape_is_malformed(tmp_path: Path, openai_stub: OpenAIStub, chunk: object) -> None:
+    openai_stub.push(Scripted(stream=[chunk]))
+    gw = _alone(tmp_path, openai_stub.url)
+    with pytest.raises(errors.MalformedResponse, match="cannot read"):
+        await gw.stream("hi", model="up").collect()
+    await gw.aclose()

@@ -245,6 +245,8 @@ class OpenAIModel(Model):
                 yield item
         except (ProviderError, ContextWindowExceeded):
             raise
+        except AttributeError as exc:  # a chunk whose shape surprises the reader: the provider's, not keel's, fault
+            raise malformed_error(self.provider, request.model, repr(exc)) from exc
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
 
