@@ -2,8 +2,11 @@
 
 Tests push the answers they want (`stub.push(...)`): a JSON body with a
 status and headers, a list of stream chunks, a delay, or a dropped
-connection. With nothing pushed it answers a fixed completion. Every request
-body it receives is recorded in `stub.requests`.
+connection. The faults of a flaky upstream are scriptable too: a stream
+without `[DONE]` (`done=False`), an error event as a chunk (`stream_error`),
+raw SSE bytes as a chunk, and a non-SSE body (`raw`) to a stream request.
+With nothing pushed it answers a fixed completion. Every request body it
+receives is recorded in `stub.requests`.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def error_body(message: str, type_: str = "invalid_request_error", code: str | N
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
+def stream_error(message: str, type_: str = "server_error", code: str | int | None = None) -> dict[str, Any]:
+    """An error event inside a 200 stream, as OpenAI (and vLLM, LiteLLM...) send it: `data: {"error": ...}`."""
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
 def stream_chunks(text: str, *, model: str = "gpt-4o-mini-2024-07-18", pieces: int = 3) -> list[dict[str, Any]]:
     size = max(1, len(text) // pieces)
     parts = [text[i : i + size] for i in range(0, len(text), size)]
@@ -89,8 +97,9 @@ class Scripted:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
-    stream: list[Any] | None = None  # chunks (dicts) or "DROP" to cut the connection mid-stream
-    raw: bytes | None = None  # a body that is not JSON
+    stream: list[Any] | None = None  # chunks (dicts, raw SSE bytes) or "DROP" to cut the connection mid-stream
+    raw: bytes | None = None  # a body that is not JSON (also answers a stream request, as a plain 200)
+    done: bool = True  # end the stream with `data: [DONE]`
 
 
 class OpenAIStub:
@@ -144,22 +153,23 @@ class OpenAIStub:
 
     async def _chat(self, request: Request) -> Response:
         item, body = await self._next(request)
-        if body.get("stream") and item.status == 200:
+        if body.get("stream") and item.status == 200 and item.raw is None:
             chunks = (
                 item.stream
                 if item.stream is not None
                 else stream_chunks((item.body or completion())["choices"][0]["message"]["content"] or "")
             )
-            return StreamingResponse(self._sse(chunks), media_type="text/event-stream")
+            return StreamingResponse(self._sse(chunks, item.done), media_type="text/event-stream")
         return self._plain(item)
 
-    async def _sse(self, chunks: list[Any]) -> Any:
+    async def _sse(self, chunks: list[Any], done: bool) -> Any:
         for chunk in chunks:
             if chunk == "DROP":
                 raise ConnectionResetError("stub drops the stream")
-            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            yield chunk if isinstance(chunk, bytes) else f"data: {json.dumps(chunk)}\n\n".encode()
             await asyncio.sleep(0)
-        yield b"data: [DONE]\n\n"
+        if done:
+            yield b"data: [DONE]\n\n"
 
     async def _embeddings(self, request: Request) -> Response:
         item, body = await self._next(request)

@@ -388,6 +388,29 @@ async def test_stream_with_bad_json_data_is_malformed(stub: StubServer, model: A
         await collect(model, chat("q"))
 
 
+async def test_stream_error_event_first_is_translated(stub: StubServer, model: AnthropicModel) -> None:
+    stub.reply_stream([sse({"type": "error", "error": {"type": "rate_limit_error", "message": "Slow down"}}, "error")])
+    with pytest.raises(ProviderRateLimited, match="Slow down") as info:
+        await collect(model, chat("q"))
+    assert info.value.status == 429
+
+
+async def test_stream_answered_with_a_json_error_body_is_that_error(stub: StubServer, model: AnthropicModel) -> None:
+    # a 200 that is not server-sent events: an error body says what failed, not "malformed"
+    stub.reply_json({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    with pytest.raises(ServerError, match="Overloaded") as info:
+        await collect(model, chat("q"))
+    assert info.value.status == 529
+
+
+async def test_stream_answered_with_bad_json_and_no_events_is_malformed(
+    stub: StubServer, model: AnthropicModel
+) -> None:
+    stub.push(Reply(body=b"{not json"))
+    with pytest.raises(MalformedResponse, match="not server-sent events"):
+        await collect(model, chat("q"))
+
+
 async def test_stream_cut_by_the_server_is_a_connection_error(stub: StubServer, model: AnthropicModel) -> None:
     stub.reply_stream(anthropic_stream(["Hel", "lo"])[:4], abort=True)
     with pytest.raises(ProviderConnectionError):

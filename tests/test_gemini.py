@@ -340,6 +340,30 @@ async def test_stream_with_bad_json_is_malformed(stub: StubServer, model: Gemini
         await collect(model, chat("q"))
 
 
+async def test_stream_without_a_finish_reason_is_malformed(stub: StubServer, model: GeminiModel) -> None:
+    stub.reply_stream(
+        gemini_stream([gemini_response("Hel", finish_reason=None), gemini_response("lo", finish_reason=None)])
+    )
+    with pytest.raises(MalformedResponse, match="finish reason"):
+        await collect(model, chat("q"))
+
+
+@pytest.mark.parametrize("first", [True, False])
+async def test_stream_error_chunk_is_translated(stub: StubServer, model: GeminiModel, first: bool) -> None:
+    error = b'data: {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}}\r\n\r\n'
+    before = [] if first else gemini_stream([gemini_response("Hel", finish_reason=None)])
+    stub.reply_stream([*before, error])
+    with pytest.raises(ProviderRateLimited, match="quota") as info:
+        await collect(model, chat("q"))
+    assert info.value.status == 429
+
+
+async def test_stream_answered_with_bad_json_and_no_events_is_malformed(stub: StubServer, model: GeminiModel) -> None:
+    stub.push(Reply(body=b"{not json"))
+    with pytest.raises(MalformedResponse):
+        await collect(model, chat("q"))
+
+
 async def test_stream_http_error_before_the_stream(stub: StubServer, model: GeminiModel) -> None:
     stub.push(gemini_error(503, "overloaded"))
     with pytest.raises(ServerError) as info:

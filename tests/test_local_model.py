@@ -19,6 +19,7 @@ import llama_cpp  # noqa: F401 - installed by `make test`: a missing install mus
 import pytest
 from pydantic import BaseModel
 
+from keel import Gateway
 from keel.errors import ConfigError, ContextWindowExceeded, InputError, ProviderTimeout
 from keel.models.local import LocalModel, _StopCutter, smollm2_path
 from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, ResponseFormat, StreamDelta, Tool
@@ -85,6 +86,17 @@ async def test_structured_output_parses_and_validates(model: LocalModel) -> None
     assert response.finish_reason == "stop"
     city = City.model_validate_json(response.text)
     assert city.name
+
+
+async def test_structured_output_streams_token_by_token(model: LocalModel) -> None:
+    # the grammar constrains every token, so the JSON streams in pieces and validates at the end
+    gw = Gateway(models={"lm": model}, store=False)
+    prompt = "Paris is the capital of France and has 2100000 inhabitants. Describe the city as JSON."
+    stream = gw.stream(prompt, model="lm", response_model=City, temperature=0, seed=1, max_tokens=60)
+    pieces = [d.text async for d in stream]
+    assert len(pieces) > 5 and stream.result is not None and stream.result.finish_reason == "stop"
+    assert stream.result.parsed == City.model_validate_json("".join(pieces))
+    await gw.aclose()
 
 
 def _native(model: LocalModel, request: ChatRequest, **extra: Any) -> dict[str, Any]:

@@ -5,6 +5,11 @@ json_schema, Anthropic forced tool use, Gemini response schema, a llama.cpp
 grammar). The answer is validated here; a failure is sent back to the model
 with the validation error, up to `max_reasks` times. Usage and cost add up
 over all attempts.
+
+An answer cut off by the token limit (finish reason "length") is not sent
+back: the same limit would cut the next one too, so the error says so at once.
+A streamed answer has reached the caller piece by piece already: it is
+validated at its end, as OpenAI does, and never re-asked.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from keel.errors import InputError, InvalidSchema, KeelError, StructuredOutputError
 from keel.types import Message, ModelResponse, ResponseFormat
 
-__all__ = ["StructuredSpec", "run_structured", "spec_for"]
+__all__ = ["StructuredSpec", "check_streamed", "run_structured", "spec_for"]
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
@@ -56,12 +61,6 @@ class StructuredSpec:
     format: ResponseFormat
     validate: Callable[[Any], Any]  # raises ValidationError / jsonschema.ValidationError
 
-    def validate_text(self, text: str) -> Any:
-        """The validated value of a JSON answer, or ValueError saying what is wrong with it."""
-        try:
-            return self.validate(parse_json(text))
-        except (json.JSONDecodeError, ValidationError, jsonschema.ValidationError) as error:
-            raise ValueError(_problem(error)) from None
 
 
 def spec_for(target: type[BaseModel] | Mapping[str, Any], name: str | None = None) -> StructuredSpec:
@@ -118,11 +117,32 @@ def _add(total: ModelResponse | None, response: ModelResponse) -> ModelResponse:
     )
 
 
+def _invalid(spec: StructuredSpec, text: str) -> tuple[Any, str | None]:
+    """(the validated value, None), or (None, what is wrong with the text)."""
+    try:
+        return spec.validate(parse_json(text)), None
+    except (json.JSONDecodeError, ValidationError, jsonschema.ValidationError) as error:
+        return None, _problem(error)
+
+
+def _cut_off(spec: StructuredSpec, problem: str, max_tokens: int | None, text: str) -> StructuredOutputError:
+    """The error for an answer the token limit cut short: it names the limit, the real cause."""
+    limit = f"max_tokens={max_tokens}" if max_tokens is not None else "the model's own output limit (no max_tokens)"
+    error = StructuredOutputError(
+        f"the {spec.format.name} answer was cut off by the token limit, {limit} (finish_reason length), "
+        f"so {problem}; raise max_tokens",
+        last_text=text,
+    )
+    error.code = "structured_output_truncated"
+    return error
+
+
 async def run_structured(
     call: Callable[[tuple[Message, ...]], Awaitable[ModelResponse]],
     messages: tuple[Message, ...],
     spec: StructuredSpec,
     max_reasks: int,
+    max_tokens: int | None = None,
 ) -> tuple[ModelResponse, Any, int]:
     """Call until the answer validates; returns the summed response, the value and the tries."""
     if max_reasks < 0:
@@ -135,10 +155,12 @@ async def run_structured(
         except KeelError as error:
             raise _with_spent(error, total) from None
         total = _add(total, response)
-        try:
-            return total, spec.validate(parse_json(response.text)), tries
-        except (json.JSONDecodeError, ValidationError, jsonschema.ValidationError) as error:
-            problem = _problem(error)
+        value, found = _invalid(spec, response.text)
+        if found is None:
+            return total, value, tries
+        problem = found
+        if response.finish_reason == "length":  # asking again with the same limit gets cut again
+            raise _with_spent(_cut_off(spec, problem, max_tokens, response.text), total)
         messages = (
             *messages,
             Message.assistant(response.text),
@@ -149,6 +171,21 @@ async def run_structured(
     )
     error_out.attempts = 0
     raise _with_spent(error_out, total)
+
+
+def check_streamed(spec: StructuredSpec, response: ModelResponse, max_tokens: int | None) -> Any:
+    """The validated value of a streamed answer, checked at its end (its text reached the caller already,
+    so there is no re-ask); raises StructuredOutputError carrying what the answer cost."""
+    value, problem = _invalid(spec, response.text)
+    if problem is None:
+        return value
+    if response.finish_reason == "length":
+        error = _cut_off(spec, problem, max_tokens, response.text)
+    else:
+        error = StructuredOutputError(
+            f"the streamed {spec.format.name} is not valid: {problem}", last_text=response.text
+        )
+    raise _with_spent(error, response)
 
 
 def _with_spent(error: KeelError, spent: ModelResponse | None) -> KeelError:

@@ -23,12 +23,12 @@ from dataclasses import replace
 from typing import Any, cast
 
 from keel import tokens
-from keel.errors import ConfigError, StructuredOutputError
+from keel.errors import ConfigError
 from keel.gateway.budget import BudgetTracker
 from keel.gateway.fallback import FallbackModel
 from keel.gateway.limits import Limiter
 from keel.gateway.pipeline import Call, Handler, Item, RequestWrapper, final_item
-from keel.gateway.structured import run_structured
+from keel.gateway.structured import check_streamed, run_structured
 from keel.models.base import Model, StreamItem
 from keel.types import ChatRequest, EmbeddingResult, Message, ModelResponse, StreamDelta, Usage
 
@@ -213,7 +213,8 @@ class Structured(RequestWrapper):
             assert isinstance(final, ModelResponse)  # a chat call's final item
             return final
 
-        response, call.parsed, tries = await run_structured(ask, request.messages, spec, call.max_reasks)
+        max_tokens = request.options.max_tokens
+        response, call.parsed, tries = await run_structured(ask, request.messages, spec, call.max_reasks, max_tokens)
         call.span.set(keel__structured__tries=tries)
         yield response
 
@@ -223,15 +224,8 @@ class Structured(RequestWrapper):
         async with aclosing(next(call)) as items:
             async for item in items:
                 if isinstance(item, ModelResponse):
-                    try:
-                        call.parsed = spec.validate_text(item.text)
-                    except ValueError as problem:
-                        error = StructuredOutputError(
-                            f"the streamed {spec.format.name} is not valid: {problem}", last_text=item.text
-                        )
-                        error.usage, error.cost_usd, error.attempts = item.usage, item.cost_usd, item.attempts
-                        raise error from None
                     call.span.set(keel__structured__tries=1)
+                    call.parsed = check_streamed(spec, item, call.chat_request.options.max_tokens)
                 yield item
 
 

@@ -465,6 +465,8 @@ class AnthropicModel(Model):
         try:
             events = await self.client.messages.create(**self._params(request), stream=True)
             async with events:
+                if "text/event-stream" not in (events.response.headers.get("content-type") or ""):
+                    raise await self._not_events(events.response, request.model)
                 async for event in events:
                     with _reading(self.provider, request.model):
                         deltas = state.feed(event)
@@ -481,6 +483,27 @@ class AnthropicModel(Model):
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
         yield final
+
+    async def _not_events(self, response: Any, model: str) -> KeelError:
+        """The error for a 200 that is not server-sent events: the error its body names, else malformed."""
+        body = await response.aread()
+        try:
+            raw = json.loads(body)
+        except ValueError:
+            raw = None
+        error = raw.get("error") if isinstance(raw, dict) else None
+        if isinstance(error, dict):
+            status = _ERROR_TYPE_STATUS.get(str(error.get("type")), 500)
+            message = str(error.get("message") or "no message")
+            if status == 400 and _CONTEXT_OVERFLOW.search(message):
+                return _context_overflow(message)
+            return status_error(self.provider, model, status, message, body=raw)
+        kind = response.headers.get("content-type") or "no content type"
+        return MalformedResponse(
+            f"{self.provider} answered a stream request with {kind}, not server-sent events: {body[:200]!r}",
+            provider=self.provider,
+            model=model,
+        )
 
     async def aclose(self) -> None:
         await self.client.close()

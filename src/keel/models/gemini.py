@@ -458,6 +458,13 @@ class GeminiModel(Model):
             raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
+        if answer.finish is None and not answer.blocked:  # cut short: never pass a partial answer off as whole
+            raise MalformedResponse(
+                f"{self.provider} ended the stream without a finish reason: the answer is incomplete "
+                f"({sum(map(len, answer.text))} characters received)",
+                provider=self.provider,
+                model=request.model,
+            )
         yield self._final(answer, request.model)
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:

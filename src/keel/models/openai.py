@@ -10,6 +10,11 @@ reads the JSON answer as a dict, which costs a fraction of the SDK's parameter
 transform and response models (about 0.9 ms of CPU less per call, measured in
 benchmarks/proxy_throughput.py), and the SDK's aiohttp transport, its documented
 choice for concurrency (`openai[aiohttp]`; another 0.7 ms).
+
+A stream is an answer only when it ends with a finish reason: a stream cut
+short, a 200 that is not server-sent events, and an error event inside the
+stream are provider errors, so that the wrappers retry or fall back before
+the first piece reaches the caller and report an error after it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import httpx2
 import openai
 
 from keel import tokens
-from keel.errors import ContextWindowExceeded, MalformedResponse, ProviderError
+from keel.errors import ContextWindowExceeded, MalformedResponse, ProviderError, error_for_status
 from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
 from keel.models.base import Model, StreamItem
 from keel.types import ChatRequest, EmbeddingResult, ModelResponse, StreamDelta, ToolCall, Usage
@@ -90,6 +95,54 @@ def _is_context_overflow(exc: openai.APIStatusError) -> bool:
     return code == "context_length_exceeded" or "context length" in text or "context_length_exceeded" in text
 
 
+# The HTTP status an error *event* inside a 200 stream stands for, by its `type` or `code`.
+_ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "context_length_exceeded": 400,
+    "authentication_error": 401,
+    "invalid_api_key": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "model_not_found": 404,
+    "timeout": 408,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "server_error": 500,
+    "api_error": 500,
+    "service_unavailable": 503,
+    "overloaded_error": 529,
+}
+
+
+def _event_status(body: dict[str, Any]) -> int:
+    """The status of an error event: vLLM, TGI and LiteLLM put the HTTP status in `code`, OpenAI a name."""
+    for key in ("status", "code"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+            return value
+    for key in ("code", "type"):
+        status = _ERROR_TYPE_STATUS.get(str(body.get(key)))
+        if status is not None:
+            return status
+    return 500  # an upstream that gives up mid-answer without saying why: its own failure
+
+
+def event_error(body: object, message: str, provider: str, model: str) -> ProviderError | ContextWindowExceeded:
+    """An error event inside a 200 stream (or a 200 JSON error body) as the keel error of its status."""
+    fields = body if isinstance(body, dict) else {}
+    if fields.get("code") == "context_length_exceeded":
+        return ContextWindowExceeded(f"{provider} {model}: {message}")
+    status = _event_status(fields)
+    return error_for_status(status)(
+        f"{provider} sent an error event ({status}): {message}",
+        provider=provider,
+        model=model,
+        status=status,
+        body=body,
+    )
+
+
 def _refused(exc: Exception) -> bool:
     """The aiohttp transport reports a refused connection as a connect timeout; it is not one."""
     return "Connect call failed" in str(exc.__cause__ or "")
@@ -108,7 +161,13 @@ def translate_error(exc: Exception, provider: str, model: str) -> ProviderError 
         return status_error(provider, model, exc.status_code, exc.message, retry_after=retry_after, body=exc.body)
     if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)):
         return malformed_error(provider, model, exc)
+    if isinstance(exc, openai.APIError):  # the SDK raises the bare class for an error event in a stream
+        return event_error(exc.body, exc.message, provider, model)
     raise exc
+
+
+def _is_event_stream(response: Any) -> bool:
+    return "text/event-stream" in (response.headers.get("content-type") or "")
 
 
 class OpenAIModel(Model):
@@ -181,18 +240,48 @@ class OpenAIModel(Model):
         kwargs["stream_options"] = {"include_usage": True}
         try:
             stream = await self.client.chat.completions.create(**kwargs)
-            async for item in self._stream_items(stream):
+            items = self._stream_items(stream) if _is_event_stream(stream.response) else self._whole(stream, request)
+            async for item in items:
                 yield item
-        except ProviderError:
+        except (ProviderError, ContextWindowExceeded):
             raise
+        except AttributeError as exc:  # a chunk whose shape surprises the reader: the provider's, not keel's, fault
+            raise malformed_error(self.provider, request.model, repr(exc)) from exc
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
+
+    async def _whole(self, stream: Any, request: ChatRequest) -> AsyncIterator[StreamItem]:
+        """A stream request answered without server-sent events. A whole completion is still an answer
+        (some compatible servers ignore `stream`); an error body is that error; anything else is malformed."""
+        response = stream.response
+        body = await response.aread()
+        await response.aclose()
+        try:
+            raw = json.loads(body)
+        except ValueError:
+            kind = response.headers.get("content-type") or "no content type"
+            raise MalformedResponse(
+                f"{self.provider} answered a stream request with {kind}, not server-sent events: {body[:200]!r}",
+                provider=self.provider,
+                model=request.model,
+            ) from None
+        if isinstance(raw, dict) and isinstance(raw.get("error"), dict):
+            error = raw["error"]
+            raise event_error(error, str(error.get("message") or "no message"), self.provider, request.model)
+        answer = self._response(raw)
+        if answer.text:
+            yield StreamDelta(text=answer.text)
+        for i, call in enumerate(answer.tool_calls):
+            yield StreamDelta(
+                tool_call_index=i, tool_call_id=call.id, tool_name=call.name, tool_arguments=call.arguments
+            )
+        yield answer
 
     async def _stream_items(self, stream: Any) -> AsyncIterator[StreamItem]:
         text: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         usage = Usage()
-        finish = "stop"
+        finish: str | None = None
         model = ""
         async for chunk in stream:
             model = chunk.model or model
@@ -216,6 +305,13 @@ class OpenAIModel(Model):
                         tool_name=fn.name if fn else None,
                         tool_arguments=(fn.arguments if fn else "") or "",
                     )
+        if finish is None:  # the upstream stopped without finishing: never pass a partial answer off as whole
+            raise MalformedResponse(
+                f"{self.provider} ended the stream without a finish reason: the answer is incomplete "
+                f"({sum(map(len, text))} characters received)",
+                provider=self.provider,
+                model=model or None,
+            )
         tool_calls = tuple(ToolCall(c["id"], c["name"], c["arguments"] or "{}") for _, c in sorted(calls.items()))
         yield ModelResponse("".join(text), tool_calls, finish, usage, model, self.provider)
 

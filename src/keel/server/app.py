@@ -228,8 +228,9 @@ async def _stream_events(
         if include_usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": result.model,
                         "choices": [], "usage": _usage(result)})  # fmt: skip
-    except KeelError as error:
-        yield _sse(error_body(error.message, "api_error", error.code))
+    except KeelError as error:  # after the status line: an error event, never a clean stop
+        type_ = "invalid_request_error" if error.http_status < 500 else "api_error"
+        yield _sse(error_body(error.message, type_, error.code))
     except Exception:  # the status line is sent already: say so in the stream, and end it properly
         log.exception("stream failed")
         yield _sse(error_body("internal error", "api_error", "internal"))
@@ -302,8 +303,7 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         kwargs = _call_kwargs(body, request)
         schema = _response_model(body.response_format)
         if body.stream:
-            if schema is not None:
-                raise InputError("response_format with stream is not supported yet")
+            kwargs["response_model"] = schema  # streamed as text, validated at the end
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             model = kwargs["model"]
             deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
