@@ -273,9 +273,14 @@ def gw(tmp_path: Path) -> Iterator[Gateway]:
     gateway_.close()
 
 
+ADMIN_KEY = "sk-keel-admin-0123456789abcdef"
+
+
 @pytest.fixture
-def client(gw: Gateway) -> Iterator[TestClient]:
-    with TestClient(create_app(gateway=gw), **LOCAL) as test_client:
+def client(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """A local caller with the admin key (the open mode serves no dashboard data)."""
+    monkeypatch.setenv("KEEL_ADMIN_KEY", ADMIN_KEY)
+    with TestClient(create_app(gateway=gw), headers={"authorization": f"Bearer {ADMIN_KEY}"}, **LOCAL) as test_client:
         yield test_client
 
 
@@ -434,9 +439,11 @@ def test_an_empty_store_answers_zeroes(client: TestClient) -> None:
     assert get(client, "/api/facets") == {"models": [], "keys": [], "error_types": []}
 
 
-def test_without_a_store_the_api_says_so(tmp_path: Path) -> None:
+def test_without_a_store_the_api_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_ADMIN_KEY", ADMIN_KEY)
     gw = Gateway(store=False, models={"t": TestModel("hi")})
-    with TestClient(create_app(gateway=gw), **LOCAL) as client:
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    with TestClient(create_app(gateway=gw), headers=admin, **LOCAL) as client:
         response = client.get("/api/overview")
         assert response.status_code == 503 and "without a trace store" in response.json()["error"]["message"]
         assert client.get("/").status_code == 200  # the page itself still loads

@@ -7,6 +7,7 @@ Screenshots land in tests/artifacts/dashboard/ (ignored by git) for a person to 
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -152,7 +153,10 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
 
 @pytest.fixture(scope="module")
 def server(seeded: Seeded) -> Iterator[Server]:
-    running = Server(seeded.gw)
+    """With the admin key set: the open mode serves no dashboard data (the `page` fixture logs in)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KEEL_ADMIN_KEY", ADMIN_KEY)
+        running = Server(seeded.gw)  # the key is read at start
     yield running
     running.stop()
 
@@ -169,6 +173,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
+    context.add_init_script(f"localStorage.setItem('keel.adminKey', {json.dumps(ADMIN_KEY)})")  # logged in
     opened = context.new_page()
     problems: list[str] = []
     opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))

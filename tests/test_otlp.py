@@ -34,7 +34,7 @@ from keel.config import load_config
 from keel.errors import ConfigError, ServerError
 from keel.otlp import otel_span_id, otel_trace_id
 from keel.server.app import create_app
-from keel.trace import new_id, new_trace_id
+from keel.trace import REDACTED, new_id, new_trace_id
 from stubs import free_port
 
 SECRET = "sk-live-0123456789abcdefghijKLMN"
@@ -237,6 +237,25 @@ async def test_content_when_enabled_is_redacted(tmp_path: Path, receiver: OtlpRe
     assert "My key is [REDACTED], what is RAG?" in a["keel.input"]
     assert '"text": "Retrieval-augmented generation."' in a["keel.output"]
     assert all(SECRET.encode() not in body for body in receiver.bodies)
+    await gw.aclose()
+
+
+async def test_span_names_attribute_names_and_the_admin_key_are_redacted(
+    tmp_path: Path, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin = "admin-value-not-shaped-like-a-key"
+    monkeypatch.setenv("KEEL_ADMIN_KEY", admin)
+    gw = otlp_gateway(tmp_path, receiver.url, "export_content = true")
+    with gw.tracer.span(f"agent {SECRET}", {f"keel.metadata.{SECRET}": "x"}):
+        await gw.chat(f"the admin key is {admin}", model="t", metadata={SECRET: "y"})
+    assert gw.flush(5)
+
+    received = receiver.spans()
+    assert len(received) == 2
+    assert "agent [REDACTED]" in {s.name for s in received}
+    assert all(f"keel.metadata.{REDACTED}" in attributes(s.attributes) for s in received)
+    body = b"".join(receiver.bodies)
+    assert SECRET.encode() not in body and admin.encode() not in body
     await gw.aclose()
 
 

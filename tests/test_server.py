@@ -14,6 +14,8 @@ from keel import Gateway, TestModel
 from keel.errors import ServerError
 from serving import Server
 
+ADMIN = "admin-key-for-server-tests"
+
 
 @pytest.fixture
 def served() -> Iterator[tuple[Server, Gateway, openai.OpenAI]]:
@@ -142,8 +144,20 @@ def test_a_refused_stream_gets_a_real_status(served: tuple[Server, Gateway, open
     assert httpx.post(f"{server.url}/chat/completions", json=bad_choice).status_code == 400
 
 
-def test_health_readiness_and_metrics(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
-    server, _, client = served
+@pytest.fixture
+def with_admin(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, Gateway, openai.OpenAI]]:
+    """The served models, with the admin key set (what /metrics needs: the open mode never serves it)."""
+    monkeypatch.setenv("KEEL_ADMIN_KEY", ADMIN)
+    gw = Gateway(models={"t": TestModel("Hello from keel."), "broken": TestModel(ServerError("down", status=503))})
+    gw.config = gw.config.model_copy(update={"max_retries": 0})
+    server = Server(gw)
+    yield server, gw, openai.OpenAI(base_url=server.url, api_key=ADMIN, max_retries=0)
+    server.stop()
+    gw.close()
+
+
+def test_health_readiness_and_metrics(with_admin: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    server, _, client = with_admin
     base = server.url.removesuffix("/v1")
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{base}/readyz").status_code == 200
@@ -151,7 +165,8 @@ def test_health_readiness_and_metrics(served: tuple[Server, Gateway, openai.Open
     client.chat.completions.create(model="t", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
-    response = httpx.get(f"{base}/metrics")
+    assert httpx.get(f"{base}/metrics").status_code == 401
+    response = httpx.get(f"{base}/metrics", headers={"authorization": f"Bearer {ADMIN}"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
     assert 'keel_requests_total{key="",model="t",operation="chat",status="ok"} 2.0' in text

@@ -105,6 +105,10 @@ class KeyConfig(_Strict):
     daily_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     monthly_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     models: tuple[str, ...] | None = None
+    #: RAG collections the key may read (list, search, ask); None: all.
+    collections: tuple[str, ...] | None = None
+    #: RAG collections the key may write (ingest, delete); None: none (writing is the admin's by default).
+    collections_write: tuple[str, ...] | None = None
 
 
 class StoreConfig(_Strict):

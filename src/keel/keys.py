@@ -5,7 +5,8 @@ A key is shown once, when it is created; the store keeps only its SHA-256
 from) and its first characters, to tell keys apart in a list. A key has a
 name, which is what traces, limits and budgets are attributed to, so
 revoking a key and creating a new one with the same name keeps the team's
-spend. At most one active key has a given name.
+spend. At most one active key has a given name. Besides its models, limits
+and budgets, a key carries the RAG collections it may read and write.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ PREFIX = "sk-keel-"
 SHOWN = 12  # characters of a key kept in clear, to tell keys apart
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _COLUMNS = (
-    "key_id, name, key_prefix, created_at, revoked_at, rpm, tpm, daily_budget_usd, monthly_budget_usd, models, metadata"
+    "key_id, name, key_prefix, created_at, revoked_at, rpm, tpm, daily_budget_usd, monthly_budget_usd, models,"
+    " metadata, collections, collections_write"
 )
+#: A RAG collection's name, as `keel.rag` accepts it (this module sits below the RAG layer, so it repeats it).
+COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+MAX_COLLECTIONS = 1000  # per scope: a key's row stays small
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,13 @@ class KeyRecord:
             "id": self.key_id, "name": self.name, "prefix": self.prefix, "created_at": self.created_at,
             "revoked_at": self.revoked_at, "rpm": lim.rpm, "tpm": lim.tpm, "daily_budget_usd": lim.daily_budget_usd,
             "monthly_budget_usd": lim.monthly_budget_usd,
-            "models": list(lim.models) if lim.models is not None else None, "metadata": self.metadata,
+            "models": _listed(lim.models), "collections": _listed(lim.collections),
+            "collections_write": _listed(lim.collections_write), "metadata": self.metadata,
         }  # fmt: skip
+
+
+def _listed(names: tuple[str, ...] | None) -> list[str] | None:
+    return list(names) if names is not None else None
 
 
 def hash_key(secret: str) -> str:
@@ -92,6 +102,20 @@ def _check_metadata(metadata: dict[str, Any]) -> None:
         raise InputError("key metadata must be under 8 KiB of JSON, without NUL characters")
 
 
+def _check_collections(limits: KeyConfig) -> None:
+    for field_name, names in (("collections", limits.collections), ("collections_write", limits.collections_write)):
+        if names is None:
+            continue
+        if len(names) > MAX_COLLECTIONS:
+            raise InputError(f"{field_name}: at most {MAX_COLLECTIONS} collections")
+        for name in names:
+            if not COLLECTION.fullmatch(name):
+                raise InputError(
+                    f"{field_name}: {name!r} is not a collection name (1-64 letters, digits, '_', '.' or '-', "
+                    "starting with a letter or digit)"
+                )
+
+
 def create_key(
     store: Store, name: str, limits: KeyConfig | None = None, metadata: dict[str, Any] | None = None
 ) -> tuple[str, KeyRecord]:
@@ -99,9 +123,10 @@ def create_key(
     limits = limits or KeyConfig()
     _check_name(name)
     _check_metadata(metadata or {})
+    _check_collections(limits)
     secret = PREFIX + secrets.token_urlsafe(24)
     record = KeyRecord(f"key_{secrets.token_hex(6)}", name, secret[:SHOWN], time.time(), None, limits, metadata or {})
-    sql = f"INSERT INTO keel_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    sql = f"INSERT INTO keel_keys ({_COLUMNS}, key_hash) VALUES ({', '.join('?' * 14)})"
     # One statement, no read first: the unique index on active names decides between concurrent creates.
     try:
         with store.transaction() as cur:
@@ -110,8 +135,9 @@ def create_key(
                 [
                     record.key_id, name, record.prefix, record.created_at, None, limits.rpm, limits.tpm,
                     limits.daily_budget_usd, limits.monthly_budget_usd,
-                    store.json_param(dumps(list(limits.models)) if limits.models is not None else None),
-                    store.json_param(dumps(record.metadata)), hash_key(secret),
+                    _json_list(store, limits.models), store.json_param(dumps(record.metadata)),
+                    _json_list(store, limits.collections), _json_list(store, limits.collections_write),
+                    hash_key(secret),
                 ],
             )  # fmt: skip
     except store.integrity_errors:
@@ -119,15 +145,25 @@ def create_key(
     return secret, record
 
 
+def _json_list(store: Store, names: tuple[str, ...] | None) -> Any:
+    return store.json_param(dumps(list(names)) if names is not None else None)
+
+
+def _loaded(value: Any) -> Any:
+    """A JSON column's value: decoded text on SQLite, already decoded on PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _tuple(value: Any) -> tuple[str, ...] | None:
+    names = _loaded(value)
+    return tuple(names) if names is not None else None
+
+
 def _record(row: Sequence[Any]) -> KeyRecord:
-    models, metadata = row[9], row[10]
-    if isinstance(models, str):
-        models = json.loads(models)
-    if isinstance(metadata, str):
-        metadata = json.loads(metadata)
+    metadata = _loaded(row[10])
     limits = KeyConfig(
-        rpm=row[5], tpm=row[6], daily_budget_usd=row[7], monthly_budget_usd=row[8],
-        models=tuple(models) if models is not None else None,
+        rpm=row[5], tpm=row[6], daily_budget_usd=row[7], monthly_budget_usd=row[8], models=_tuple(row[9]),
+        collections=_tuple(row[11]), collections_write=_tuple(row[12]),
     )  # fmt: skip
     return KeyRecord(row[0], row[1], row[2], float(row[3]), _opt_float(row[4]), limits, metadata or {})
 

@@ -13,8 +13,8 @@ thread. The queue is bounded: when the collector is slow or down, spans past
 store, a collector is optional, and a call must not wait on it.
 
 Content: listeners see spans before the store redacts them, so everything
-exported goes through the gateway's `Redactor` (attributes, error messages,
-and content). Inputs and outputs are exported only when both
+exported goes through the gateway's `Redactor` (span names, attribute names
+and values, error messages, and content). Inputs and outputs are exported only when both
 `otlp.export_content` and `tracing.capture_content` are on, as the JSON
 attributes `keel.input` and `keel.output`.
 """
@@ -237,7 +237,7 @@ class _RedactingSender(SpanExporter):
             status = Status(status.status_code, self._redactor.text(status.description))
         events = [Event(e.name, self._attributes(e.attributes or {}), e.timestamp) for e in span.events]
         return ReadableSpan(
-            name=span.name,
+            name=self._redactor.text(span.name),
             context=span.context,
             parent=span.parent,
             resource=span.resource,

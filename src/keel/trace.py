@@ -97,14 +97,23 @@ DEFAULT_SECRET_PATTERNS = (
     r"[Bb][Ee][Aa][Rr][Ee][Rr]\s+[A-Za-z0-9._\-]{12,}",
 )
 REDACTED = "[REDACTED]"
+#: Secrets redacted wherever they appear, configured or not: the server's admin key and the
+#: providers' standard key variables (a model may name its own with `api_key_env`; that one is added).
+ALWAYS_SECRET_ENV_VARS = (
+    "KEEL_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY",
+)  # fmt: skip
+MIN_SECRET_CHARS = 8  # shorter values would redact ordinary words
 
 
 class Redactor:
-    """Replaces secrets in anything stored: configured API keys' values and patterns."""
+    """Replaces secrets in every string stored or exported: span names, attribute keys and values,
+    content, error types and messages. The secrets are the configured API keys' values (the admin
+    key and the providers' keys always) and anything shaped like a key (`DEFAULT_SECRET_PATTERNS`)."""
 
     def __init__(self, patterns: Iterable[str] = (), secret_env_vars: Iterable[str] = ()) -> None:
         parts = [*DEFAULT_SECRET_PATTERNS, *patterns]
-        values = [os.environ[v] for v in secret_env_vars if len(os.environ.get(v, "")) >= 8]
+        names = dict.fromkeys([*ALWAYS_SECRET_ENV_VARS, *secret_env_vars])
+        values = {value for v in names if len(value := os.environ.get(v, "").strip()) >= MIN_SECRET_CHARS}
         parts += [re.escape(v) for v in sorted(values, key=len, reverse=True)]
         self._pattern = re.compile("|".join(f"(?:{p})" for p in parts))
 
@@ -112,23 +121,27 @@ class Redactor:
         return self._pattern.sub(REDACTED, value)
 
     def value(self, value: Any) -> Any:
-        """Redacted, and storable on both backends (PostgreSQL refuses NUL characters and NaN in JSON)."""
+        """Redacted, and storable on both backends (PostgreSQL refuses NUL characters and NaN in JSON).
+        Keys of mappings are redacted too: a header `x-keel-meta-<secret>` becomes an attribute's name."""
         if isinstance(value, str):
             return self.text(value.replace("\x00", "")) if "\x00" in value else self.text(value)
         if isinstance(value, float) and not math.isfinite(value):
             return None
         if isinstance(value, dict):
-            return {k: self.value(v) for k, v in value.items()}
+            return {self.value(k) if isinstance(k, str) else k: self.value(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.value(v) for v in value]
         return value
 
     def span(self, span: Span) -> None:
+        span.name = self.value(span.name)
         span.attributes = self.value(span.attributes)
         span.input = self.value(span.input)
         span.output = self.value(span.output)
+        if span.error_type:
+            span.error_type = self.value(span.error_type)
         if span.error_message:
-            span.error_message = self.text(span.error_message)
+            span.error_message = self.value(span.error_message)
 
 
 class SpanWriter:

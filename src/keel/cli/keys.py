@@ -31,9 +31,16 @@ def _store() -> Store:
     return open_store(load_config().store_url)
 
 
-def _limits(rpm: int | None, tpm: int | None, budgets: list[str], models: str | None) -> KeyConfig:
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list; None when the option is not given."""
+    return tuple(n.strip() for n in text.split(",") if n.strip()) if text is not None else None
+
+
+def _limits(
+    rpm: int | None, tpm: int | None, budgets: list[str], models: str | None, collections: tuple[str | None, str | None]
+) -> KeyConfig:
     config = load_config()
-    allowed = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
+    allowed = _names(models) if models else None
     for model in allowed or ():
         if config.resolve_name(model) is None:
             raise InputError(f"unknown model {model!r} in --models; `keel models` lists them")
@@ -45,7 +52,7 @@ def _limits(rpm: int | None, tpm: int | None, budgets: list[str], models: str | 
         periods[period] = amount
     return KeyConfig(
         rpm=rpm, tpm=tpm, daily_budget_usd=periods.get("daily"), monthly_budget_usd=periods.get("monthly"),
-        models=allowed,
+        models=allowed, collections=_names(collections[0]), collections_write=_names(collections[1]),
     )  # fmt: skip
 
 
@@ -69,13 +76,20 @@ def create(
         list[str] | None, typer.Option("--budget-usd", help="AMOUNT/day or AMOUNT/month; may be given twice.")
     ] = None,
     models: Annotated[str | None, typer.Option(help="Comma-separated models or aliases the key may use.")] = None,
+    collections: Annotated[
+        str | None, typer.Option(help="Comma-separated RAG collections the key may read (default: all).")
+    ] = None,
+    collections_write: Annotated[
+        str | None, typer.Option(help="Comma-separated RAG collections the key may add to or delete (default: none).")
+    ] = None,
     meta: Annotated[list[str] | None, typer.Option(help="NAME=VALUE kept with the key.")] = None,
 ) -> None:
     """Create a key and print it once (only its hash is stored).
 
     Example: keel keys create --name team-a --rpm 60 --tpm 100000 --budget-usd 50/month --models gpt-4o-mini,local
+    --collections docs,faq --collections-write faq
     """
-    limits = _limits(rpm, tpm, budget_usd or [], models)
+    limits = _limits(rpm, tpm, budget_usd or [], models, (collections, collections_write))
     secret, record = create_key(_store(), name, limits, _meta(meta or []))
     console.print(f"created key [bold]{escape(record.name)}[/] ({record.key_id}): {_describe(record)}")
     console.print("The key is shown once; keep it now:")
@@ -90,6 +104,8 @@ def _describe(record: KeyRecord) -> str:
         f"${lim.daily_budget_usd:g}/day" if lim.daily_budget_usd is not None else "",
         f"${lim.monthly_budget_usd:g}/month" if lim.monthly_budget_usd is not None else "",
         ("models " + ",".join(lim.models)) if lim.models is not None else "all models",
+        ("reads " + (",".join(lim.collections) or "no collection")) if lim.collections is not None else "",
+        ("writes " + ",".join(lim.collections_write)) if lim.collections_write else "",
     ]
     return " · ".join(p for p in parts if p)
 

@@ -158,9 +158,12 @@ class Gateway:
         #: virtual keys a server registers (`set_key`). The budget tracker reads the same dict.
         self.keys: dict[str, KeyConfig] = dict(self.config.keys)
         self.budgets = BudgetTracker(self.store, self.keys)
+        # the providers' keys and the server's admin key are never stored nor exported in clear
         secret_envs = {env for m in self.config.models.values() if (env := m.key_env())}
+        secret_envs.add(self.config.server.admin_key_env)
         tracing = self.config.tracing
-        redactor = Redactor(tracing.redact_patterns, secret_envs)
+        #: What every stored or exported string goes through (spans, OTLP, metric labels).
+        self.redactor = redactor = Redactor(tracing.redact_patterns, secret_envs)
         writer = SpanWriter(self.store, redactor=redactor, max_queue=tracing.max_queue) if self.store else None
         self.tracer = Tracer(writer, capture_content=tracing.capture_content)
         #: `[otlp]`: the exporter sending every span to an OpenTelemetry collector too, or None.

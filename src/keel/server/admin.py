@@ -35,7 +35,13 @@ class CreateKey(BaseModel):
     daily_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     monthly_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     models: list[str] | None = Field(default=None, max_length=256)
+    collections: list[str] | None = Field(default=None, max_length=1000)  # RAG collections it may read; None: all
+    collections_write: list[str] | None = Field(default=None, max_length=1000)  # ... may write; None: none
     metadata: dict[str, str] | None = None
+
+
+def _tuple(names: list[str] | None) -> tuple[str, ...] | None:
+    return tuple(names) if names is not None else None
 
 
 def _store(request: Request) -> Store:
@@ -70,7 +76,8 @@ def router() -> APIRouter:
                 raise InputError(f"unknown model {model!r} in models")
         limits = KeyConfig(
             rpm=body.rpm, tpm=body.tpm, daily_budget_usd=body.daily_budget_usd,
-            monthly_budget_usd=body.monthly_budget_usd, models=tuple(body.models) if body.models is not None else None,
+            monthly_budget_usd=body.monthly_budget_usd, models=_tuple(body.models),
+            collections=_tuple(body.collections), collections_write=_tuple(body.collections_write),
         )  # fmt: skip
         secret, record = await asyncio.to_thread(create_key, _store(request), body.name, limits, body.metadata)
         await _reload(request)

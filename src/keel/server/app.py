@@ -245,7 +245,7 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = gateway or Gateway(config)
         app.state.gateway = gw
-        metrics = GatewayMetrics()
+        metrics = GatewayMetrics(gw)
         gw.tracer.listeners.append(metrics.observe)
         app.state.metrics = metrics
         keyring = app.state.keyring = KeyRing(gw, admin_env=settings.admin_key_env, refresh_s=settings.key_refresh_s)
@@ -262,8 +262,10 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         gc.freeze()
         if keyring.open:
             log.warning(
-                "keel: no keys configured: answering localhost only. For other hosts, create keys "
-                "(keel keys create --name NAME) and set the admin key in $%s",
+                "keel: no keys configured: answering localhost only, and only model calls (/v1). "
+                "The dashboard's data, the admin API and /metrics need the admin key: set $%s to a secret "
+                "and restart, then enter it in the dashboard. For other hosts, also create keys "
+                "(keel keys create --name NAME)",
                 settings.admin_key_env,
             )
         yield

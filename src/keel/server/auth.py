@@ -7,8 +7,11 @@ Every request is authenticated by `Authorization: Bearer <key>`:
 - a virtual key (`keel keys create`) may call the model API, within its models,
   limits and budget; its name is what the trace, limits and budget are charged to.
 
-With no admin key and no active virtual key, keel runs open but answers only
-clients on the loopback interface, and says so at start. Keys created or
+With no admin key and no active virtual key, keel runs open: it answers model
+calls (`/v1/...`) made directly on this machine, and nothing that needs the admin
+key (the admin API, the dashboard's data, `/metrics`): a relay on the same machine
+(a plain TCP forwarder, a proxy, a browser page) is indistinguishable from a local
+tool, so the open mode grants nothing it would regret granting to one. Keys created or
 revoked by another process (`keel keys ...`) are seen within
 `[server] key_refresh_s`; a key not yet seen is looked up at once.
 """
@@ -20,6 +23,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -30,7 +34,7 @@ from keel.keys import KeyRecord, hash_key, key_by_hash, keys_by_hash
 
 __all__ = [
     "Caller", "Forbidden", "KeyRing", "Presented", "StoreUnavailable", "Unauthorized", "caller", "is_loopback",
-    "require_admin",
+    "is_proxy_header", "require_admin",
 ]  # fmt: skip
 
 log = logging.getLogger("keel.server")
@@ -63,7 +67,7 @@ class Caller:
     admin: bool = False
 
 
-OPEN = Caller(None, admin=True)
+OPEN = Caller(None)  # the open mode: model calls only, never what needs the admin key
 ADMIN = Caller(None, admin=True)
 
 
@@ -74,20 +78,34 @@ def is_loopback(address: str | None) -> bool:
         return False
 
 
-LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+# A Host is a name and an optional port, nothing else: "127.0.0.1:evil.com" or "localhost:80:80" is malformed.
+_HOST = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[^\[\]:/@\s]+)(?::[0-9]{1,5})?")
+_ORIGIN = re.compile(r"https?://(?P<host>[^/]+)/?")
 
 
 def is_local_name(host_header: str | None) -> bool:
-    """A Host or Origin naming this machine ("localhost:8000", "http://127.0.0.1"), not a domain
-    that merely resolves here (DNS rebinding would let any web page call the open server)."""
-    if not host_header:
-        return False
-    host = host_header.split("://", 1)[-1].rstrip("/")
-    if host.startswith("["):  # [::1]:8000
-        host = host[: host.find("]") + 1]
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.lower() in LOCAL_NAMES
+    """A Host header naming this machine ("localhost:8000", "[::1]"), not a domain that merely
+    resolves here (DNS rebinding would let any web page call the open server); a malformed one is not."""
+    match = _HOST.fullmatch(host_header or "")
+    return match is not None and match["name"].lower() in LOCAL_NAMES
+
+
+def is_local_origin(origin: str | None) -> bool:
+    """An Origin header ("http://127.0.0.1:8000") of a page served from this machine."""
+    match = _ORIGIN.fullmatch(origin or "")
+    return match is not None and is_local_name(match["host"])
+
+
+# Headers that a proxy, a CDN or a relay adds to say who the client really is or that it stood in
+# between: X-Forwarded-*, Forwarded, X-Original-Forwarded-For, X-Real-IP, CF-Connecting-IP,
+# True-Client-IP, X-Client-IP, Fastly-Client-IP, X-Cluster-Client-IP, Via, ... A request with any of
+# them did not come straight from a local tool.
+_PROXY_HEADER = re.compile(r"forwarded|real-?ip|client-?ip|connecting-?ip|originating-?ip|remote-?addr|^via$")
+
+
+def is_proxy_header(name: str) -> bool:
+    return _PROXY_HEADER.search(name.lower()) is not None
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,7 @@ class Presented:
     client: str | None = None  # the peer's address
     host: str | None = None  # the Host header
     origin: str | None = None  # the Origin header, sent by browsers
-    forwarded: bool = False  # X-Forwarded-For or Forwarded: a proxy stands in front
+    forwarded: bool = False  # a proxy header (see `is_proxy_header`): something stands in front
 
 
 def local_request(r: Presented) -> bool:
@@ -107,7 +125,7 @@ def local_request(r: Presented) -> bool:
         is_loopback(r.client)
         and not r.forwarded
         and is_local_name(r.host)
-        and (r.origin is None or r.origin == "null" or is_local_name(r.origin))
+        and (r.origin is None or r.origin == "null" or is_local_origin(r.origin))
     )
 
 
@@ -137,7 +155,7 @@ class KeyRing:
 
     @property
     def open(self) -> bool:
-        """No admin key and no active key: anyone on localhost may call, nobody else."""
+        """No admin key and no active key: direct local callers may call models, nobody may administer."""
         return self._admin_hash is None and not self._registered
 
     async def load(self) -> None:
@@ -218,8 +236,14 @@ def caller(request: Request) -> Caller:
 
 
 async def require_admin(request: Request) -> Caller:
-    """FastAPI dependency for the admin API and the dashboard's API."""
+    """FastAPI dependency for the admin API, the dashboard's API and /metrics."""
     who = caller(request)
+    if who is OPEN:
+        env = request.app.state.settings.admin_key_env
+        raise Unauthorized(
+            f"this endpoint needs the admin key, and keel runs without one: set ${env} and restart "
+            "(with no keys, keel answers only model calls made on this machine)"
+        )
     if not who.admin:
         raise Forbidden("this endpoint needs the admin key")
     return who

@@ -3,6 +3,12 @@
 The metrics are a listener on the gateway's tracer, so they count exactly
 what the trace store records (one place decides what a call is), per model
 and key: calls by status, errors by type, tokens, cost and latency.
+
+Label values are bounded: a model label is a configured model (an alias counts
+as the model it resolves to) and a key label a key the gateway knows; any
+other name a caller sends is counted under `unknown`, so that nobody can grow
+the series (and the scrape, and the server's memory) by inventing names.
+Labels go through the gateway's redactor like everything else that leaves it.
 """
 
 from __future__ import annotations
@@ -10,16 +16,21 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from keel.gateway import Gateway
 from keel.trace import Span
 
-__all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "UNKNOWN", "GatewayMetrics"]
+
+UNKNOWN = "unknown"  # the one label value of every model or key name that is not configured
 
 _OPERATIONS = frozenset({"chat", "embeddings", "http"})  # http: refused before the gateway (401, 413, 400)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._models: dict[str, str] = {}  # configured model or alias -> its label
         self.registry = CollectorRegistry()
         labels = ("operation", "model", "key")
         self.requests = Counter("keel_requests", "Model calls by outcome.", (*labels, "status"), registry=self.registry)
@@ -41,8 +52,8 @@ class GatewayMetrics:
             return
         labels = (
             operation,
-            str(a.get("keel.model") or a.get("gen_ai.request.model") or ""),
-            str(a.get("keel.api_key") or ""),
+            self._model_label(a.get("keel.model") or a.get("gen_ai.request.model")),
+            self._key_label(a.get("keel.api_key")),
         )
         self.requests.labels(*labels, span.status).inc()
         if span.status == "error":
@@ -55,6 +66,27 @@ class GatewayMetrics:
         if cost:
             self.cost.labels(*labels).inc(cost)
         self.latency.labels(*labels).observe(span.duration_ms / 1000.0)
+
+    def _model_label(self, name: object) -> str:
+        """The configured model a span's model names (an alias resolved), "" for none, else `unknown`."""
+        if not name or not isinstance(name, str):
+            return ""
+        label = self._models.get(name)
+        if label is None:
+            gateway = self.gateway
+            resolved = gateway.config.resolve_name(name)
+            if resolved is None and name in gateway.model_names:  # a model given to the Gateway in code
+                resolved = name
+            if resolved is None:
+                return UNKNOWN  # not remembered: the cache holds configured names only
+            label = self._models[name] = gateway.redactor.text(resolved)
+        return label
+
+    def _key_label(self, name: object) -> str:
+        """A known key's name, "" for none (admin, open mode), else `unknown`."""
+        if not name:
+            return ""
+        return self.gateway.redactor.text(name) if isinstance(name, str) and name in self.gateway.keys else UNKNOWN
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.errors import InputError, KeelError
 from keel.gateway import Gateway
-from keel.server.auth import KeyRing, Presented
+from keel.server.auth import KeyRing, Presented, is_proxy_header
 from keel.server.errors import keel_error_response
 
 __all__ = ["EdgeMiddleware", "trace_refusal"]
@@ -83,8 +83,7 @@ class EdgeMiddleware:
                 keyring: KeyRing = self.state.keyring
                 presented = Presented(
                     authorization=headers.get("authorization"), client=client[0] if client else None,
-                    host=headers.get("host"), origin=headers.get("origin"),
-                    forwarded="x-forwarded-for" in headers or "forwarded" in headers,
+                    host=headers.get("host"), origin=headers.get("origin"), forwarded=keyring.open and _proxied(scope),
                 )  # fmt: skip
                 try:
                     who = await keyring.authenticate(presented)
@@ -148,8 +147,10 @@ class EdgeMiddleware:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    wanted = (
-        b"authorization", b"content-length", b"transfer-encoding", b"host", b"origin", b"x-forwarded-for",
-        b"forwarded",
-    )  # fmt: skip
+    wanted = (b"authorization", b"content-length", b"transfer-encoding", b"host", b"origin")
     return {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"] if k.lower() in wanted}
+
+
+def _proxied(scope: Scope) -> bool:
+    """Whether any header says a proxy or relay stands in front (the open mode then refuses)."""
+    return any(is_proxy_header(k.decode("latin-1")) for k, _ in scope["headers"])

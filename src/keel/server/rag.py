@@ -3,7 +3,10 @@
 Asking and searching take a virtual key like any model call: the answer's
 chat call, the query embedding and any reranking are charged to it (so the
 key must allow the collection's embedding model and the answer model).
-Adding documents and dropping collections need the admin key. The RAG engine
+A key's collection scopes decide the rest: it lists, searches and asks only
+the collections it may read (`collections`, all by default), and adds
+documents to or drops only those it may write (`collections_write`, none by
+default: writing is the admin key's). The RAG engine
 (and its tables) is created on the first RAG request, so a gateway-only
 deployment never needs them.
 """
@@ -13,12 +16,13 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
+from keel.config import KeyConfig
 from keel.rag import RAG, Document
-from keel.server.auth import caller, require_admin
+from keel.server.auth import Forbidden, caller, require_admin
 from keel.server.calls import attribution, guarded
 
 __all__ = ["rag_router"]
@@ -83,6 +87,40 @@ def _rag(request: Request) -> RAG:
     return rag
 
 
+def _scope(request: Request) -> KeyConfig | None:
+    """The virtual key's limits, collection scopes included; None for the admin key and the open mode."""
+    key = caller(request).key
+    if key is None:
+        return None
+    scope: KeyConfig = request.app.state.gateway.keys.get(key, KeyConfig(collections=()))  # unknown: no collection
+    return scope
+
+
+def may_read(scope: KeyConfig | None, collection: str) -> bool:
+    return scope is None or scope.collections is None or collection in scope.collections
+
+
+def may_write(scope: KeyConfig | None, collection: str) -> bool:
+    return scope is not None and scope.collections_write is not None and collection in scope.collections_write
+
+
+def _check_read(request: Request, collection: str) -> None:
+    """Refuse a key outside its read scope with 403, whether the collection exists or not (no probing)."""
+    if not may_read(_scope(request), collection):
+        raise Forbidden(f"key {caller(request).key!r} may not read collection {collection!r}")
+
+
+async def _check_write(request: Request, collection: str) -> None:
+    """The admin key, or a key whose write scope names the collection (the open mode may not write)."""
+    who = caller(request)
+    if who.admin:
+        return
+    if who.key is None:
+        await require_admin(request)  # the open mode: refused, saying how to set the admin key
+    if not may_write(_scope(request), collection):
+        raise Forbidden(f"key {who.key!r} may not write collection {collection!r}")
+
+
 def rag_router() -> APIRouter:
     router = APIRouter(prefix="/v1/rag", tags=["rag"])
 
@@ -91,6 +129,8 @@ def rag_router() -> APIRouter:
         """Collections: documents, chunks, embedding model, chunking."""
         rag = await asyncio.to_thread(_rag, request)
         rows = await asyncio.to_thread(rag.collections)
+        scope = _scope(request)
+        rows = [c for c in rows if may_read(scope, c.name) or may_write(scope, c.name)]
         return {"object": "list", "data": [{
             "name": c.name, "documents": c.n_documents, "chunks": c.n_chunks, "embedding_model": c.embedding_model,
             "dimensions": c.dimensions, "chunking": c.settings.get("chunking"), "updated_at": c.updated_at,
@@ -99,6 +139,7 @@ def rag_router() -> APIRouter:
     @router.post("/{collection}/search")
     async def search(collection: CollectionName, body: SearchRequest, request: Request) -> dict[str, Any]:
         """Raw retrieval: every hit with its BM25, dense, fused and reranked scores."""
+        _check_read(request, collection)
         rag = await asyncio.to_thread(_rag, request)
         call = rag.search(body.query, collection, rerank=body.rerank, key=caller(request).key, **body.options())
         retrieval = await guarded(request, call, request.app.state.settings.request_timeout_s)
@@ -108,6 +149,7 @@ def rag_router() -> APIRouter:
     @router.post("/{collection}/ask")
     async def ask(collection: CollectionName, body: AskRequest, request: Request) -> dict[str, Any]:
         """An answer with [n] citations mapped to document, chunk and character span, each sentence checked."""
+        _check_read(request, collection)
         rag = await asyncio.to_thread(_rag, request)
         call = rag.ask(
             body.question, collection, mode=body.mode, model=body.model, rerank=body.rerank,
@@ -117,9 +159,11 @@ def rag_router() -> APIRouter:
         answer = await guarded(request, call, request.app.state.settings.request_timeout_s)
         return {"object": "rag.answer", "collection": collection, **answer.to_json()}
 
-    @router.post("/{collection}/documents", dependencies=[Depends(require_admin)])
+    @router.post("/{collection}/documents")
     async def add_documents(collection: CollectionName, body: DocumentsRequest, request: Request) -> dict[str, Any]:
-        """Add or replace documents (admin). Unchanged ones are skipped; the collection is created on first use."""
+        """Add or replace documents (admin, or a key that may write the collection). Unchanged ones are
+        skipped; the collection is created on first use."""
+        await _check_write(request, collection)
         rag = await asyncio.to_thread(_rag, request)
         custom = any(v is not None for v in (body.embedding_model, body.chunker, body.chunk_size, body.overlap))
         settings = rag.settings(
@@ -132,9 +176,10 @@ def rag_router() -> APIRouter:
         report = await rag.ingest(documents, collection, settings=settings)
         return {"object": "rag.ingest", **report.to_json()}
 
-    @router.delete("/{collection}", dependencies=[Depends(require_admin)])
+    @router.delete("/{collection}")
     async def drop(collection: CollectionName, request: Request) -> dict[str, Any]:
-        """Delete a collection (admin)."""
+        """Delete a collection (admin, or a key that may write it)."""
+        await _check_write(request, collection)
         rag = await asyncio.to_thread(_rag, request)
         await asyncio.to_thread(rag.drop, collection)
         return {"object": "rag.collection", "name": collection, "deleted": True}

@@ -121,4 +121,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        "0004_key_collections",
+        (
+            # Which RAG collections a key may read and write (JSON lists; NULL: read all, write none).
+            "ALTER TABLE keel_keys ADD COLUMN collections {json}",
+            "ALTER TABLE keel_keys ADD COLUMN collections_write {json}",
+        ),
+    ),
 )
