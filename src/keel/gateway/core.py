@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["ChatStream", "Gateway"]
 
 DEFAULT_MAX_OUTPUT = 4096
+#: How much of each answer that failed structured validation the span keeps (a runaway one can be huge).
+MAX_INVALID_OUTPUT_CHARS = 8000
 _PROVIDERS = {"openai", "anthropic", "gemini", "local", "test", "onnx"}
 
 
@@ -396,9 +398,27 @@ class Gateway:
         async def call(messages: tuple[Message, ...]) -> ModelResponse:
             return await router.complete(replace(request, messages=messages))
 
-        response, parsed, tries = await run_structured(call, request.messages, spec, max_reasks)
+        response, parsed, tries = await run_structured(
+            call, request.messages, spec, max_reasks, on_invalid=self._invalid_output_recorder(span)
+        )
         span.set(keel__structured__tries=tries)
         return response, parsed
+
+    def _invalid_output_recorder(self, span: Span) -> Callable[[str, str], None]:
+        """Keeps each answer that failed validation, and why, on the span: a failed structured call's
+        trace then shows what the model said, not only the last error."""
+        invalid: list[dict[str, Any]] = []
+
+        def record(text: str, problem: str) -> None:
+            entry: dict[str, Any] = {"try": len(invalid) + 1, "error": problem}
+            if self.tracer.capture_content:  # the answer is content: kept only where inputs and outputs are
+                entry["output"] = text[:MAX_INVALID_OUTPUT_CHARS]
+                if len(text) > MAX_INVALID_OUTPUT_CHARS:
+                    entry["output_chars"] = len(text)  # clipped: say how long it was
+            invalid.append(entry)
+            span.set(keel__structured__invalid_outputs=invalid, keel__structured__tries=len(invalid))
+
+        return record
 
     def stream(self, messages: str | Sequence[MessageLike], model: str | None = None, **kwargs: Any) -> ChatStream:
         """Stream a chat call: iterate for `StreamDelta`s, then read `.result`."""

@@ -116,8 +116,12 @@ async def run_structured(
     messages: tuple[Message, ...],
     spec: StructuredSpec,
     max_reasks: int,
+    on_invalid: Callable[[str, str], None] | None = None,
 ) -> tuple[ModelResponse, Any, int]:
-    """Call until the answer validates; returns the summed response, the value and the tries."""
+    """Call until the answer validates; returns the summed response, the value and the tries.
+
+    `on_invalid(text, problem)` hears of each answer that did not validate (the trace keeps them).
+    """
     if max_reasks < 0:
         raise InputError(f"max_reasks must be 0 or more, got {max_reasks}")
     total: ModelResponse | None = None
@@ -132,6 +136,8 @@ async def run_structured(
             return total, spec.validate(parse_json(response.text)), tries
         except (json.JSONDecodeError, ValidationError, jsonschema.ValidationError) as error:
             problem = _problem(error)
+            if on_invalid is not None:
+                on_invalid(response.text, problem)
         messages = (
             *messages,
             Message.assistant(response.text),
