@@ -492,3 +492,15 @@ def test_the_list_pages_past_100_and_sorts_by_latency_and_cost(page: Page, serve
     )
     assert costs[0] != "–" and costs[-1] != "–"
     shot(page, "13-sorted-by-cost", top_of=".traces-card")
+
+
+def test_a_trace_links_to_the_other_traces_of_its_session(page: Page, server: Server) -> None:
+    page.goto(server.base + "/")
+    rows(page).filter(has_text="Which plan suits a team of five?").first.click()
+    link = page.locator("#span-detail a.filter-link", has_text="sess-42")
+    expect(link).to_be_visible()
+    expect(page.locator("#span-detail a.filter-link", has_text="alice")).to_be_visible()
+    link.click()
+    expect(page.locator("#overview-view")).to_be_visible()
+    expect(page.locator("#f-session")).to_have_value("sess-42")
+    wait_for_rows(page, "r.length === 1")

@@ -953,12 +953,22 @@
         meta("Model", span.model || "–"), meta("Provider", span.provider || "–"),
         meta("Operation", span.operation || "–"), meta("Attempts", span.attempts ?? "–"),
         meta("Key", span.api_key || "–"), meta("Started", fmtDateTime(span.start_time)),
-        meta("Span id", span.span_id), meta("Parent", span.parent_id || "–")),
+        meta("Span id", span.span_id), meta("Parent", span.parent_id || "–"),
+        filterLink("Session", "session", span.attributes["keel.metadata.session_id"]),
+        filterLink("User", "user", span.attributes["keel.metadata.user"])),
       span.status === "error" ? h("div", { class: "error-box" }, h("b", { text: span.error_type || "error" }), span.error_message || "") : null,
       h("div", { class: "section-title", text: "Input" }), h("div", { class: "io input" }, renderInput(span.input)),
       h("div", { class: "section-title", text: "Output" }), h("div", { class: "io output" }, renderOutput(span.output, span)),
       renderInvalidOutputs(span.attributes["keel.structured.invalid_outputs"]),
       h("div", { class: "section-title", text: "Attributes" }), h("table", { class: "attrs" }, h("tbody", null, attributeRows(span.attributes))));
+  }
+
+  /** A span's session or user as a link to the trace list filtered by it (null when the span has none). */
+  function filterLink(label, name, value) {
+    if (value === null || value === undefined || value === "") return null;
+    const href = "?" + new URLSearchParams({ [name]: String(value) }).toString();
+    return h("div", null, h("dt", { text: label }),
+      h("dd", { title: "Traces of this " + name }, h("a", { class: "filter-link", href, text: String(value) })));
   }
 
   function selectSpan(spanId) {
