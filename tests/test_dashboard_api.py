@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from helpers import gateway
 from keel import Gateway, TestModel
-from keel.errors import ServerError
+from keel.errors import InputError, ServerError, StructuredOutputError
 from keel.server.app import create_app
 from keel.store import SpanFilter, Store, analytics
 from keel.trace import Span
@@ -38,8 +39,12 @@ def make_span(
     error_type: str | None = None,
     input: Any = None,
     output: Any = None,
+    request_model: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Span:
-    attributes: dict[str, Any] = {}
+    attributes: dict[str, Any] = dict(extra or {})
+    if request_model is not None:
+        attributes["gen_ai.request.model"] = request_model
     if operation is not None:
         attributes["gen_ai.operation.name"] = operation
     if model is not None:
@@ -255,6 +260,119 @@ def test_previews_are_short_and_readable() -> None:
     assert analytics.output_preview(None) == "" and analytics.output_preview(42) == "42"
 
 
+@pytest.fixture
+def invented(store: Store) -> Store:
+    """Two configured models, and calls to names a client made up (one failed before routing)."""
+    store.write_spans([
+        make_span("k1", start=T0, ms=100, model="m1", cost=0.01),
+        make_span("k2", start=T0 + 1, ms=200, model="m2", cost=0.02),
+        make_span("u1", start=T0 + 2, ms=300, model=None, request_model="gpt-5-turbo", tokens=None,
+                  error_type="UnknownModel"),
+        make_span("u2", start=T0 + 3, ms=400, model=None, request_model="my-own-model", tokens=None,
+                  error_type="UnknownModel"),
+        make_span("u3", start=T0 + 4, ms=500, model="it's-new", cost=0.5),  # a quote in the name
+    ])  # fmt: skip
+    return store
+
+
+KNOWN = frozenset({"m1", "m2", "unused"})
+
+
+def test_unknown_models_are_one_group_in_breakdowns_and_filters(invented: Store) -> None:
+    f = SpanFilter(since=T0 - 1, until=T0 + HOUR, known_models=KNOWN)
+    by_model = {g.name: (g.requests, g.errors, usd(g.cost_usd)) for g in analytics.cost_by_model(invented, f)}
+    assert by_model == {"m1": (1, 0, 0.01), "m2": (1, 0, 0.02), "unknown": (3, 2, 0.5)}
+    assert {x.name: x.requests for x in analytics.latency_by_model(invented, f)} == {"m1": 1, "m2": 1, "unknown": 3}
+    assert analytics.facets(invented, known_models=KNOWN).models == ["m1", "m2", "unknown"]
+    assert analytics.totals(invented, replace(f, model="unknown")).requests == 3
+    assert analytics.totals(invented, replace(f, model="m2")).requests == 1
+    assert analytics.totals(invented, replace(f, model="gpt-5-turbo")).requests == 0  # not a model of its own
+    assert trace_ids(invented, model="unknown", known_models=KNOWN) == ["trace-u3", "trace-u2", "trace-u1"]
+    # the list shows each trace under the name it asked for
+    listed = analytics.list_traces(invented, SpanFilter(model="unknown", known_models=KNOWN))
+    assert [t.model for t in listed] == ["it's-new", "my-own-model", "gpt-5-turbo"]
+    # without a configuration to compare with, names are as stored
+    assert {g.name for g in analytics.cost_by_model(invented, replace(f, known_models=None))} == {
+        "m1", "m2", "gpt-5-turbo", "my-own-model", "it's-new",
+    }  # fmt: skip
+    assert {g.name for g in analytics.cost_by_model(invented, replace(f, known_models=frozenset()))} == {"unknown"}
+
+
+@pytest.fixture
+def attributed(store: Store) -> Store:
+    """Calls tagged as the server tags them: session, user, tags (a list, or one string) and other metadata."""
+    meta = "keel.metadata."
+    store.write_spans([
+        make_span("s1", start=T0, extra={"keel.session": "sess-42", "keel.user": "alice",
+                                         "keel.tags": ["beta", "eu"]}),
+        make_span("s2", start=T0 + 1, extra={"keel.session": "sess-421", "keel.user": "bob",
+                                             "keel.tags": "beta", meta + "ticket": "T_100%"}),
+        make_span("s3", start=T0 + 2, input=chat_input("nothing to see")),
+        # an agent whose root carries nothing: its model call has the session
+        make_span("root", trace_id="agent", start=T0 + 3, model=None, operation=None, tokens=None),
+        make_span("call", trace_id="agent", parent_id="root", start=T0 + 3.1,
+                  extra={"keel.session": "sess-42", "keel.tags": ["eu"]}),
+    ])  # fmt: skip
+    return store
+
+
+def test_search_and_filters_find_session_user_tags_and_metadata(attributed: Store) -> None:
+    assert trace_ids(attributed, text="sess-42") == ["agent", "trace-s2", "trace-s1"]  # sess-421 contains it
+    assert trace_ids(attributed, text="ALICE") == ["trace-s1"]
+    assert trace_ids(attributed, text="t_100%") == ["trace-s2"]  # a metadata value
+    assert trace_ids(attributed, text="t%100") == []  # LIKE wildcards are literal
+    assert trace_ids(attributed, text="s_ss") == []
+    assert trace_ids(attributed, text="keel.session") == []  # names are not values
+    assert trace_ids(attributed, session="sess-42") == ["agent", "trace-s1"]  # exact, through the child
+    assert trace_ids(attributed, user="bob") == ["trace-s2"]
+    assert trace_ids(attributed, tag="beta") == ["trace-s2", "trace-s1"]  # a list, or a single string
+    assert trace_ids(attributed, tag="eu", session="sess-42") == ["agent", "trace-s1"]
+    assert trace_ids(attributed, tag="be") == []
+    assert analytics.totals(attributed, SpanFilter(session="sess-42", since=T0 - 1, until=T0 + HOUR)).requests == 2
+
+
+def walk(store: Store, sort: analytics.TraceSort, limit: int, **filters: Any) -> list[str]:
+    """Every page of the trace list, following the cursor; the ids in order."""
+    seen: list[str] = []
+    after = None
+    for _ in range(50):
+        page = analytics.list_traces(store, SpanFilter(limit=limit + 1, **filters), sort=sort, after=after)
+        seen += [t.trace_id for t in page[:limit]]
+        if len(page) <= limit:
+            return seen
+        after = analytics.parse_cursor(analytics.trace_cursor(page[limit - 1], sort))
+    raise AssertionError("the pages did not end")
+
+
+def test_keyset_pages_walk_every_trace_once_in_each_order(store: Store) -> None:
+    # ties on every sort key: equal start times, durations and costs, and unpriced traces
+    store.write_spans([
+        make_span(f"t{i}", start=T0 + (i // 2), ms=100.0 * (i % 3), cost=None if i % 4 == 0 else 0.01 * (i % 3))
+        for i in range(11)
+    ])  # fmt: skip
+    everything = trace_ids(store, limit=100)
+    assert len(everything) == 11
+    assert walk(store, "time", 3) == everything
+    slowest = walk(store, "latency", 4)
+    durations = {t.trace_id: t.duration_ms for t in analytics.list_traces(store, SpanFilter(limit=100))}
+    assert sorted(slowest) == sorted(everything) and len(set(slowest)) == 11
+    assert [durations[t] for t in slowest] == sorted(durations.values(), reverse=True)
+    costliest = walk(store, "cost", 2)
+    costs = {t.trace_id: t.cost_usd for t in analytics.list_traces(store, SpanFilter(limit=100))}
+    assert sorted(costliest) == sorted(everything) and len(set(costliest)) == 11
+    ranked = [-1.0 if costs[t] is None else costs[t] for t in costliest]
+    assert ranked == sorted(ranked, reverse=True) and costs[costliest[-1]] is None  # unpriced last
+    assert walk(store, "time", 2, status="error") == []
+
+
+def test_a_cursor_must_be_one_the_list_gave() -> None:
+    assert analytics.parse_cursor("1699923600.25:trace-a") == analytics.TraceCursor(1699923600.25, "trace-a")
+    assert analytics.parse_cursor("-1.0:a:b") == analytics.TraceCursor(-1.0, "a:b")
+    for bad in ("", "12", "x:trace", "nan:trace", "inf:t", "1.5:"):
+        with pytest.raises(InputError, match="not a trace list cursor"):
+            analytics.parse_cursor(bad)
+
+
 # --- the HTTP API, over spans a gateway wrote ------------------------------------------------
 
 TOML = (
@@ -266,9 +384,15 @@ TOML = (
 )
 
 
+ADMIN_KEY = "sk-keel-admin-dashboard-0123456789abcdef"
+#: A model whose answers never fit a schema: a structured call to it fails after its re-asks.
+NOT_JSON = ["Sure! The city is Lyon.", '{"city": 69}', '{"town": "Lyon"}']
+
+
 @pytest.fixture
 def gw(tmp_path: Path) -> Iterator[Gateway]:
-    gateway_ = gateway(tmp_path, TOML, models={"broken": TestModel(ServerError("upstream down", status=503))})
+    models = {"broken": TestModel(ServerError("upstream down", status=503)), "jsonish": TestModel(NOT_JSON)}
+    gateway_ = gateway(tmp_path, TOML, models=models)
     yield gateway_
     gateway_.close()
 
@@ -278,9 +402,10 @@ ADMIN_KEY = "sk-keel-admin-0123456789abcdef"
 
 @pytest.fixture
 def client(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    """A local caller with the admin key (the open mode serves no dashboard data)."""
+    """The dashboard's API as the page calls it: with the admin key (read when the app is made)."""
     monkeypatch.setenv("KEEL_ADMIN_KEY", ADMIN_KEY)
-    with TestClient(create_app(gateway=gw), headers={"authorization": f"Bearer {ADMIN_KEY}"}, **LOCAL) as test_client:
+    app = create_app(gateway=gw)
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, **LOCAL) as test_client:
         yield test_client
 
 
@@ -415,6 +540,11 @@ def test_facets(client: TestClient, traffic: list[Span]) -> None:
         ("/api/overview?model=", "model"),
         ("/api/traces?q=a%00b", "q"),  # PostgreSQL would refuse the NUL
         ("/api/traces?key=%00", "key"),
+        ("/api/traces?sort=price", "sort"),
+        ("/api/traces?cursor=%00%00%00", "cursor"),
+        ("/api/traces?session=", "session"),
+        ("/api/overview?tag=" + "t" * 65, "tag"),
+        ("/api/traces?user=a%00", "user"),
     ],
 )
 def test_bad_parameters_are_400(client: TestClient, path: str, param: str) -> None:
@@ -435,8 +565,95 @@ def test_an_empty_store_answers_zeroes(client: TestClient) -> None:
     assert o["totals"]["requests"] == 0 and o["totals"]["cost_usd"] is None
     assert len(o["series"]) in (48, 49) and all(b["requests"] == 0 for b in o["series"])  # 49 unless aligned
     assert o["latency"]["p50_ms"] is None and o["errors"] == [] and o["by_model"] == []
-    assert get(client, "/api/traces") == {"traces": []}
+    assert get(client, "/api/traces") == {"traces": [], "next_cursor": None}
     assert get(client, "/api/facets") == {"models": [], "keys": [], "error_types": []}
+
+
+def test_a_cursor_the_list_did_not_give_is_400(client: TestClient) -> None:
+    response = client.get("/api/traces", params={"cursor": "yesterday:trace-1"})
+    assert response.status_code == 400 and "not a trace list cursor" in response.json()["error"]["message"]
+
+
+def test_an_invented_model_is_unknown_in_charts_and_filters_but_named_on_its_trace(
+    client: TestClient, gw: Gateway, traffic: list[Span]
+) -> None:
+    for name in ("gpt-5-turbo", "gpt-6-ultra"):
+        body = {"model": name, "messages": [{"role": "user", "content": f"Hello {name}"}]}
+        assert client.post("/v1/chat/completions", json=body).status_code == 404
+    gw.flush()
+    o = get(client, "/api/overview")
+    names = {g["name"] for g in o["by_model"]}
+    assert names == {"fast", "smart", "broken", "unknown"}
+    assert {row["name"] for row in o["latency_by_model"]} == names
+    assert next(g for g in o["by_model"] if g["name"] == "unknown")["requests"] == 2
+    assert get(client, "/api/facets")["models"] == ["broken", "fast", "smart", "unknown"]
+    assert get(client, "/api/overview", model="unknown")["totals"]["requests"] == 2
+    assert get(client, "/api/overview", model="gpt-5-turbo")["totals"]["requests"] == 0
+    listed = get(client, "/api/traces", model="unknown")["traces"]
+    assert [t["model"] for t in listed] == ["gpt-6-ultra", "gpt-5-turbo"]
+    (span,) = get(client, f"/api/traces/{listed[1]['trace_id']}")["spans"]
+    assert span["model"] == "gpt-5-turbo" and span["error_type"] == "UnknownModel"
+
+
+def test_traces_are_found_by_session_user_and_tag(client: TestClient, gw: Gateway, traffic: list[Span]) -> None:
+    for session, user, tags in [("sess-42", "alice", "beta,eu"), ("sess-7", "bob", "eu"), (None, None, None)]:
+        headers = {"x-keel-session-id": session, "x-keel-user": user, "x-keel-tags": tags}
+        body = {"model": "fast", "messages": [{"role": "user", "content": f"Question from {user}"}]}
+        sent = client.post("/v1/chat/completions", json=body, headers={k: v for k, v in headers.items() if v})
+        assert sent.status_code == 200, sent.text
+    gw.flush()
+
+    def asked(**params: Any) -> list[str]:
+        return [t["input_preview"] for t in get(client, "/api/traces", **params)["traces"]]
+
+    assert asked(q="sess-42") == ["Question from alice"]  # the search box finds a session
+    assert asked(q="BOB") == ["Question from bob"]
+    assert asked(session="sess-42") == ["Question from alice"]
+    assert asked(session="sess-4") == []  # the filter is exact
+    assert asked(user="bob") == ["Question from bob"]
+    assert asked(tag="eu") == ["Question from bob", "Question from alice"]
+    assert asked(tag="eu", user="alice") == ["Question from alice"]
+    assert asked(q="sess_42") == [] and asked(q="sess%42") == []  # wildcards match themselves
+    assert get(client, "/api/overview", session="sess-7")["totals"]["requests"] == 1
+    assert get(client, "/api/overview", tag="eu")["totals"]["requests"] == 2
+
+
+def test_traces_page_past_the_first_and_sort_by_latency_and_cost(client: TestClient, traffic: list[Span]) -> None:
+    everything = get(client, "/api/traces")["traces"]
+    assert len(everything) == 6
+    pages, cursor = [], None
+    while True:
+        body = get(client, "/api/traces", limit=4, cursor=cursor)
+        pages.append([t["trace_id"] for t in body["traces"]])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert [len(p) for p in pages] == [4, 2]
+    assert [trace for page in pages for trace in page] == [t["trace_id"] for t in everything]
+    slowest = get(client, "/api/traces", sort="latency")["traces"]
+    assert [t["duration_ms"] for t in slowest] == sorted((t["duration_ms"] for t in everything), reverse=True)
+    costliest = get(client, "/api/traces", sort="cost")["traces"]
+    ranked = [t["cost_usd"] for t in costliest]
+    assert ranked[-1] is None and all(c is not None for c in ranked[:-1])  # the failed call has no cost: last
+    assert ranked[:-1] == sorted(ranked[:-1], reverse=True)
+    first = get(client, "/api/traces", sort="cost", limit=2)
+    second = get(client, "/api/traces", sort="cost", limit=2, cursor=first["next_cursor"])
+    assert [t["trace_id"] for t in first["traces"] + second["traces"]] == [t["trace_id"] for t in costliest[:4]]
+
+
+def test_a_failed_structured_call_keeps_every_invalid_answer_on_its_trace(client: TestClient, gw: Gateway) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    with pytest.raises(StructuredOutputError):
+        gw.chat_sync("Which city?", model="jsonish", response_model=schema, max_reasks=2)
+    gw.flush()
+    (trace,) = get(client, "/api/traces", model="jsonish")["traces"]
+    (span,) = get(client, f"/api/traces/{trace['trace_id']}")["spans"]
+    invalid = span["attributes"]["keel.structured.invalid_outputs"]
+    assert [(i["try"], i["output"]) for i in invalid] == [(1, NOT_JSON[0]), (2, NOT_JSON[1]), (3, NOT_JSON[2])]
+    assert "not valid JSON" in invalid[0]["error"]
+    assert "city" in invalid[1]["error"] and "string" in invalid[1]["error"]
+    assert "required" in invalid[2]["error"]
+    assert span["attributes"]["keel.structured.tries"] == 3
 
 
 def test_without_a_store_the_api_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

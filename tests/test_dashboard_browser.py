@@ -7,7 +7,7 @@ Screenshots land in tests/artifacts/dashboard/ (ignored by git) for a person to 
 
 from __future__ import annotations
 
-import json
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -19,8 +19,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from helpers import gateway
-from keel import Gateway, TestModel
-from keel.errors import ProviderTimeout, ServerError
+from keel import CallContext, Gateway, TestModel
+from keel.errors import ProviderTimeout, ServerError, StructuredOutputError, UnknownModel
 from keel.trace import Span, new_id, new_trace_id
 from serving import Server
 
@@ -53,11 +53,17 @@ QUESTIONS = [
 ]
 
 
+#: A model whose answers never fit the schema: the structured call to it fails after two re-asks.
+NOT_JSON = ["Sure! The city is Lyon.", '{"city": 69}', '{"town": "Lyon"}']
+OUTLIER_MS = 397_000.0  # one runaway local generation (issue 16): it must not flatten the latency charts
+
+
 @dataclass
 class Seeded:
     gw: Gateway
     calls_24h: int  # model calls in the last 24 hours
     calls_7d: int
+    traces_7d: int
 
 
 def _history(now: float, rng: random.Random) -> list[Span]:
@@ -94,6 +100,16 @@ def _history(now: float, rng: random.Random) -> list[Span]:
                 output=None if failed else {"text": "Done: here is the answer.", "tool_calls": []},
             )
         )
+    outlier = dict(spans[0].attributes, **{"keel.model": "fast", "gen_ai.request.model": "fast"})
+    start = now - 3600
+    spans.append(
+        Span(
+            trace_id=new_trace_id(), span_id=new_id(), parent_id=None, name="chat fast", start_time=start,
+            end_time=start + OUTLIER_MS / 1000, status="ok", attributes=outlier,
+            input={"messages": [{"role": "user", "content": "What is RAG?"}]},
+            output={"text": 'A "type"A "type"A "type"', "tool_calls": []},
+        )
+    )  # fmt: skip
     return spans
 
 
@@ -109,6 +125,13 @@ def _traffic(gw: Gateway) -> int:
     for model in ("broken", "slow"):
         with pytest.raises((ServerError, ProviderTimeout)):
             gw.chat_sync(f"Will the {model} model answer?", model=model, key="batch-jobs")
+    session = CallContext(session="sess-42", user="alice", tags=("beta",))
+    gw.chat_sync("Which plan suits a team of five?", model="fast", key="support-bot", context=session)
+    with pytest.raises(UnknownModel):  # a name a client made up
+        gw.chat_sync("Hello newest model", model="gpt-5-turbo", key="support-bot")
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    with pytest.raises(StructuredOutputError):
+        gw.chat_sync("Which city is the trip to?", model="jsonish", key="batch-jobs", response_model=schema)
 
     async def agent() -> None:
         with gw.tracer.span("agent plan-trip", {"keel.agent": "planner"}) as root:
@@ -129,7 +152,7 @@ def _traffic(gw: Gateway) -> int:
             root.output = "Stay near Bellecour; walk the Presqu'île on Saturday."
 
     gw._loop().run(agent())
-    return 4 + 2 + 2
+    return 4 + 2 + 2 + 3
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +161,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     failing = {
         "broken": TestModel(ServerError("upstream answered 503: overloaded", status=503)),
         "slow": TestModel(ProviderTimeout("no answer within 30 s")),
+        "jsonish": TestModel(NOT_JSON),
     }
     gw = gateway(tmp, TOML, store=str(tmp / "keel.db"), models=failing)
     now = time.time()
@@ -147,16 +171,22 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     live = _traffic(gw)
     gw.flush()
     recent = sum(1 for s in history if s.start_time > now - 86400)
-    yield Seeded(gw, calls_24h=recent + live, calls_7d=len(history) + live)
+    yield Seeded(gw, calls_24h=recent + live, calls_7d=len(history) + live, traces_7d=len(history) + live - 1)
     gw.close()
 
 
 @pytest.fixture(scope="module")
 def server(seeded: Seeded) -> Iterator[Server]:
-    """With the admin key set: the open mode serves no dashboard data (the `page` fixture logs in)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KEEL_ADMIN_KEY", ADMIN_KEY)
-        running = Server(seeded.gw)  # the key is read at start
+    """A server with an admin key (read when the app is made), as every real deployment has."""
+    saved = os.environ.get("KEEL_ADMIN_KEY")
+    os.environ["KEEL_ADMIN_KEY"] = ADMIN_KEY
+    try:
+        running = Server(seeded.gw)
+    finally:
+        if saved is None:
+            os.environ.pop("KEEL_ADMIN_KEY")
+        else:
+            os.environ["KEEL_ADMIN_KEY"] = saved
     yield running
     running.stop()
 
@@ -170,10 +200,16 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
-    context.add_init_script(f"localStorage.setItem('keel.adminKey', {json.dumps(ADMIN_KEY)})")  # logged in
+def signed_in(browser: Browser, width: int) -> Any:
+    """A browser context whose page already holds the admin key, as after signing in once."""
+    context = browser.new_context(viewport={"width": width, "height": 1000 if width > 1200 else 900})
+    context.add_init_script(f"localStorage.setItem('keel.adminKey', {ADMIN_KEY!r})")
+    return context
+
+
+@pytest.fixture(params=[1440])
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    context = signed_in(browser, request.param)
     opened = context.new_page()
     problems: list[str] = []
     opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
@@ -183,13 +219,14 @@ def page(browser: Browser) -> Iterator[Page]:
     assert problems == [], problems
 
 
-def shot(page: Page, name: str, top_of: str | None = None) -> Path:
-    """The visible window (the trace table runs long), scrolled to put `top_of` under the top bar."""
+def shot(page: Page, name: str, top_of: str | None = None, *, full: bool = False) -> Path:
+    """The visible window (the trace table runs long), scrolled to put `top_of` under the top bar;
+    with `full`, the whole page."""
     if top_of is not None:
         page.locator(top_of).evaluate("el => window.scrollTo(0, el.getBoundingClientRect().top + scrollY - 60)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path))
+    page.screenshot(path=str(path), full_page=full)
     return path
 
 
@@ -223,7 +260,8 @@ def test_overview_shows_charts_and_traces(page: Page, server: Server, seeded: Se
     assert page.locator("#chart-requests rect.bar-err").count() >= 1
     assert page.locator("#chart-latency-time path.line-p95").get_attribute("d")
     cost_models = page.locator("#chart-cost-model svg text.label").all_text_contents()
-    assert cost_models[:2] == ["smart", "fast"] and set(cost_models) == {"smart", "fast", "broken", "slow"}
+    assert cost_models[:2] == ["smart", "fast"]
+    assert set(cost_models) == {"smart", "fast", "broken", "slow", "jsonish", "unknown"}
     assert set(page.locator("#chart-cost-key svg text.label").all_text_contents()) == {"support-bot", "batch-jobs"}
     errors = page.locator("#chart-errors svg text.label").all_text_contents()
     assert {"ServerError", "ProviderTimeout"} <= set(errors)
@@ -252,7 +290,7 @@ def test_filters_narrow_the_trace_list(page: Page, server: Server) -> None:
     page.select_option("#f-model", "")
     page.select_option("#f-status", "error")
     wait_for_rows(page, "r.length > 0 && r.every(x => x.querySelector('.badge.error'))")
-    expect(rows(page).first).to_contain_text("ProviderTimeout")
+    expect(rows(page).filter(has_text="ProviderTimeout").first).to_be_visible()
 
     page.select_option("#f-status", "")
     page.fill("#f-q", "marseille")
@@ -338,3 +376,131 @@ def test_the_page_asks_for_the_admin_key(browser: Browser, seeded: Seeded, monke
     finally:
         context.close()
         guarded.stop()
+
+
+def no_horizontal_scroll(page: Page) -> None:
+    widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], f"the page scrolls sideways at {widths[1]} px: {widths[0]} px wide"
+
+
+def test_an_invented_model_is_one_unknown_entry(page: Page, server: Server) -> None:
+    page.goto(server.base + "/")
+    expect(rows(page).first).to_be_visible()
+    options = page.locator("#f-model option").all_text_contents()
+    assert options == ["All models", "broken", "fast", "jsonish", "slow", "smart", "unknown"]
+    assert "gpt-5-turbo" not in page.locator("#chart-cost-model").text_content()
+    assert "gpt-5-turbo" not in page.locator("#chart-latency-model").text_content()
+    page.select_option("#f-model", "unknown")
+    wait_for_rows(page, "r.length === 1")
+    expect(rows(page).first).to_contain_text("gpt-5-turbo")  # the trace keeps the name it asked for
+    expect(page.locator("#chart-cost-model .empty")).to_contain_text("No cost recorded")
+
+
+@pytest.mark.parametrize("page", [1024], indirect=True)
+def test_session_search_at_1024_px(page: Page, server: Server) -> None:
+    page.goto(server.base + "/")
+    expect(rows(page).first).to_be_visible()
+    no_horizontal_scroll(page)
+    shot(page, "08-overview-1024")
+    page.fill("#f-q", "sess-42")
+    wait_for_rows(page, "r.length === 1")
+    expect(rows(page).first).to_contain_text("Which plan suits a team of five?")
+    assert "q=sess-42" in page.url  # the search is in the link
+    no_horizontal_scroll(page)
+    shot(page, "09-session-search-1024", full=True)
+    table = page.locator(".table-wrap").evaluate("el => [el.scrollWidth, el.clientWidth]")
+    assert table[1] <= 1024  # a wide table scrolls inside its box, not the page
+
+    page.goto(server.base + "/?session=sess-42&user=alice&tag=beta")  # explicit filters, from a link
+    wait_for_rows(page, "r.length === 1")
+    expect(page.locator("#f-session")).to_have_value("sess-42")
+    expect(page.locator("#kpis .kpi").first.locator(".value")).to_have_text("1")  # the charts follow
+    shot(page, "09b-session-filter-1024", full=True)
+    page.goto(server.base + "/?tag=no-such-tag")
+    expect(page.locator("#traces tbody tr.empty-row")).to_be_visible()
+
+    page.goto(server.base + "/")
+    rows(page).filter(has_text="Which city is the trip to?").first.click()
+    expect(page.locator("#span-detail .invalid")).to_have_count(3)
+    no_horizontal_scroll(page)
+    shot(page, "10-structured-trace-1024")
+
+
+def test_one_outlier_does_not_flatten_latency(page: Page, server: Server) -> None:
+    page.goto(server.base + "/")
+    expect(page.locator("#chart-latency-time .scale-note")).to_be_visible()
+    expect(page.locator("#chart-latency-model .scale-note")).to_be_visible()
+    # the typical call's p50 sits well above the axis, not squashed under a 397 s maximum
+    lift = page.evaluate(
+        """(() => {
+        const svg = document.querySelector('#chart-latency-time svg');
+        const axis = +svg.querySelector('line.axis-line').getAttribute('y1');
+        const top = Math.min(...[...svg.querySelectorAll('line')].map(l => +l.getAttribute('y1')));
+        const ys = [...svg.querySelectorAll('circle.dot-p50')].map(c => +c.getAttribute('cy')).sort((a, b) => a - b);
+        return (axis - ys[Math.floor(ys.length / 2)]) / (axis - top);
+    })()"""
+    )
+    assert lift > 0.1, lift
+    labels = page.locator("#chart-latency-time svg text").all_text_contents()
+    assert "100 s" in labels or "1000 s" in labels
+    shot(page, "11-latency-log-scale", top_of="#chart-latency-time")
+
+
+def test_cost_charts_say_when_no_cost_is_recorded(page: Page, server: Server) -> None:
+    page.goto(server.base + "/?model=broken")
+    wait_for_rows(page, "r.length === 1")
+    for chart in ("#chart-cost-model", "#chart-cost-key", "#chart-cost-day"):
+        expect(page.locator(chart + " .empty")).to_contain_text("No cost recorded")
+        expect(page.locator(chart + " rect.bar-cost")).to_have_count(0)  # no bars of requests posing as cost
+    expect(page.locator("#kpis .kpi").nth(2)).to_contain_text("no cost recorded")
+
+
+def test_a_failed_structured_call_shows_each_invalid_answer(page: Page, server: Server) -> None:
+    page.goto(server.base + "/")
+    rows(page).filter(has_text="Which city is the trip to?").first.click()
+    invalid = page.locator("#span-detail .invalid")
+    expect(invalid).to_have_count(3)
+    expect(invalid.nth(0)).to_contain_text(NOT_JSON[0])
+    expect(invalid.nth(0)).to_contain_text("not valid JSON")
+    expect(invalid.nth(1)).to_contain_text('{"city": 69}')
+    expect(invalid.nth(2)).to_contain_text("required")
+    shot(page, "12-structured-trace")
+
+
+def test_the_list_pages_past_100_and_sorts_by_latency_and_cost(page: Page, server: Server, seeded: Seeded) -> None:
+    page.goto(server.base + "/")
+    page.click("#ranges button[data-range='7d']")
+    wait_for_rows(page, "r.length === 100")
+    expect(page.locator("#more")).to_be_visible()
+    first_page = page.evaluate("[...document.querySelectorAll('#traces tr.trace-row')].map(r => r.dataset.traceId)")
+    page.click("#more")
+    wait_for_rows(page, f"r.length === {min(seeded.traces_7d, 200)}")
+    every = page.evaluate("[...document.querySelectorAll('#traces tr.trace-row')].map(r => r.dataset.traceId)")
+    assert every[:100] == first_page and len(set(every)) == len(every)  # the next page, no repeats
+    while page.locator("#more").is_visible():
+        page.click("#more")
+        page.wait_for_timeout(200)
+    wait_for_rows(page, f"r.length === {seeded.traces_7d}")
+
+    page.select_option("#f-sort", "latency")
+    expect(rows(page).first.locator("td.num").first).to_have_text("6.6 min")  # the 397 s outlier
+    assert "sort=latency" in page.url
+    page.select_option("#f-sort", "cost")
+    wait_for_rows(page, "r.length === 100")
+    costs = page.evaluate(
+        "[...document.querySelectorAll('#traces tr.trace-row td:nth-child(8)')].map(td => td.textContent)"
+    )
+    assert costs[0] != "–" and costs[-1] != "–"
+    shot(page, "13-sorted-by-cost", top_of=".traces-card")
+
+
+def test_a_trace_links_to_the_other_traces_of_its_session(page: Page, server: Server) -> None:
+    page.goto(server.base + "/")
+    rows(page).filter(has_text="Which plan suits a team of five?").first.click()
+    link = page.locator("#span-detail a.filter-link", has_text="sess-42")
+    expect(link).to_be_visible()
+    expect(page.locator("#span-detail a.filter-link", has_text="alice")).to_be_visible()
+    link.click()
+    expect(page.locator("#overview-view")).to_be_visible()
+    expect(page.locator("#f-session")).to_have_value("sess-42")
+    wait_for_rows(page, "r.length === 1")

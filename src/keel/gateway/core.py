@@ -180,7 +180,7 @@ class Gateway:
             ("scope", KeyScope(self._check_key_model)),
             ("budget", KeyBudget(self.budgets, self._worst_case)),
             ("limits", KeyLimits(self._key_limiter)),
-            ("structured", Structured()),
+            ("structured", Structured(capture_content=self.tracer.capture_content)),
         ]
         configured = wrappers_from_config([w.model_dump() for w in self.config.gateway.wrappers])
         pipeline = Pipeline(route(self._router, self.deployment), [*built_in, *configured])

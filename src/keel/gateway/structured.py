@@ -143,8 +143,12 @@ async def run_structured(
     spec: StructuredSpec,
     max_reasks: int,
     max_tokens: int | None = None,
+    on_invalid: Callable[[str, str], None] | None = None,
 ) -> tuple[ModelResponse, Any, int]:
-    """Call until the answer validates; returns the summed response, the value and the tries."""
+    """Call until the answer validates; returns the summed response, the value and the tries.
+
+    `on_invalid(text, problem)` hears of each answer that did not validate (the trace keeps them).
+    """
     if max_reasks < 0:
         raise InputError(f"max_reasks must be 0 or more, got {max_reasks}")
     total: ModelResponse | None = None
@@ -159,6 +163,8 @@ async def run_structured(
         if found is None:
             return total, value, tries
         problem = found
+        if on_invalid is not None:
+            on_invalid(response.text, problem)
         if response.finish_reason == "length":  # asking again with the same limit gets cut again
             raise _with_spent(_cut_off(spec, problem, max_tokens, response.text), total)
         messages = (
@@ -173,12 +179,19 @@ async def run_structured(
     raise _with_spent(error_out, total)
 
 
-def check_streamed(spec: StructuredSpec, response: ModelResponse, max_tokens: int | None) -> Any:
+def check_streamed(
+    spec: StructuredSpec,
+    response: ModelResponse,
+    max_tokens: int | None,
+    on_invalid: Callable[[str, str], None] | None = None,
+) -> Any:
     """The validated value of a streamed answer, checked at its end (its text reached the caller already,
     so there is no re-ask); raises StructuredOutputError carrying what the answer cost."""
     value, problem = _invalid(spec, response.text)
     if problem is None:
         return value
+    if on_invalid is not None:
+        on_invalid(response.text, problem)
     if response.finish_reason == "length":
         error = _cut_off(spec, problem, max_tokens, response.text)
     else:

@@ -35,6 +35,10 @@ from keel.types import ChatRequest, EmbeddingResult, Message, ModelResponse, Str
 __all__ = ["KeyBudget", "KeyLimits", "KeyScope", "Structured", "Tracing", "record_usage", "route", "worst_case_cost"]
 
 
+#: How much of each answer that failed structured validation the span keeps (a runaway one can be huge).
+MAX_INVALID_OUTPUT_CHARS = 8000
+
+
 def record_usage(call: Call, usage: Usage | None, cost: float | None, attempts: int) -> None:
     span = call.span
     if usage is not None:
@@ -199,6 +203,9 @@ class Structured(RequestWrapper):
 
     slot = "structured"
 
+    def __init__(self, *, capture_content: bool = True) -> None:
+        self.capture_content = capture_content
+
     def __call__(self, call: Call, next: Handler) -> AsyncGenerator[Item, None]:
         if call.structured is None or call.operation != "chat":
             return next(call)
@@ -213,8 +220,10 @@ class Structured(RequestWrapper):
             assert isinstance(final, ModelResponse)  # a chat call's final item
             return final
 
-        max_tokens = request.options.max_tokens
-        response, call.parsed, tries = await run_structured(ask, request.messages, spec, call.max_reasks, max_tokens)
+        max_tokens, on_invalid = request.options.max_tokens, self._invalid_output_recorder(call)
+        response, call.parsed, tries = await run_structured(
+            ask, request.messages, spec, call.max_reasks, max_tokens, on_invalid
+        )
         call.span.set(keel__structured__tries=tries)
         yield response
 
@@ -225,8 +234,26 @@ class Structured(RequestWrapper):
             async for item in items:
                 if isinstance(item, ModelResponse):
                     call.span.set(keel__structured__tries=1)
-                    call.parsed = check_streamed(spec, item, call.chat_request.options.max_tokens)
+                    max_tokens = call.chat_request.options.max_tokens
+                    call.parsed = check_streamed(spec, item, max_tokens, self._invalid_output_recorder(call))
                 yield item
+
+
+    def _invalid_output_recorder(self, call: Call) -> Callable[[str, str], None]:
+        """Keeps each answer that failed validation, and why, on the span: a failed structured call's
+        trace then shows what the model said, not only the last error."""
+        invalid: list[dict[str, Any]] = []
+
+        def record(text: str, problem: str) -> None:
+            entry: dict[str, Any] = {"try": len(invalid) + 1, "error": problem}
+            if self.capture_content:  # the answer is content: kept only where inputs and outputs are
+                entry["output"] = text[:MAX_INVALID_OUTPUT_CHARS]
+                if len(text) > MAX_INVALID_OUTPUT_CHARS:
+                    entry["output_chars"] = len(text)  # clipped: say how long it was
+            invalid.append(entry)
+            call.span.set(keel__structured__invalid_outputs=invalid, keel__structured__tries=len(invalid))
+
+        return record
 
 
 _Stream = AsyncGenerator[StreamItem, None]  # what a model's stream() is (typed as an iterator)

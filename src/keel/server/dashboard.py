@@ -35,7 +35,15 @@ NO_CACHE = {"cache-control": "no-cache"}  # an upgraded keel serves its new page
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL refuses NUL in text: a 400, not a 500
 Epoch = Annotated[float | None, Query(ge=0, le=10_000_000_000, description="Epoch seconds.")]
 Name = Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL)]
-Text = Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="Text in an input, output or error.")]
+Text = Annotated[
+    str | None, Query(max_length=200, pattern=NO_NUL, description="Text in an input, output, error or metadata value.")
+]
+Session = Annotated[str | None, Query(min_length=1, max_length=256, pattern=NO_NUL, description="A session id.")]
+User = Annotated[str | None, Query(min_length=1, max_length=256, pattern=NO_NUL, description="A user, exactly.")]
+Tag = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL, description="One of a call's tags.")]
+Cursor = Annotated[
+    str | None, Query(min_length=3, max_length=400, pattern=NO_NUL, description="The next_cursor of the last page.")
+]
 
 
 class StoreDisabled(KeelError):
@@ -53,6 +61,12 @@ def _store(request: Request) -> Store:
     if store is None:
         raise StoreDisabled("this gateway runs without a trace store (Gateway(store=False)): the dashboard has no data")
     return store
+
+
+def _known_models(request: Request) -> frozenset[str]:
+    """The configured models: any other name a span holds (one a client made up) shows as "unknown",
+    so a caller cannot add series to the charts or entries to the filters."""
+    return frozenset(request.app.state.gateway.model_names)
 
 
 def _range(since: float | None, until: float | None) -> tuple[float, float]:
@@ -84,12 +98,22 @@ def _api_router() -> APIRouter:
 
     @api.get("/overview")
     async def overview(
-        request: Request, since: Epoch = None, until: Epoch = None, model: Name = None, key: Name = None
+        request: Request,
+        since: Epoch = None,
+        until: Epoch = None,
+        model: Name = None,
+        key: Name = None,
+        session: Session = None,
+        user: User = None,
+        tag: Tag = None,
     ) -> dict[str, Any]:
         """Chart data for a range: requests and errors over time, cost by model, key and day,
-        latency percentiles and errors by type. Model calls only."""
+        latency percentiles and errors by type. Model calls only; unconfigured models are "unknown"."""
         start, end = _range(since, until)
-        f = SpanFilter(model=model, api_key=key, since=start, until=end)
+        f = SpanFilter(
+            model=model, api_key=key, session=session, user=user, tag=tag, since=start, until=end,
+            known_models=_known_models(request),
+        )  # fmt: skip
         return asdict(await asyncio.to_thread(analytics.overview, _store(request), f))
 
     @api.get("/traces")
@@ -101,12 +125,27 @@ def _api_router() -> APIRouter:
         since: Epoch = None,
         until: Epoch = None,
         q: Text = None,
+        session: Session = None,
+        user: User = None,
+        tag: Tag = None,
+        sort: Annotated[analytics.TraceSort, Query(description="time (newest first), latency or cost")] = "time",
+        cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> dict[str, Any]:
-        """Traces newest first, each as its root span with the totals of its model calls."""
-        f = SpanFilter(model=model, api_key=key, status=status, since=since, until=until, text=q or None, limit=limit)
-        found = await asyncio.to_thread(analytics.list_traces, _store(request), f)
-        return {"traces": [asdict(t) for t in found]}
+        """Traces newest (or slowest, or costliest) first, each as its root span with the totals of its
+        model calls; `next_cursor`, passed back as `cursor` with the same filters, gives the next page."""
+        after = analytics.parse_cursor(cursor) if cursor is not None else None
+        f = SpanFilter(
+            model=model, api_key=key, status=status, since=since, until=until, text=q or None, session=session,
+            user=user, tag=tag, known_models=_known_models(request), limit=limit + 1,  # one more: is there a next page?
+        )  # fmt: skip
+        found = await asyncio.to_thread(analytics.list_traces, _store(request), f, sort=sort, after=after)
+        page = found[:limit]
+        more = len(found) > limit
+        return {
+            "traces": [asdict(t) for t in page],
+            "next_cursor": analytics.trace_cursor(page[-1], sort) if more else None,
+        }
 
     @api.get("/traces/{trace_id}")
     async def trace(
@@ -120,8 +159,9 @@ def _api_router() -> APIRouter:
 
     @api.get("/facets")
     async def facets(request: Request) -> dict[str, Any]:
-        """The models, keys and error types seen, for the filters."""
-        return asdict(await asyncio.to_thread(analytics.facets, _store(request)))
+        """The models (configured ones, and "unknown" for any other), keys and error types seen, for the filters."""
+        found = await asyncio.to_thread(analytics.facets, _store(request), known_models=_known_models(request))
+        return asdict(found)
 
     return api
 

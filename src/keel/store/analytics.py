@@ -13,10 +13,11 @@ import json
 import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
+from keel.errors import InputError
 from keel.store.base import MODEL as BY_MODEL
-from keel.store.base import SpanFilter, Store
+from keel.store.base import UNKNOWN_MODEL, SpanFilter, Store, model_expr
 
 __all__ = [
     "Bucket",
@@ -25,6 +26,8 @@ __all__ = [
     "GroupTotals",
     "Latency",
     "Overview",
+    "TraceCursor",
+    "TraceSort",
     "TraceSummary",
     "bucket_seconds",
     "cost_by_day",
@@ -36,12 +39,13 @@ __all__ = [
     "list_traces",
     "overall_latency",
     "overview",
+    "parse_cursor",
     "time_series",
     "totals",
+    "trace_cursor",
 ]
 
 MODEL_CALLS = "operation IN ('chat', 'embeddings')"
-MODEL = f"COALESCE({BY_MODEL}, '(unknown)')"
 ERRORS = "SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END)"
 #: Bucket sizes a chart may use, smallest first; the range picks the first that gives at most MAX_BUCKETS.
 BUCKET_SIZES = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400, 30 * 86400)
@@ -253,8 +257,11 @@ def totals(store: Store, f: SpanFilter) -> GroupTotals:
 
 
 def cost_by_model(store: Store, f: SpanFilter) -> list[GroupTotals]:
-    """By configured model (the requested name when the call failed before one was chosen), costliest first."""
-    return _grouped(store, f, MODEL)
+    """By configured model (the requested name when the call failed before one was chosen), costliest first.
+
+    With `f.known_models` set, every other name (one a client made up) is the one group "unknown".
+    """
+    return _grouped(store, f, model_expr(f.known_models))
 
 
 def cost_by_key(store: Store, f: SpanFilter) -> list[GroupTotals]:
@@ -301,7 +308,7 @@ def _latency(store: Store, f: SpanFilter, group: str | None) -> list[Latency]:
 
 def latency_by_model(store: Store, f: SpanFilter) -> list[Latency]:
     """p50/p90/p95/p99 of each model's calls, slowest p95 first."""
-    return sorted(_latency(store, f, MODEL), key=lambda x: (-(x.p95_ms or 0.0), x.name or ""))
+    return sorted(_latency(store, f, model_expr(f.known_models)), key=lambda x: (-(x.p95_ms or 0.0), x.name or ""))
 
 
 def overall_latency(store: Store, f: SpanFilter) -> Latency:
@@ -343,12 +350,18 @@ def overview(store: Store, f: SpanFilter) -> Overview:
     )
 
 
-def facets(store: Store, limit: int = 500) -> Facets:
-    """The models, keys and error types in the store, for the filters' drop-downs."""
+def facets(store: Store, limit: int = 500, known_models: frozenset[str] | None = None) -> Facets:
+    """The models, keys and error types in the store, for the filters' drop-downs.
+
+    With `known_models`, the models are those of them the store holds, plus "unknown" for any other.
+    """
     values: dict[str, list[str]] = {}
     with store.transaction() as cur:
-        for name, column in (("model", BY_MODEL), ("api_key", "api_key"), ("error_type", "error_type")):
-            sql = f"SELECT DISTINCT {column} FROM spans WHERE {column} IS NOT NULL ORDER BY 1 LIMIT ?"
+        for name, column, present in (
+            ("model", model_expr(known_models), BY_MODEL), ("api_key", "api_key", "api_key"),
+            ("error_type", "error_type", "error_type"),
+        ):  # fmt: skip
+            sql = f"SELECT DISTINCT {column} FROM spans WHERE {present} IS NOT NULL ORDER BY 1 LIMIT ?"
             cur.execute(store._sql(sql), [limit])
             values[name] = [str(r[0]) for r in cur.fetchall()]
     return Facets(values["model"], values["api_key"], values["error_type"])
@@ -357,40 +370,100 @@ def facets(store: Store, limit: int = 500) -> Facets:
 # --- traces -----------------------------------------------------------------------
 
 
-def list_traces(store: Store, f: SpanFilter) -> list[TraceSummary]:
-    """Traces newest first, as their root spans.
+#: How the trace list may be ordered, each descending: newest, slowest (the root's duration) or costliest
+#: (the sum over the trace's model calls; traces without a known cost last).
+TraceSort = Literal["time", "latency", "cost"]
+ROOT_SORT_COLUMNS = {"time": "start_time", "latency": "duration_ms"}
 
-    Status and time apply to the root; model, key and text match any span of the
-    trace, since a root that wraps model calls (an agent, a RAG request) has no
-    model or key of its own.
+
+@dataclass(frozen=True)
+class TraceCursor:
+    """Where a page of the trace list ends: the last trace's sort value and id (keyset paging, never OFFSET:
+    a page stays right while new traces arrive, and costs the same however deep it is)."""
+
+    value: float
+    trace_id: str
+
+
+def trace_cursor(trace: TraceSummary, sort: TraceSort) -> str:
+    """The cursor after `trace`, as the API hands it out: `VALUE:TRACE_ID` (repr keeps a float exact)."""
+    value = {"time": trace.start_time, "latency": trace.duration_ms, "cost": trace.cost_usd}[sort]
+    return f"{float(-1 if value is None else value)!r}:{trace.trace_id}"
+
+
+def parse_cursor(text: str) -> TraceCursor:
+    value, sep, trace_id = text.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not trace_id or not math.isfinite(number):
+        raise InputError(f"not a trace list cursor: {text[:80]!r} (pass back the next_cursor of a page)")
+    return TraceCursor(number, trace_id)
+
+
+def list_traces(
+    store: Store, f: SpanFilter, *, sort: TraceSort = "time", after: TraceCursor | None = None
+) -> list[TraceSummary]:
+    """Traces as their root spans, newest (or slowest, or costliest) first; `after` continues a page.
+
+    Status and time apply to the root; model, key, session, user, tag and text match any span of
+    the trace, since a root that wraps model calls (an agent, a RAG request) has none of its own.
     """
     outer, params = store._where(SpanFilter(status=f.status, since=f.since, until=f.until, roots_only=True))
-    if f.model is not None or f.api_key is not None or f.text:
-        # a child starts after its root, so `since` narrows the inner scan too
-        inner, inner_params = store._where(SpanFilter(model=f.model, api_key=f.api_key, text=f.text, since=f.since))
+    if f.text or any(v is not None for v in (f.model, f.api_key, f.session, f.user, f.tag)):
+        inner, inner_params = store._where(
+            SpanFilter(
+                model=f.model, api_key=f.api_key, text=f.text, session=f.session, user=f.user, tag=f.tag,
+                known_models=f.known_models, since=f.since,  # a child starts after its root: `since` narrows it
+            )
+        )  # fmt: skip
         outer += f" AND trace_id IN (SELECT trace_id FROM spans{inner})"
         params += inner_params
+    if sort == "cost":  # the order needs every candidate's totals: page after the join
+        roots_limit, roots_params = "", []
+        final_where, final_params = _after(after, "COALESCE(t.cost_usd, -1)", "r.trace_id")
+        order = "ORDER BY COALESCE(t.cost_usd, -1) DESC, r.trace_id DESC"
+    else:  # the order is the root's own: only one page of roots needs its totals
+        column = ROOT_SORT_COLUMNS[sort]
+        page, page_params = _after(after, column, "trace_id")
+        outer += f" AND {page}" if page else ""
+        params += page_params
+        roots_limit, roots_params = f"ORDER BY {column} DESC, trace_id DESC LIMIT ?", [f.limit]
+        final_where, final_params = "", []
+        order = f"ORDER BY r.{column} DESC, r.trace_id DESC"
     sql = f"""
         WITH roots AS (
             SELECT trace_id, span_id, name, start_time, duration_ms, status, error_type, error_message,
-                   model, api_key, input, output
-            FROM spans{outer} ORDER BY start_time DESC LIMIT ?
+                   {BY_MODEL} AS model, api_key, input, output
+            FROM spans{outer} {roots_limit}
         ), totals AS (
             SELECT trace_id, COUNT(*) AS spans, {ERRORS} AS errors,
                    SUM(CASE WHEN {MODEL_CALLS} THEN input_tokens END) AS input_tokens,
                    SUM(CASE WHEN {MODEL_CALLS} THEN output_tokens END) AS output_tokens,
                    SUM(CASE WHEN {MODEL_CALLS} THEN cost_usd END) AS cost_usd,
-                   MIN(model) AS model, COUNT(DISTINCT model) AS models, MIN(api_key) AS api_key
+                   MIN({BY_MODEL}) AS model, COUNT(DISTINCT {BY_MODEL}) AS models, MIN(api_key) AS api_key
             FROM spans WHERE trace_id IN (SELECT trace_id FROM roots) GROUP BY trace_id
         )
         SELECT r.trace_id, r.span_id, r.name, r.start_time, r.duration_ms, r.status, r.error_type, r.error_message,
                COALESCE(r.model, ?, t.model), t.models, COALESCE(r.api_key, t.api_key), t.spans, t.errors,
                t.input_tokens, t.output_tokens, t.cost_usd, r.input, r.output
         FROM roots r JOIN totals t ON t.trace_id = r.trace_id
-        ORDER BY r.start_time DESC
+        {"WHERE " + final_where if final_where else ""}
+        {order} LIMIT ?
     """
-    # a trace that called several models is listed under the one the filter asked for
-    return [_trace_summary(row) for row in _query(store, sql, [*params, f.limit, f.model])]
+    # a trace that called several models is listed under the one the filter asked for; under "unknown",
+    # a trace shows the name it asked for (its own trace, not a chart's series)
+    listed_as = None if f.model == UNKNOWN_MODEL and f.known_models is not None else f.model
+    values = [*params, *roots_params, listed_as, *final_params, f.limit]
+    return [_trace_summary(row) for row in _query(store, sql, values)]
+
+
+def _after(after: TraceCursor | None, key: str, trace_id: str) -> tuple[str, list[Any]]:
+    """The keyset condition for the rows after a cursor in (key, trace id) descending order."""
+    if after is None:
+        return "", []
+    return f"({key} < ? OR ({key} = ? AND {trace_id} < ?))", [after.value, after.value, after.trace_id]
 
 
 def _trace_summary(row: tuple[Any, ...]) -> TraceSummary:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from keel.store.migrations import MIGRATIONS, Migration
 from keel.trace import Span, dumps
 
-__all__ = ["SpanFilter", "StatsRow", "Store"]
+__all__ = ["UNKNOWN_MODEL", "SpanFilter", "StatsRow", "Store", "model_expr"]
 
 SPAN_COLUMNS = (
     "span_id", "trace_id", "parent_id", "name", "operation", "start_time", "end_time", "duration_ms", "day",
@@ -36,7 +36,13 @@ class SpanFilter:
     operation: str | None = None
     since: float | None = None  # epoch seconds
     until: float | None = None
-    text: str | None = None  # substring of input, output or error
+    text: str | None = None  # substring of input, output, error, the call's context or a `keel.metadata.*` value
+    session: str | None = None  # `keel.session`, exactly
+    user: str | None = None  # `keel.user`, exactly
+    tag: str | None = None  # one of `keel.tags`
+    #: The configured model names: any other (a name a client made up) counts as UNKNOWN_MODEL, so
+    #: `model="unknown"` matches them all and breakdowns group them in one row. None: names as stored.
+    known_models: frozenset[str] | None = None
     roots_only: bool = False
     limit: int = 50
 
@@ -61,6 +67,33 @@ class StatsRow:
 #: The model a span is counted under: the configured model that answered, else the one asked for
 #: (a call refused before routing has only that). Filters and group-bys use the same expression.
 MODEL = "COALESCE(model, request_model)"
+#: What a model outside `SpanFilter.known_models` (or no model at all) is counted as.
+UNKNOWN_MODEL = "unknown"
+#: Where the server puts a call's attribution (docs/server.md, Attribution).
+SESSION_ATTRIBUTE = "keel.session"
+USER_ATTRIBUTE = "keel.user"
+TAGS_ATTRIBUTE = "keel.tags"
+METADATA_PREFIX = "keel.metadata."
+#: The call context's attributes (see keel.CallContext) that free-text search also looks in.
+CONTEXT_KEYS = "('keel.tenant', 'keel.user', 'keel.session', 'keel.tags')"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def model_expr(known: frozenset[str] | None) -> str:
+    """The model a span is grouped under: MODEL, or with `known` set, UNKNOWN_MODEL for any other name.
+
+    The names go into the SQL as literals (they come from the configuration, not from a caller), so the
+    expression can appear in SELECT and GROUP BY alike without placeholders to keep in order.
+    """
+    if known is None:
+        return f"COALESCE({MODEL}, '{UNKNOWN_MODEL}')"
+    names = sorted(n for n in known if "\x00" not in n)  # PostgreSQL refuses NUL in text
+    if not names:  # an expression, not a bare literal: PostgreSQL refuses GROUP BY 'constant'
+        return f"COALESCE(NULL, '{UNKNOWN_MODEL}')"
+    return f"CASE WHEN {MODEL} IN ({', '.join(map(_literal, names))}) THEN {MODEL} ELSE '{UNKNOWN_MODEL}' END"
 
 
 def like_escape(text: str) -> str:
@@ -202,8 +235,9 @@ class Store(ABC):
         clauses: list[str] = []
         params: list[Any] = []
         for column, value in (
-            ("trace_id", f.trace_id), (MODEL, f.model), ("status", f.status),
+            ("trace_id", f.trace_id), (self._model_column(f), f.model), ("status", f.status),
             ("api_key", f.api_key), ("operation", f.operation),
+            (self._attribute(SESSION_ATTRIBUTE), f.session), (self._attribute(USER_ATTRIBUTE), f.user),
         ):  # fmt: skip
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -214,17 +248,47 @@ class Store(ABC):
         if f.until is not None:
             clauses.append("start_time < ?")
             params.append(f.until)
+        if f.tag is not None:
+            clauses.append(self._has_tag())
+            params.append(f.tag)
         if f.roots_only:
             clauses.append("parent_id IS NULL")
         if f.text:
             texts = (self._text("input"), self._text("output"), "COALESCE(error_message, '')")
-            clauses.append("(" + " OR ".join(f"LOWER({t}) LIKE ? ESCAPE '\\'" for t in texts) + ")")
-            params += [f"%{like_escape(f.text.lower())}%"] * 3
+            likes = [f"LOWER({t}) LIKE ? ESCAPE '\\'" for t in texts] + [self._metadata_like()]
+            clauses.append("(" + " OR ".join(likes) + ")")
+            params += [f"%{like_escape(f.text.lower())}%"] * len(likes)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def _model_column(self, f: SpanFilter) -> str:
+        known = f.known_models
+        if known is None or (f.model is not None and f.model in known):
+            return MODEL  # a configured name stands for itself: the plain column keeps the comparison simple
+        # a span with no model at all (an agent's root, a tool call) is not a call to an unknown model
+        return f"CASE WHEN {MODEL} IS NULL THEN NULL ELSE {model_expr(known)} END"
+
+    # --- dialect: JSON attributes (SQLite's JSON1 here; PostgreSQL overrides) ---------
 
     def _text(self, column: str) -> str:
         """A JSON column as text, for LIKE."""
         return f"COALESCE({column}, '')"
+
+    def _attribute(self, name: str) -> str:
+        """One span attribute as text (NULL when absent). `name` is a constant, never a caller's text."""
+        return f"CAST(json_extract(attributes, '$.\"{name}\"') AS TEXT)"
+
+    def _has_tag(self) -> str:
+        """True when one `keel.tags` value (a list, or a single string) equals the parameter."""
+        return f"EXISTS (SELECT 1 FROM json_each(attributes, '$.\"{TAGS_ATTRIBUTE}\"') AS t WHERE t.value = ?)"
+
+    def _metadata_like(self) -> str:
+        """True when a context or `keel.metadata.*` value (lists as their JSON text), lower-cased, is LIKE
+        the parameter."""
+        return (
+            "EXISTS (SELECT 1 FROM json_each(attributes) AS m"
+            f" WHERE (m.key IN {CONTEXT_KEYS} OR m.key LIKE '{METADATA_PREFIX}%')"
+            " AND LOWER(m.value) LIKE ? ESCAPE '\\')"
+        )
 
     def list_spans(self, f: SpanFilter = SpanFilter()) -> list[Span]:
         where, params = self._where(f)

@@ -27,7 +27,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 from psycopg.types.string import TextLoader
 
-from keel.store.base import Store
+from keel.store.base import CONTEXT_KEYS, METADATA_PREFIX, TAGS_ATTRIBUTE, Store
 
 __all__ = ["PostgresStore"]
 
@@ -152,6 +152,20 @@ class PostgresStore(Store):
 
     def _text(self, column: str) -> str:
         return f"COALESCE({column}::text, '')"
+
+    def _attribute(self, name: str) -> str:
+        return f"(attributes->>'{name}')"
+
+    def _has_tag(self) -> str:
+        tags = f"attributes->'{TAGS_ATTRIBUTE}'"
+        each = f"CASE jsonb_typeof({tags}) WHEN 'array' THEN {tags} ELSE jsonb_build_array({tags} #>> '{{}}') END"
+        return f"EXISTS (SELECT 1 FROM jsonb_array_elements_text({each}) AS t(v) WHERE t.v = ?)"
+
+    def _metadata_like(self) -> str:
+        return (
+            "EXISTS (SELECT 1 FROM jsonb_each_text(attributes) AS m(k, v)"
+            f" WHERE (m.k IN {CONTEXT_KEYS} OR m.k LIKE '{METADATA_PREFIX}%') AND LOWER(m.v) LIKE ? ESCAPE '\\')"
+        )
 
     def _sql(self, sql: str) -> str:
         """`?` becomes `%s` outside quoted literals (stats() groups unknown models as '?'); `%` is escaped."""

@@ -1,5 +1,6 @@
 // keel dashboard: plain JavaScript, no build step, no dependencies.
 // Reads /api/overview, /api/traces, /api/traces/{id} and /api/facets; draws its charts as SVG.
+// The filters live in the page's query string (?session=sess-42&sort=cost), so a view can be linked.
 // Every value from the store reaches the page through textContent, never as HTML.
 "use strict";
 
@@ -7,7 +8,11 @@
   const RANGES = { "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400 };
   const KEY_STORAGE = "keel.adminKey";
   const RANGE_STORAGE = "keel.range";
-  const TRACE_LIMIT = 100;
+  const TRACE_LIMIT = 100; // one page of the trace list; "Load more" asks for the next one
+  //: The filters kept in the query string, each an input of the filter bar (or the sort select).
+  const URL_FILTERS = ["model", "key", "status", "q", "session", "user", "tag", "sort"];
+  //: Latency spanning more than this factor (say 200 ms and a 397 s outlier) is drawn on a log scale.
+  const LOG_SCALE_SPREAD = 50;
   const SVG_NS = "http://www.w3.org/2000/svg";
 
   const state = {
@@ -18,6 +23,12 @@
     key: "",
     status: "",
     q: "",
+    session: "",
+    user: "",
+    tag: "",
+    sort: "time",
+    traces: [], // the pages loaded so far
+    cursor: null, // the next page's cursor, null when there is none
     overview: null,
     trace: null,
     selected: null,
@@ -196,11 +207,36 @@
 
   function overviewParams() {
     const { since, until } = currentRange();
-    return { since: since.toFixed(3), until: until.toFixed(3), model: state.model, key: state.key };
+    return {
+      since: since.toFixed(3), until: until.toFixed(3), model: state.model, key: state.key,
+      session: state.session, user: state.user, tag: state.tag,
+    };
   }
 
   function traceParams() {
-    return { ...overviewParams(), status: state.status, q: state.q, limit: TRACE_LIMIT };
+    return { ...overviewParams(), status: state.status, q: state.q, sort: state.sort, limit: TRACE_LIMIT };
+  }
+
+  /** The filters from the query string (a shared link), into the state and the filter bar. */
+  function readUrl() {
+    const params = new URLSearchParams(location.search);
+    for (const name of URL_FILTERS) {
+      const value = params.get(name);
+      if (value !== null) state[name] = value;
+    }
+    if (!["time", "latency", "cost"].includes(state.sort)) state.sort = "time";
+    if (!["", "ok", "error"].includes(state.status)) state.status = "";
+    for (const name of URL_FILTERS) $("#f-" + name).value = state[name]; // model and key: fillSelect adds theirs
+  }
+
+  /** The current filters into the query string, keeping the #/trace/... route. */
+  function writeUrl() {
+    const params = new URLSearchParams();
+    for (const name of URL_FILTERS) {
+      if (state[name] && !(name === "sort" && state[name] === "time")) params.set(name, state[name]);
+    }
+    const query = params.toString();
+    history.replaceState(null, "", location.pathname + (query ? "?" + query : "") + location.hash);
   }
 
   function markRange() {
@@ -210,8 +246,8 @@
     }
   }
 
-  function fillSelect(select, values, allLabel) {
-    const current = select.value;
+  function fillSelect(select, values, allLabel, wanted) {
+    const current = wanted ?? select.value;
     select.replaceChildren(h("option", { value: "", text: allLabel }), ...values.map((v) => h("option", { value: v, text: v })));
     if (current && !values.includes(current)) select.append(h("option", { value: current, text: current }));
     select.value = current;
@@ -219,8 +255,8 @@
 
   async function loadFacets() {
     const facets = await api("facets");
-    fillSelect($("#f-model"), facets.models, "All models");
-    fillSelect($("#f-key"), facets.keys, "All keys");
+    fillSelect($("#f-model"), facets.models, "All models", state.model);
+    fillSelect($("#f-key"), facets.keys, "All keys", state.key);
   }
 
   function epochFromInput(input) {
@@ -241,11 +277,20 @@
     $("#f-model").addEventListener("change", (e) => { state.model = e.target.value; reloadAll(); });
     $("#f-key").addEventListener("change", (e) => { state.key = e.target.value; reloadAll(); });
     $("#f-status").addEventListener("change", (e) => { state.status = e.target.value; reloadTraces(); });
+    $("#f-sort").addEventListener("change", (e) => { state.sort = e.target.value; reloadTraces(); });
     let typing = null;
     $("#f-q").addEventListener("input", (e) => {
       clearTimeout(typing);
       typing = setTimeout(() => { state.q = e.target.value.trim(); reloadTraces(); }, 300);
     });
+    // session, user and tag are exact: they apply to the charts too, once the typing stops
+    for (const name of ["session", "user", "tag"]) {
+      $("#f-" + name).addEventListener("input", (e) => {
+        clearTimeout(typing);
+        typing = setTimeout(() => { state[name] = e.target.value.trim(); reloadAll(); }, 300);
+      });
+    }
+    $("#more").addEventListener("click", loadMoreTraces);
     for (const id of ["#f-from", "#f-to"]) {
       $(id).addEventListener("change", () => {
         state.from = epochFromInput($("#f-from"));
@@ -257,7 +302,7 @@
     $("#filters").addEventListener("submit", (e) => e.preventDefault());
     $("#f-clear").addEventListener("click", () => {
       $("#filters").reset();
-      Object.assign(state, { model: "", key: "", status: "", q: "", from: null, to: null });
+      Object.assign(state, { model: "", key: "", status: "", q: "", session: "", user: "", tag: "", from: null, to: null });
       markRange();
       reloadAll();
     });
@@ -282,6 +327,7 @@
 
   async function reloadAll() {
     clearError();
+    writeUrl();
     try {
       await Promise.all([loadFacets(), reloadOverview(), reloadTraces(true)]);
       $("#updated").textContent = "Updated " + new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
@@ -301,12 +347,33 @@
 
   async function reloadTraces(rethrow) {
     const mine = ++traceRequest; // a slower earlier answer must not overwrite a newer one
+    writeUrl();
     try {
       const body = await api("traces", traceParams());
-      if (mine === traceRequest) renderTraces(body.traces);
+      if (mine !== traceRequest) return;
+      state.traces = body.traces;
+      state.cursor = body.next_cursor;
+      renderTraces();
     } catch (error) {
       if (rethrow) throw error;
       showError(error);
+    }
+  }
+
+  /** The next page after the last trace shown (keyset: the server continues after its cursor). */
+  async function loadMoreTraces() {
+    const mine = traceRequest; // new filters since the click: this page no longer belongs
+    $("#more").disabled = true;
+    try {
+      const body = await api("traces", { ...traceParams(), cursor: state.cursor });
+      if (mine !== traceRequest) return;
+      state.traces = state.traces.concat(body.traces);
+      state.cursor = body.next_cursor;
+      renderTraces();
+    } catch (error) {
+      showError(error);
+    } finally {
+      $("#more").disabled = false;
     }
   }
 
@@ -322,7 +389,7 @@
     const t = o.totals;
     const rate = t.requests ? t.errors / t.requests : 0;
     const tokens = t.input_tokens + t.output_tokens;
-    const avgCost = t.requests && t.cost_usd !== null ? fmtCost(t.cost_usd / t.requests) + " per request" : "";
+    const avgCost = !t.requests ? "" : t.cost_usd !== null ? fmtCost(t.cost_usd / t.requests) + " per request" : "no cost recorded";
     replace($("#kpis"), 
       kpi("Requests", fmtInt(t.requests), fmtRate(t.requests, o.until - o.since)),
       kpi("Error rate", fmtPercent(rate), fmtInt(t.errors) + " errors", rate > 0.05),
@@ -406,9 +473,12 @@
     const widest = Math.max(...Array.from({ length: Math.min(count, 3) }, (_, i) => labelAt(i).length));
     const step = Math.max(1, Math.ceil((widest * 6.4 + 14) / slot));
     const right = plot.left + plot.width + 8; // the svg's width
+    let taken = -Infinity; // where the last label drawn ends
     for (let i = 0; i < count; i += step) {
       const half = labelAt(i).length * 3.2; // keep a label under the last slot inside the chart
       const x = Math.min(Math.max(plot.left + i * slot + slot / 2, half), right - half);
+      if (x - half < taken + 6) continue; // pushed inside, the last label would run into the one before
+      taken = x + half;
       svg.append(s("text", { x, y: plot.top + plot.height + 16, "text-anchor": "middle", text: labelAt(i) }));
     }
   }
@@ -470,19 +540,52 @@
     ], fmtCompact);
   }
 
+  /**
+   * How latencies map to [0, 1] along an axis, with the ticks to draw. Linear from 0 while the values are
+   * of one order; once the slowest is LOG_SCALE_SPREAD times the fastest (one 397 s outlier among
+   * 200 ms calls), logarithmic over whole powers of ten, so the usual calls do not sit flat on the axis.
+   */
+  function latencyScale(values) {
+    const positive = values.filter((v) => v > 0);
+    const max = Math.max(...positive, 0);
+    const min = Math.min(...positive);
+    if (!positive.length || max / min < LOG_SCALE_SPREAD) {
+      const scale = niceScale(max);
+      const ticks = [];
+      for (let v = 0; v <= scale.max + 1e-9; v += scale.step) ticks.push(v);
+      return { log: false, ticks, at: (v) => (v || 0) / scale.max };
+    }
+    const lo = Math.floor(Math.log10(min));
+    const hi = Math.max(lo + 1, Math.ceil(Math.log10(max)));
+    const ticks = [];
+    for (let k = lo; k <= hi; k++) ticks.push(10 ** k);
+    return { log: true, ticks, at: (v) => (v > 0 ? Math.max(0, (Math.log10(v) - lo) / (hi - lo)) : 0) };
+  }
+
+  /** Show or hide the "log scale" note in a chart's title. */
+  function noteScale(el, scale) {
+    el.parentElement.querySelector(".scale-note").hidden = !scale.log;
+  }
+
   /** p50 and p95 latency per bucket as two lines; a bucket with no calls breaks the line. */
   function renderLatencyOverTime(el, o) {
     const series = o.series;
     const values = series.flatMap((b) => [b.p50_ms, b.p95_ms]).filter((v) => v !== null);
+    const scale = latencyScale(values);
+    noteScale(el, scale);
     if (!values.length) return empty(el);
     const { width, height } = chartBox(el, 200);
     const plot = plotArea(width, height);
-    const scale = niceScale(Math.max(...values));
-    const max = scale.max;
-    const svg = svgRoot(width, height, "Latency over time");
-    yAxis(svg, plot, scale, fmtAxisMs);
+    const svg = svgRoot(width, height, "Latency over time" + (scale.log ? " (log scale)" : ""));
+    svg.classList.toggle("log-scale", scale.log);
+    const yOf = (v) => plot.top + plot.height - scale.at(v) * plot.height;
+    for (const value of scale.ticks) {
+      const y = yOf(value);
+      svg.append(s("line", { class: value === scale.ticks[0] ? "axis-line" : "grid-line", x1: plot.left, x2: plot.left + plot.width, y1: y, y2: y }));
+      svg.append(s("text", { x: plot.left - 6, y: y + 4, "text-anchor": "end", text: fmtAxisMs(value) }));
+    }
     const slot = plot.width / series.length;
-    const xy = (i, v) => [plot.left + i * slot + slot / 2, plot.top + plot.height - (v / max) * plot.height];
+    const xy = (i, v) => [plot.left + i * slot + slot / 2, yOf(v)];
     for (const [field, cls] of [["p50_ms", "p50"], ["p95_ms", "p95"]]) {
       let path = "";
       let pen = false;
@@ -509,7 +612,8 @@
   function renderCostByDay(el, o) {
     const days = o.by_day;
     if (!days.some((d) => d.requests)) return empty(el);
-    if (!days.some((d) => d.cost_usd)) return empty(el, "No priced calls in this range");
+    const none = noCost(days);
+    if (none) return empty(el, none);
     const { width, height } = chartBox(el, 200);
     const plot = plotArea(width, height);
     const scale = niceScale(Math.max(...days.map((d) => d.cost_usd || 0)));
@@ -560,17 +664,24 @@
     else el.replaceChildren(svg);
   }
 
+  /**
+   * Why a cost chart has nothing to draw, or null when it has: no call had a known price (a model with
+   * no price configured, calls that failed before an answer) or every priced call cost nothing.
+   */
+  function noCost(groups) {
+    const called = groups.filter((g) => g.requests);
+    if (!called.length) return null;
+    if (called.every((g) => g.cost_usd === null)) return "No cost recorded: no call in this range has a known price";
+    if (called.every((g) => !g.cost_usd)) return "No cost: every priced call in this range cost $0";
+    return null;
+  }
+
   function costBars(el, groups, labelFor) {
-    if (groups.length && !groups.some((g) => g.cost_usd)) {
-      // no prices known: rank by requests instead, and say so
-      return horizontalBars(el, groups, {
-        value: (g) => g.requests, text: (g) => fmtInt(g.requests) + " req", barClass: () => "bar-cost", label: labelFor,
-        tip: (g) => [labelFor(g), ["Requests", fmtInt(g.requests)], ["Cost", "unknown (no price)"]],
-      });
-    }
+    const none = noCost(groups);
+    if (none) return empty(el, none); // never fall back to drawing requests as if they were money
     horizontalBars(el, groups, {
       value: (g) => g.cost_usd || 0,
-      text: (g) => fmtCost(g.cost_usd),
+      text: (g) => (g.cost_usd === null ? "no price" : fmtCost(g.cost_usd)),
       barClass: () => "bar-cost",
       label: labelFor,
       tip: (g) => [labelFor(g), ["Cost", fmtCost(g.cost_usd)], ["Requests", fmtInt(g.requests)],
@@ -591,29 +702,33 @@
     });
   }
 
-  /** Four thin bars (p50, p90, p95, p99) per model on one shared scale. */
+  /** Four thin bars (p50, p90, p95, p99) per model on one shared scale (logarithmic for a wide spread). */
   function renderLatencyByModel(el, o) {
     const models = o.latency_by_model.slice(0, 8);
-    if (!models.length) return empty(el);
     const keys = [["p50_ms", "q50", "p50"], ["p90_ms", "q90", "p90"], ["p95_ms", "q95", "p95"], ["p99_ms", "q99", "p99"]];
+    const scale = latencyScale(models.flatMap((m) => keys.map(([field]) => m[field])).filter((v) => v !== null));
+    noteScale(el, scale);
+    if (!models.length) return empty(el);
     const { width } = chartBox(el, 0);
     const group = 4 * 7 + 12;
     const height = models.length * group + 22;
-    const labelWidth = Math.min(150, width * 0.34);
+    const labelWidth = Math.min(150, width * 0.3);
     const barSpace = width - labelWidth - 84;
-    const scale = niceScale(Math.max(...models.map((m) => m.p99_ms || 0)));
-    const max = scale.max;
-    const svg = svgRoot(width, height, "Latency percentiles by model");
-    for (let value = 0; value <= max + 1e-9; value += scale.step) {
-      const x = labelWidth + (value / max) * barSpace;
+    const svg = svgRoot(width, height, "Latency percentiles by model" + (scale.log ? " (log scale)" : ""));
+    svg.classList.toggle("log-scale", scale.log);
+    // every tick gets its grid line; labels skip ticks where they would run into each other
+    const every = Math.ceil(64 / Math.max(1, barSpace / Math.max(1, scale.ticks.length - 1)));
+    scale.ticks.forEach((value, i) => {
+      const x = labelWidth + scale.at(value) * barSpace;
       svg.append(s("line", { class: "grid-line", x1: x, x2: x, y1: 0, y2: height - 18 }));
-      svg.append(s("text", { x, y: height - 4, "text-anchor": value ? "middle" : "start", text: fmtAxisMs(value) }));
-    }
+      if ((scale.ticks.length - 1 - i) % every) return; // count from the top tick: the slowest stays labelled
+      svg.append(s("text", { x, y: height - 4, "text-anchor": i ? "middle" : "start", text: fmtAxisMs(value) }));
+    });
     models.forEach((m, i) => {
       const y = i * group + 4;
       svg.append(s("g", null, s("title", { text: m.name }), s("text", { class: "label", x: 0, y: y + 17, text: clip(m.name, Math.floor(labelWidth / 7)) })));
       keys.forEach(([field, cls], k) => {
-        const w = ((m[field] || 0) / max) * barSpace;
+        const w = scale.at(m[field]) * barSpace;
         svg.append(s("rect", { class: cls, x: labelWidth, y: y + k * 7, width: Math.max(1, w), height: 6, rx: 1.5 }));
       });
       svg.append(s("text", { x: labelWidth + barSpace + 8, y: y + 17 }, "p95 ", s("tspan", { class: "value", text: fmtMs(m.p95_ms) })));
@@ -666,14 +781,19 @@
     return row;
   }
 
-  function renderTraces(traces) {
+  function renderTraces() {
+    const traces = state.traces;
     const body = $("#traces tbody");
     if (!traces.length) {
       body.replaceChildren(h("tr", { class: "empty-row" }, h("td", { colspan: 9, text: "No traces match these filters." })));
     } else {
       body.replaceChildren(...traces.map(traceRow));
     }
-    $("#trace-count").textContent = traces.length >= TRACE_LIMIT ? `newest ${TRACE_LIMIT}` : `${traces.length} trace${traces.length === 1 ? "" : "s"}`;
+    const order = { time: "newest", latency: "slowest", cost: "costliest" }[state.sort];
+    $("#trace-count").textContent = state.cursor
+      ? `${order} ${fmtInt(traces.length)} · more below`
+      : `${fmtInt(traces.length)} trace${traces.length === 1 ? "" : "s"}`;
+    $("#more").hidden = !state.cursor;
   }
 
   // --- trace view -------------------------------------------------------------------------
@@ -786,6 +906,10 @@
 
   function renderOutput(output, span) {
     if (output === null || output === undefined) {
+      const invalid = span.attributes["keel.structured.invalid_outputs"];
+      if (span.status === "error" && Array.isArray(invalid) && invalid.length) {
+        return [h("p", { class: "hint", text: "No valid output: every answer failed the schema (below)." })];
+      }
       return [h("p", { class: "hint", text: span.status === "error" ? "No output: the span failed." : "No output recorded." })];
     }
     if (output && typeof output === "object" && "text" in output) {
@@ -795,6 +919,19 @@
       return blocks;
     }
     return [json(output)];
+  }
+
+  /** The answers a structured call re-asked for (or gave up on), each with why it did not validate. */
+  function renderInvalidOutputs(invalid) {
+    if (!Array.isArray(invalid) || !invalid.length) return null;
+    const tries = invalid.map((entry) => h("div", { class: "invalid" },
+      h("div", { class: "role", text: "Try " + (entry.try ?? "?") + " · did not validate" }),
+      entry.output === undefined
+        ? h("p", { class: "hint", text: "The answer is not kept (content capture is off)." })
+        : h("pre", { class: "content", text: entry.output || "(empty)" }),
+      entry.output_chars ? h("div", { class: "hint", text: `clipped: the answer had ${fmtInt(entry.output_chars)} characters` }) : null,
+      h("div", { class: "why", text: entry.error || "" })));
+    return [h("div", { class: "section-title", text: `Invalid structured outputs (${invalid.length})` }), h("div", { class: "io invalid-outputs" }, tries)];
   }
 
   function attributeRows(attributes) {
@@ -816,11 +953,22 @@
         meta("Model", span.model || "–"), meta("Provider", span.provider || "–"),
         meta("Operation", span.operation || "–"), meta("Attempts", span.attempts ?? "–"),
         meta("Key", span.api_key || "–"), meta("Started", fmtDateTime(span.start_time)),
-        meta("Span id", span.span_id), meta("Parent", span.parent_id || "–")),
+        meta("Span id", span.span_id), meta("Parent", span.parent_id || "–"),
+        filterLink("Session", "session", span.attributes["keel.session"]),
+        filterLink("User", "user", span.attributes["keel.user"])),
       span.status === "error" ? h("div", { class: "error-box" }, h("b", { text: span.error_type || "error" }), span.error_message || "") : null,
       h("div", { class: "section-title", text: "Input" }), h("div", { class: "io input" }, renderInput(span.input)),
       h("div", { class: "section-title", text: "Output" }), h("div", { class: "io output" }, renderOutput(span.output, span)),
+      renderInvalidOutputs(span.attributes["keel.structured.invalid_outputs"]),
       h("div", { class: "section-title", text: "Attributes" }), h("table", { class: "attrs" }, h("tbody", null, attributeRows(span.attributes))));
+  }
+
+  /** A span's session or user as a link to the trace list filtered by it (null when the span has none). */
+  function filterLink(label, name, value) {
+    if (value === null || value === undefined || value === "") return null;
+    const href = "?" + new URLSearchParams({ [name]: String(value) }).toString();
+    return h("div", null, h("dt", { text: label }),
+      h("dd", { title: "Traces of this " + name }, h("a", { class: "filter-link", href, text: String(value) })));
   }
 
   function selectSpan(spanId) {
@@ -876,6 +1024,7 @@
   }
 
   function start() {
+    readUrl();
     markRange();
     bindFilters();
     $("#signout").hidden = !localStorage.getItem(KEY_STORAGE);
