@@ -41,6 +41,7 @@ from keel.types import (
     StreamDelta,
     Tool,
     Usage,
+    check_unicode,
     parse_messages,
 )
 
@@ -81,6 +82,7 @@ def _check_options(o: ChatOptions) -> None:
         _number(name, getattr(o, name), int)
     if any(not isinstance(s, str) for s in o.stop):
         raise InputError("stop must be a string or a list of strings")
+    check_unicode(list(o.stop), "stop")
     if o.tool_choice is not None and not isinstance(o.tool_choice, str):
         raise InputError("tool_choice must be auto, none, required or a tool name")
     if o.temperature is not None and not 0 <= o.temperature <= 2:
@@ -364,6 +366,7 @@ class Gateway:
         admission = _Admission()
         started = time.perf_counter()
         try:
+            check_unicode(metadata, "metadata")  # else the call is made and charged but its span is not stored
             name = self.resolve(model)
             self._check_key_model(key, name)  # before the model is built: a refused key learns nothing else
             spec = spec_for(response_model) if response_model is not None else None
@@ -425,6 +428,7 @@ class Gateway:
         started = time.perf_counter()
         token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
+            check_unicode(metadata, "metadata")
             name = self.resolve(model)
             self._check_key_model(key, name)
             stop_t = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -473,6 +477,8 @@ class Gateway:
         try:
             if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
                 raise InputError("texts must be a list of strings")
+            check_unicode(metadata, "metadata")
+            check_unicode(list(texts), "texts")
             name = self.resolve(model, kind="embedding")
             if name in self.config.models and self.config.models[name].kind != "embedding":
                 raise InputError(f"{name!r} is a chat model; embed with an embedding model (see `keel models`)")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keel.rag import RAG, Document
 from keel.server.auth import caller, require_admin
+from keel.server.bodies import JSONBodyRoute
 from keel.server.calls import attribution, guarded
 
 __all__ = ["rag_router"]
@@ -28,7 +29,7 @@ NO_NUL = r"^[^\x00]*$"
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "10" is not a number, as in the chat API
 
 
 class SearchRequest(_Body):
@@ -84,7 +85,7 @@ def _rag(request: Request) -> RAG:
 
 
 def rag_router() -> APIRouter:
-    router = APIRouter(prefix="/v1/rag", tags=["rag"])
+    router = APIRouter(prefix="/v1/rag", tags=["rag"], route_class=JSONBodyRoute)
 
     @router.get("/collections")
     async def collections(request: Request) -> dict[str, Any]:
