@@ -69,9 +69,7 @@ ROUTES = ["/v1/chat/completions", "/v1/embeddings", "/admin/keys", "/v1/rag/fact
 
 
 @pytest.mark.parametrize("path", ROUTES)
-def test_invalid_utf8_and_non_json_bodies_answer_in_the_openai_shape(
-    served: tuple[Server, Gateway], path: str
-) -> None:
+def test_invalid_utf8_and_non_json_bodies_answer_in_the_openai_shape(served: tuple[Server, Gateway], path: str) -> None:
     server, _ = served
     error = assert_openai_error(post_raw(server, path, b'{"model": "t\xff\xfe"}'), 400)
     assert "not valid UTF-8" in error["message"]
@@ -179,7 +177,7 @@ async def test_the_library_refuses_a_lone_surrogate_naming_the_field() -> None:
     await gw.aclose()
 
 
-PRICED = 'price = { input = 1000.0, output = 2000.0 }\nmax_output_tokens = 10'
+PRICED = "price = { input = 1000.0, output = 2000.0 }\nmax_output_tokens = 10"
 
 
 def scripted_model(gw: Gateway, name: str) -> TestModel:
@@ -192,7 +190,8 @@ def scripted_model(gw: Gateway, name: str) -> TestModel:
 async def test_a_span_the_store_refuses_still_keeps_its_charge_after_a_restart(tmp_path: Path) -> None:
     """An answer with a lone surrogate (the provider's, not the caller's) cannot be stored as it is:
     its span is stored sanitised, so its cost counts against the budget after a restart."""
-    toml = f'[models.t]\nprovider = "test"\nmodel = "t"\nscript = ["ok"]\n{PRICED}\n[keys.team]\ndaily_budget_usd = 1.0\n'
+    toml = f'[models.t]\nprovider = "test"\nmodel = "t"\nscript = ["ok"]\n{PRICED}\n'
+    toml += "[keys.team]\ndaily_budget_usd = 1.0\n"
     gw = gateway(tmp_path, toml)
     scripted_model(gw, "t").script = [LONE * 3]
     spent = 0.0
