@@ -316,3 +316,19 @@ async def test_json_nested_past_the_parser_limit_is_a_400(served: tuple[Server, 
         ])  # fmt: skip
     for answer in answers:
         assert "nested deeper" in assert_openai_error(answer, 400)["message"]
+
+
+def test_an_unexpected_failure_is_a_500_in_the_openai_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    gw = Gateway(models={"t": TestModel("ok")})
+
+    def broken(*args: Any) -> dict[str, Any]:
+        raise RuntimeError("a bug, not a refusal")
+
+    monkeypatch.setattr("keel.server.app.completion_body", broken)
+    server = Server(gw)
+    try:
+        error = assert_openai_error(httpx.post(f"{server.url}/chat/completions", json=CHAT), 500)
+        assert error["code"] == "internal" and "bug" not in error["message"]  # no internals leak
+    finally:
+        server.stop()
+        gw.close()
