@@ -111,13 +111,18 @@ class Unredactable(Redactor):
         super().span(span)
 
 
-def test_a_span_that_cannot_be_redacted_is_dropped_not_the_writer() -> None:
+def test_a_span_that_cannot_be_redacted_loses_its_content_not_its_charge_nor_the_writer() -> None:
     store = SlowStore()
     writer = SpanWriter(store, redactor=Unredactable())  # type: ignore[arg-type]
     for name in ("good", "bad", "also good"):
-        writer.submit(Span("t", name, None, name, time.time()))
+        span = Span("t", name, None, name, time.time(), input={"messages": ["secret"]})
+        span.set(keel__cost_usd=0.5, keel__api_key="team")
+        writer.submit(span)
     assert writer.flush(timeout=5)
-    assert [s.name for s in store.spans] == ["good", "also good"] and writer.failed == 1
+    assert [s.name for s in store.spans] == ["good", "bad", "also good"] and writer.failed == 0
+    bad = store.spans[1]
+    assert bad.input is None and bad.attributes["keel.span.content_dropped"] is True and writer.salvaged == 1
+    assert bad.attributes["keel.cost_usd"] == 0.5 and bad.attributes["keel.api_key"] == "team"
     writer.submit(Span("t", "later", None, "later", time.time()))
     assert writer.flush(timeout=5) and store.spans[-1].name == "later"
     writer.close()

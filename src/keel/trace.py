@@ -6,7 +6,10 @@ Span attributes follow the OpenTelemetry GenAI semantic conventions
 fields (cost, attempts, cache, key). A finished span is handed to a
 `SpanWriter`, which redacts it and writes batches to the store from one
 thread, off the request path. The writer's buffer is bounded: when the store
-falls behind, callers wait instead of spans being dropped.
+falls behind, callers wait instead of spans being dropped. A span the store
+refuses (text that is not valid Unicode, nesting its encoder cannot take) is
+stored sanitised, or at least with its cost, tokens and key: budgets read spend
+from the store, so a lost span would be a call never charged.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -178,7 +181,8 @@ class SpanWriter:
         self._submitted = 0
         self._written = 0
         self._closing = False
-        self.failed = 0
+        self.failed = 0  # spans lost: not even their cost could be stored
+        self.salvaged = 0  # spans stored without their content
         self.max_depth = 0
         self._thread = threading.Thread(target=self._run, name="keel-span-writer", daemon=True)
         self._thread.start()
@@ -211,12 +215,28 @@ class SpanWriter:
         for span in batch:
             try:
                 self.redactor.span(span)
-            except Exception:  # never store what could not be redacted
-                self.failed += 1
-                log.exception("span %s could not be redacted; it is not stored", span.span_id)
-            else:
-                kept.append(span)
+            except Exception:  # never store what could not be redacted, but keep what it charged
+                log.exception("span %s could not be redacted; it is stored without its content", span.span_id)
+                span = self._salvage(span)
+            kept.append(span)
             time.sleep(0)  # let the event loop's thread take the GIL between spans
+        return kept
+
+    def _salvage(self, span: Span) -> Span:
+        """The span with no content: ids, times, status, numbers and the few names that say whose call
+        it was (each redacted on its own, dropped if even that fails)."""
+        self.salvaged += 1
+        kept = salvaged(span)
+        names = {k: v for k, v in kept.attributes.items() if isinstance(v, str)}
+        for name, value in names.items():
+            try:
+                kept.attributes[name] = self.redactor.text(value) if self.redactor else value
+            except Exception:
+                del kept.attributes[name]
+        try:
+            kept.name = self.redactor.text(kept.name) if self.redactor else kept.name
+        except Exception:
+            kept.name = str(kept.attributes.get("gen_ai.operation.name", "span"))
         return kept
 
     def _write(self, batch: Sequence[Span]) -> None:
@@ -226,11 +246,23 @@ class SpanWriter:
         except Exception:
             log.exception("writing %d spans failed; retrying one by one", len(batch))
             for span in batch:
-                try:
-                    self.store.write_spans([span])
-                except Exception:
-                    self.failed += 1
-                    log.exception("span %s could not be stored", span.span_id)
+                self._write_one(span)
+
+    def _write_one(self, span: Span) -> None:
+        """One span, as it is; else with unencodable text replaced; else without its content."""
+        for attempt in ("as is", "sanitised", "salvaged"):
+            try:
+                if attempt == "sanitised":
+                    span = sanitised(span)
+                elif attempt == "salvaged":
+                    span = self._salvage(span)
+                self.store.write_spans([span])
+                if attempt != "as is":
+                    log.warning("span %s was stored %s: the store refused it as it was", span.span_id, attempt)
+                return
+            except Exception:
+                log.exception("span %s could not be stored %s", span.span_id, attempt)
+        self.failed += 1
 
     def _drain(self) -> None:
         """Write what was waiting when the thread woke; newer spans wait for the next wake,
@@ -281,6 +313,60 @@ class SpanWriter:
             self._wake.set()
             self._thread.join(timeout=30)
         self._drain()  # whatever slipped in while the thread was stopping
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
+    """`value` with text every store encodes: lone surrogates become U+FFFD, NUL characters go,
+    non-finite floats become null, anything else becomes its text."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value).replace("\x00", "")
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {_storable(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
+    return _storable(str(value))
+
+
+def sanitised(span: Span) -> Span:
+    """A copy of the span that any store takes (see `_storable`); marked `keel.span.sanitised`."""
+    copy = replace(
+        span,
+        name=_storable(span.name),
+        error_message=_storable(span.error_message),
+        attributes=_storable(span.attributes),
+        input=_storable(span.input),
+        output=_storable(span.output),
+    )
+    copy.attributes["keel.span.sanitised"] = True
+    return copy
+
+
+#: Text attributes a span keeps when its content is dropped: what the call was, for whom, and how it ended.
+SALVAGED_NAMES = frozenset({
+    "gen_ai.operation.name", "gen_ai.request.model", "gen_ai.response.model", "gen_ai.provider.name",
+    "keel.model", "keel.api_key", "error.type",
+})  # fmt: skip
+
+
+def salvaged(span: Span) -> Span:
+    """A copy with no content: its ids, times, status, numeric attributes (cost, tokens, attempts)
+    and SALVAGED_NAMES, each made storable. Marked `keel.span.content_dropped`."""
+    attributes: dict[str, Any] = {}
+    for name, value in span.attributes.items():
+        if isinstance(value, (int, float)) or (name in SALVAGED_NAMES and isinstance(value, str)):  # bools too
+            attributes[_storable(name)] = _storable(value)
+    attributes["keel.span.content_dropped"] = True
+    message = _storable(span.error_message[:2000]) if span.error_message else None
+    return replace(
+        span, name=_storable(span.name), error_message=message, attributes=attributes, input=None, output=None
+    )
 
 
 SpanListener = Callable[[Span], None]

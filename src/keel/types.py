@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from keel.errors import InvalidMessages
+from keel.errors import InputError, InvalidMessages
 
 __all__ = [
     "ChatOptions",
@@ -26,6 +26,7 @@ __all__ = [
     "Tool",
     "ToolCall",
     "Usage",
+    "check_unicode",
     "parse_messages",
 ]
 
@@ -217,6 +218,37 @@ class EmbeddingResult:
 
 # --- input parsing ------------------------------------------------------------
 
+
+def _lone_surrogate_at(value: Any, where: str) -> str | None:
+    """Where in `value` a string holds a lone surrogate (`"\\ud800"`): valid in a Python str and
+    in JSON escapes, but not Unicode, so no store, provider or UTF-8 encoder takes it."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            found = _lone_surrogate_at(k, where) or _lone_surrogate_at(v, f"{where}.{k}")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if found := _lone_surrogate_at(v, f"{where}[{i}]"):
+                return found
+    return None
+
+
+def check_unicode(value: Any, field: str, error: type[InputError] = InputError) -> None:
+    """Refuse a lone surrogate anywhere in `value` (a string, or a mapping or list of them), naming
+    the field: accepted, it fails the provider call as the provider's fault, or the span's write."""
+    if where := _lone_surrogate_at(value, field):
+        raise error(f"{where} contains a lone surrogate (such as \\ud800), which is not valid Unicode")
+
+
 MessageLike = Message | Mapping[str, Any] | str
 
 
@@ -264,6 +296,11 @@ def _message_from_mapping(raw: Mapping[str, Any], index: int) -> Message:
 
 
 def _check_message(message: Message, index: int) -> None:
+    check_unicode(message.content, f"messages[{index}].content", InvalidMessages)
+    check_unicode(message.name, f"messages[{index}].name", InvalidMessages)
+    check_unicode(message.tool_call_id, f"messages[{index}].tool_call_id", InvalidMessages)
+    for j, call in enumerate(message.tool_calls):
+        check_unicode([call.id, call.name, call.arguments], f"messages[{index}].tool_calls[{j}]", InvalidMessages)
     if message.role not in ROLES:
         raise InvalidMessages(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {message.role!r}")
     if message.content is None and not message.tool_calls:

@@ -42,6 +42,7 @@ from keel.types import (
     ModelResponse,
     StreamDelta,
     Tool,
+    check_unicode,
     parse_messages,
 )
 
@@ -82,6 +83,7 @@ def _check_options(o: ChatOptions) -> None:
         _number(name, getattr(o, name), int)
     if any(not isinstance(s, str) for s in o.stop):
         raise InputError("stop must be a string or a list of strings")
+    check_unicode(list(o.stop), "stop")
     if o.tool_choice is not None and not isinstance(o.tool_choice, str):
         raise InputError("tool_choice must be auto, none, required or a tool name")
     if o.temperature is not None and not 0 <= o.temperature <= 2:
@@ -294,6 +296,7 @@ class Gateway:
         args: ChatArgs,
     ) -> Call:
         """Validate a chat call's arguments into a `Call` (or raise the caller's mistake)."""
+        _check_context(context)  # else the call is made and charged but its span cannot be stored
         name = self.resolve(model)
         response_model = args.get("response_model")
         spec = spec_for(response_model) if response_model is not None else None
@@ -419,6 +422,8 @@ class Gateway:
         try:
             if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
                 raise InputError("texts must be a list of strings")
+            _check_context(context)
+            check_unicode(list(texts), "texts")
             name = self.resolve(model, kind="embedding")
             if name in self.config.models and self.config.models[name].kind != "embedding":
                 raise InputError(f"{name!r} is a chat model; embed with an embedding model (see `keel models`)")
@@ -505,6 +510,13 @@ class Gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_context(context: CallContext) -> None:
+    check_unicode(dict(context.metadata), "metadata")
+    for name in ("tenant", "user", "session"):
+        check_unicode(getattr(context, name), name)
+    check_unicode(list(context.tags), "tags")
 
 
 def _check_args(args: Mapping[str, Any], kind: type) -> None:

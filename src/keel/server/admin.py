@@ -19,6 +19,7 @@ from keel.config import KeyConfig
 from keel.errors import InputError
 from keel.keys import create_key, list_keys, revoke_key
 from keel.server.auth import KeyRing, require_admin
+from keel.server.bodies import JSONBodyRoute
 from keel.store import Store
 
 __all__ = ["CreateKey", "router"]
@@ -61,7 +62,7 @@ async def _reload(request: Request) -> None:
 
 
 def router() -> APIRouter:
-    api = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
+    api = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"], route_class=JSONBodyRoute)
 
     @api.get("/keys")
     async def keys(request: Request, include_revoked: bool = False) -> dict[str, Any]:

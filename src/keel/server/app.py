@@ -1,7 +1,7 @@
 """The keel server: an OpenAI-compatible API over the same gateway.
 
 `POST /v1/chat/completions` (plain and server-sent events),
-`POST /v1/embeddings` and `GET /v1/models`, so the official `openai` SDK works unchanged with
+`POST /v1/embeddings`, `GET /v1/models` and `GET /v1/models/{id}`, so the official `openai` SDK works unchanged with
 `base_url` pointed here. Errors use OpenAI's error shape with the status of
 the keel error. Every response carries `x-keel-trace-id`.
 """
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from keel.alerts import start_alerts
 from keel.config import Config, load_config
@@ -29,9 +30,16 @@ from keel.errors import InputError, KeelError, ProviderTimeout
 from keel.gateway import ChatStream, Gateway
 from keel.server import admin
 from keel.server.auth import KeyRing, caller, require_admin
+from keel.server.bodies import JSONBodyRoute
 from keel.server.calls import attribution, guarded
 from keel.server.dashboard import dashboard_router
-from keel.server.errors import error_body, error_response, keel_error_response
+from keel.server.errors import (
+    error_body,
+    error_response,
+    http_error_response,
+    keel_error_response,
+    validation_error,
+)
 from keel.server.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from keel.server.middleware import EdgeMiddleware, trace_refusal
 from keel.server.rag import rag_router
@@ -237,6 +245,30 @@ async def _stream_events(
     yield b"data: [DONE]\n\n"
 
 
+class NoSuchModel(InputError):
+    """GET /v1/models/{id} of a model that is not configured or not allowed: one answer for both, so a
+    restricted key learns nothing about models it may not use."""
+
+    http_status = 404
+    code = "model_not_found"
+
+
+def _visible_models(request: Request) -> list[str]:
+    """The chat models and aliases configured, limited to what the caller's key may use."""
+    gw: Gateway = request.app.state.gateway
+    names = [n for n in gw.model_names if gw._model_config(n).kind == "chat"] + list(gw.config.aliases)
+    key = caller(request).key
+    allowed = gw.keys[key].models if key is not None and key in gw.keys else None
+    if allowed is not None:  # a key sees the models it may use
+        usable = {gw.resolve(m) for m in allowed}
+        names = [n for n in names if gw.resolve(n) in usable]
+    return names
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "keel"}
+
+
 def create_app(config: Config | None = None, *, gateway: Gateway | None = None) -> FastAPI:
     """The ASGI app; pass a gateway (tests) or let it build one from the configuration."""
     settings = (gateway.config if gateway else config or load_config()).server
@@ -277,6 +309,7 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
             await gw.aclose()
 
     app = FastAPI(title="keel", version="0.1.0", lifespan=lifespan)
+    app.router.route_class = JSONBodyRoute  # bodies parsed and checked before validation (server/bodies.py)
     app.state.settings = settings
     app.add_middleware(EdgeMiddleware, state=app.state, max_body_bytes=settings.max_body_bytes)
     app.include_router(admin.router())
@@ -289,15 +322,22 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid")
-        refusal = InputError(f"{'.'.join(loc) or 'body'}: {message}")
+        message, param = validation_error(list(error.errors()))
+        refusal = InputError(message)
         body = error.body if isinstance(error.body, dict) else {}
         model = body.get("model") if isinstance(body.get("model"), str) else None
         who = getattr(request.state, "caller", None)
         trace_refusal(request.app.state.gateway, request.url.path, refusal, getattr(who, "key", None), model)
-        return error_response(400, refusal.message, "invalid_request_error", "invalid_request", ".".join(loc) or None)
+        return error_response(400, refusal.message, "invalid_request_error", "invalid_request", param)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return http_error_response(error, request.method, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        """Still logged with its traceback by Starlette; the client gets the same shape as any error."""
+        return error_response(500, "internal error", "api_error", "internal")
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -332,17 +372,14 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        gw: Gateway = request.app.state.gateway
-        names = [n for n in gw.model_names if gw._model_config(n).kind == "chat"] + list(gw.config.aliases)
-        key = caller(request).key
-        allowed = gw.keys[key].models if key is not None and key in gw.keys else None
-        if allowed is not None:  # a key sees the models it may use
-            usable = {gw.resolve(m) for m in allowed}
-            names = [n for n in names if gw.resolve(n) in usable]
-        return {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "keel"} for n in names],
-        }
+        return {"object": "list", "data": [_model_object(n) for n in _visible_models(request)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+        """One model, as OpenAI answers it; 404 `model_not_found` for a model this key cannot see."""
+        if model not in _visible_models(request):
+            raise NoSuchModel(f"the model {model!r} does not exist or this key may not use it")
+        return _model_object(model)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

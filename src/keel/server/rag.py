@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from keel.config import KeyConfig
 from keel.rag import RAG, Document
 from keel.server.auth import Forbidden, caller, require_admin
+from keel.server.bodies import JSONBodyRoute
 from keel.server.calls import attribution, guarded
 
 __all__ = ["rag_router"]
@@ -32,7 +33,7 @@ NO_NUL = r"^[^\x00]*$"
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "10" is not a number, as in the chat API
 
 
 class SearchRequest(_Body):
@@ -122,7 +123,7 @@ async def _check_write(request: Request, collection: str) -> None:
 
 
 def rag_router() -> APIRouter:
-    router = APIRouter(prefix="/v1/rag", tags=["rag"])
+    router = APIRouter(prefix="/v1/rag", tags=["rag"], route_class=JSONBodyRoute)
 
     @router.get("/collections")
     async def collections(request: Request) -> dict[str, Any]:

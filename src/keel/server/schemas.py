@@ -3,6 +3,11 @@
 Fields OpenAI defines but keel does not act on are accepted and ignored
 (listed in `IGNORED`), so unchanged clients work; anything else is refused
 with a 400 naming the field.
+
+Types are strict, as OpenAI's API is: `max_tokens: "10"`, `max_tokens: true` and `stream: "yes"`
+are refused, not coerced (an integer is still a valid float). A chat request takes at most
+`MAX_MESSAGES` messages; bodies are checked for size, depth and lone surrogates before they get
+here (server/bodies.py).
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_MESSAGES = 2048  # per chat request: bounds the work one body can cost (see docs/server.md)
+
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -23,7 +30,7 @@ class ChatMessageIn(BaseModel):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     input: str | list[str] = Field(min_length=1)
@@ -33,16 +40,16 @@ class EmbeddingRequest(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, gt=0)
