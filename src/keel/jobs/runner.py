@@ -98,14 +98,26 @@ class JobRunner:
             polling_interval_sec=self.config.jobs.poll_s, on_conflict="always_update",
         )  # fmt: skip
 
-    def _enqueue(self, job: JobRow, items: Sequence[ItemRow]) -> None:
+    def _enqueue(self, job: JobRow, items: Sequence[ItemRow], *, fresh: bool = True) -> None:
+        """One workflow per item. `fresh` (ids never enqueued): 500 per transaction, not one commit each
+        (on SQLite each commit is a sync to disk); otherwise one by one, each attaching to an existing id."""
         client = self._dbos()
-        for item in items:
-            options: EnqueueOptions = {
+
+        def options(item: ItemRow) -> EnqueueOptions:
+            return {
                 "workflow_name": ITEM_WORKFLOW, "queue_name": job.queue, "app_version": APP_VERSION,
                 "workflow_id": workflow_id(job.name, item.key, item.run),
             }  # fmt: skip
-            client.enqueue(options, job.name, item.key, item.run)
+
+        if not fresh:
+            for item in items:
+                client.enqueue(options(item), job.name, item.key, item.run)
+            return
+        for start in range(0, len(items), 500):
+            # DBOSClient has no bulk enqueue; its engine is the system database's (private in DBOS 3.4)
+            with client._sys_db.engine.begin() as conn:
+                for item in items[start : start + 500]:
+                    client.enqueue_in_transaction(conn, options(item), job.name, item.key, item.run)
 
     # --- jobs ------------------------------------------------------------------
 
@@ -157,7 +169,8 @@ class JobRunner:
             return self.resume(name)
         if job.status == records.RUNNING:
             # the submitter may have died between writing the items and enqueuing them; existing ids are kept
-            self._enqueue(job, records.list_items(self.store, name, status=[records.PENDING, records.ITEM_RUNNING]))
+            unfinished = records.list_items(self.store, name, status=[records.PENDING, records.ITEM_RUNNING])
+            self._enqueue(job, unfinished, fresh=False)
         return job
 
     def get(self, name: str) -> JobRow:
