@@ -176,7 +176,11 @@ def scale(items: int, concurrency: int) -> None:
     server, url = _pg()
     try:
         with StubProcess(delay_ms=200) as stub:
-            env = _env(url, BENCH_STUB=stub.base_url, KEEL_JOBS__QUEUES__DEFAULT__WORKER_CONCURRENCY=str(concurrency))
+            env = _env(
+                url,
+                BENCH_STUB=stub.url.removesuffix("/v1"),
+                KEEL_JOBS__QUEUES__DEFAULT__WORKER_CONCURRENCY=str(concurrency),
+            )
             print(f"{items} items, 200 ms each, worker_concurrency {concurrency}")
             print("| workers | items/s | speed-up |\n| ---: | ---: | ---: |")
             base = None
@@ -195,7 +199,11 @@ def kills(items: int, count: int, concurrency: int) -> None:
     server, url = _pg()
     try:
         with StubProcess(delay_ms=200) as stub:
-            env = _env(url, BENCH_STUB=stub.base_url, KEEL_JOBS__QUEUES__DEFAULT__WORKER_CONCURRENCY=str(concurrency))
+            env = _env(
+                url,
+                BENCH_STUB=stub.url.removesuffix("/v1"),
+                KEEL_JOBS__QUEUES__DEFAULT__WORKER_CONCURRENCY=str(concurrency),
+            )
             r = _run_job(url, env, "kills", items, 2, kills=count)
     finally:
         server.cleanup()
