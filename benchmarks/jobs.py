@@ -32,17 +32,25 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from keel import jobs  # noqa: E402
 
 _local = threading.local()
+_effects_lock = threading.Lock()
+_effects_conn: Any = None
 
 
 def _effect(key: str) -> None:
-    """The item's side effect, keyed: a second run of the same item adds nothing."""
+    """The item's side effect, keyed: a second run of the same item adds nothing.
+
+    One connection per worker process, not one per thread: DBOS runs each item's
+    thread work on an unbounded pool, so per-thread connections (100 items at once
+    per worker) exhaust PostgreSQL's max_connections.
+    """
+    global _effects_conn
     import psycopg
 
-    conn = getattr(_local, "conn", None)
-    if conn is None:
-        conn = _local.conn = psycopg.connect(os.environ["KEEL_STORE"], autocommit=True)
-    conn.execute("INSERT INTO bench_effects (key) VALUES (%s) ON CONFLICT DO NOTHING", (key,))
-    conn.execute("UPDATE bench_runs SET n = n + 1")  # every run, duplicates included
+    with _effects_lock:
+        if _effects_conn is None:
+            _effects_conn = psycopg.connect(os.environ["KEEL_STORE"], autocommit=True)
+        _effects_conn.execute("INSERT INTO bench_effects (key) VALUES (%s) ON CONFLICT DO NOTHING", (key,))
+        _effects_conn.execute("UPDATE bench_runs SET n = n + 1")  # every run, duplicates included
 
 
 @jobs.kind("bench.noop")
@@ -165,6 +173,8 @@ def _run_job(url: str, env: dict[str, str], name: str, items: int, workers: int,
     for proc in procs.values():
         proc.wait(timeout=60)
     effects, runs = _counts(url)
+    for item in runner.status(name).errors:
+        print(f"failed item {item.key} (attempt {item.attempts}): {item.error}", file=sys.stderr)
     runner.close()
     return {"items_per_s": (job.done - done0) / elapsed, "done": job.done, "effects": effects, "runs": runs}
 
@@ -209,8 +219,10 @@ def kills(items: int, count: int, concurrency: int) -> None:
         server.cleanup()
     ok = r["done"] == items and r["effects"] == items
     verdict = "OK" if ok else "LOST OR DOUBLED"
+    # a re-run is an effect call that found its key already there (a step killed after its effect ran again);
+    # a step killed before its effect re-runs without showing here
     print(f"{items} items, {count} kills: done {r['done']:.0f}, distinct effects {r['effects']:.0f},")
-    print(f"handler runs {r['runs']:.0f} (re-runs after kills: {r['runs'] - items:.0f}) -> {verdict}")
+    print(f"effect calls {r['runs']:.0f} (re-runs after kills: {r['runs'] - r['effects']:.0f}) -> {verdict}")
 
 
 def main() -> None:

@@ -49,3 +49,17 @@ async def slow(value: int) -> int:
 
     await asyncio.sleep(0.2)
     return value
+
+
+UNREACHABLE: dict[Any, int] = {}  # input -> how many more runs find "the database" unreachable
+
+
+@jobs.kind("test.unreachable")
+def unreachable(value: int) -> int:
+    """Fails like a handler whose own database connection is refused (PostgreSQL full or restarting)."""
+    import psycopg
+
+    if UNREACHABLE.get(value, 0) > 0:
+        UNREACHABLE[value] -= 1
+        raise psycopg.OperationalError("connection failed: FATAL:  sorry, too many clients already")
+    return value * 10

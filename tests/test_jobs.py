@@ -67,6 +67,21 @@ def test_a_failing_item_is_recorded_the_job_goes_on_and_retry_reruns_it(runner: 
     assert runner.retry_failed("flaky") == 0
 
 
+def test_a_handler_finding_its_database_unreachable_waits_and_reruns_instead_of_failing(
+    runner: JobRunner, worker: Worker
+) -> None:
+    # a connection refused (server full, restarting, killed worker's connections not yet gone) passes:
+    # it neither fails the item for good nor uses up its attempts (the kind has one)
+    jobs_app.UNREACHABLE.update({2: 2, 5: 1})
+    try:
+        runner.submit("unreachable", "test.unreachable", list(range(8)))
+        job = runner.wait("unreachable", timeout=60)
+    finally:
+        jobs_app.UNREACHABLE.clear()
+    assert (job.status, job.done, job.failed) == ("done", 8, 0)
+    assert [i.result for i in runner.items("unreachable")] == [v * 10 for v in range(8)]
+
+
 def test_a_name_resubmitted_with_other_inputs_is_refused_and_same_inputs_resume(runner: JobRunner) -> None:
     runner.submit("once", "test.flaky", [1, 2, 3])
     with pytest.raises(JobConflict, match="different inputs"):

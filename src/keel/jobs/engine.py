@@ -71,6 +71,22 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
 
+def _database_unreachable(exc: BaseException) -> bool:
+    """A handler's error that says its database is out of reach for now (refused, full, restarting, locked).
+
+    Such an error is the environment's, not the item's: the item waits and runs
+    again instead of spending its attempts (a killed worker's connections, held
+    until the server notices, can fill PostgreSQL's `max_connections` for a moment).
+    """
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(word in str(exc) for word in ("database is locked", "database is busy", "unable to open"))
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - the postgres extra is not installed
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
 class ItemExecutor:
     """Runs items in a worker process: the state the DBOS step needs (the store, kinds, job rows)."""
 
@@ -124,18 +140,28 @@ class ItemExecutor:
             span.fail(exc)
             return None, f"{type(exc).__name__}: {exc}"
         token = _current.set(span)
+        delay, waited = 0.1, 0.0
         try:
-            for attempt in range(kind.attempts):
+            attempt = 0
+            while attempt < kind.attempts:
                 try:
                     result = await kind.run(value, ctx)
                     json.dumps(result)  # a result that cannot be stored is the handler's failure, not the store's
                     return result, None
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"
+                    if _database_unreachable(exc) and waited < self.max_wait_s:
+                        log.warning("item %s of %s: database unreachable (%s); again in %.1f s", ctx.key, ctx.job,
+                                    exc, delay)  # fmt: skip
+                        await asyncio.sleep(delay)
+                        waited += delay
+                        delay = min(delay * 2, 5.0)
+                        continue
+                    attempt += 1
                     log.debug("item %s of %s failed: %s", ctx.key, ctx.job, "".join(traceback.format_exception(exc)))
                     span.fail(exc)
-                    if attempt + 1 < kind.attempts:
-                        await asyncio.sleep(min(0.5 * 2**attempt, 30.0))
+                    if attempt < kind.attempts:
+                        await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 30.0))
         finally:
             _current.reset(token)
         return None, error
