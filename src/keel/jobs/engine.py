@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from dbos import DBOS
 
 from keel.config import Config
@@ -32,7 +33,7 @@ from keel.jobs.kinds import ItemContext, get_kind
 from keel.store.base import Store
 from keel.trace import Span, _current, new_id, new_trace_id
 
-__all__ = ["APP_NAME", "APP_VERSION", "ItemExecutor", "system_database_url", "workflow_id"]
+__all__ = ["APP_NAME", "APP_VERSION", "ItemExecutor", "sqlite_system_engine", "system_database_url", "workflow_id"]
 
 log = logging.getLogger("keel.jobs")
 
@@ -53,6 +54,30 @@ def system_database_url(config: Config) -> str:
         return "postgresql://" + url.split("://", 1)[1]
     path = Path(url).expanduser().resolve()
     return f"sqlite:///{path.with_name(path.stem + '-dbos.sqlite')}"
+
+
+def sqlite_system_engine(url: str) -> sa.Engine:
+    """DBOS's SQLite system database as a worker uses it: WAL, synchronous=NORMAL, one connection per process.
+
+    DBOS's own SQLite engine keeps the rollback journal with a sync to disk per
+    commit and a pool of 20 connections, so the 5-7 commits of each item's
+    workflow wait on each other inside SQLite's busy handler, which sleeps up
+    to 100 ms between tries (37 ms per no-op item measured). SQLite has one
+    writer anyway: one pooled connection queues the process's writers on a lock
+    that wakes the next at once. WAL with synchronous=NORMAL (keel's store does
+    the same) survives kill -9; only a power cut may lose the last commits.
+    """
+    engine = sa.create_engine(url, pool_size=1, max_overflow=0, pool_timeout=120)
+
+    @sa.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = "IMMEDIATE"  # as DBOS's engine: writers take the lock at BEGIN
+        dbapi_conn.execute("PRAGMA busy_timeout=30000")  # other processes (a CLI enqueueing) still contend
+        dbapi_conn.execute("PRAGMA foreign_keys=ON")
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    return engine
 
 
 def workflow_id(job: str, key: str, run: int) -> str:

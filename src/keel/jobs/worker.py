@@ -18,12 +18,20 @@ import threading
 import time
 from typing import Any
 
+import sqlalchemy as sa
 from dbos import DBOS, DBOSConfig
 
 from keel.config import Config, JobQueueConfig, load_config
 from keel.errors import ConfigError
 from keel.jobs import heartbeats
-from keel.jobs.engine import APP_NAME, APP_VERSION, ItemExecutor, set_executor, system_database_url
+from keel.jobs.engine import (
+    APP_NAME,
+    APP_VERSION,
+    ItemExecutor,
+    set_executor,
+    sqlite_system_engine,
+    system_database_url,
+)
 from keel.store import Store, open_store
 
 __all__ = ["Worker", "default_worker_id"]
@@ -67,6 +75,7 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost_store_at: float | None = None
+        self._engine: sa.Engine | None = None  # keel's engine for a SQLite system database
 
     def start(self) -> Worker:
         global _running
@@ -97,9 +106,13 @@ class Worker:
         return self
 
     def _dbos_config(self) -> DBOSConfig:
+        url = system_database_url(self.config)
+        if url.startswith("sqlite") and self._engine is None:
+            self._engine = sqlite_system_engine(url)
         return {
             "name": APP_NAME,
-            "system_database_url": system_database_url(self.config),
+            "system_database_url": url,
+            "system_database_engine": self._engine,
             "executor_id": self.worker_id,
             "application_version": APP_VERSION,
             "log_level": os.environ.get("KEEL_DBOS_LOG_LEVEL", "WARNING"),
@@ -155,6 +168,9 @@ class Worker:
     def _teardown(self) -> None:
         global _running
         set_executor(None)
+        if self._engine is not None:
+            self._engine.dispose()  # DBOS disposes only the engines it created
+            self._engine = None
         if _running is self:
             _running = None
         if self._own_store:
