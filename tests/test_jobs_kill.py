@@ -127,3 +127,37 @@ def test_on_postgres_a_live_worker_takes_over_a_killed_ones_items(
         rows = {w.worker_id: w for w in heartbeats.list_workers(runner.store)}
     assert (rows["w1"].state, rows["w1"].recovered_by) == ("dead", "w2")
     assert len({r.split()[1] for r in runs}) == 2
+
+
+@pytest.mark.postgres
+def test_postgres_going_away_mid_job_the_worker_waits_and_resumes_nothing_lost(
+    env: dict[str, str], tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    import tempfile
+
+    from pgserver._commands import pg_ctl
+
+    import jobs_app  # noqa: F401
+    from fixtures_pg import _start_server
+
+    # a server of its own: stopping the session's would break every other test's database
+    server = _start_server(Path(tempfile.mkdtemp(prefix="keel-pg-outage-")) / "pgdata")
+    try:
+        url = server.get_uri()
+        env["KEEL_STORE"] = url
+        os.environ["KEEL_STORE"] = url
+        with JobRunner(load_config()) as runner:
+            runner.submit("outage", "test.effect", list(range(N)))
+            procs.append(start_worker(env, "w1", tmp_path / "w1.log"))
+            wait_done(runner, "outage", 15)
+            # "fast" drops every connection at once
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+            time.sleep(4)  # items finish their work meanwhile and wait to record it; heartbeats fail
+            assert procs[0].poll() is None  # the worker waits rather than exiting
+            server.ensure_postgres_running()
+            assert server.get_uri() == url
+            runs = assert_exactly_once(runner, "outage", env)
+        assert procs[0].poll() is None
+        assert len({r.split()[1] for r in runs}) == 1  # one worker process did it all
+    finally:
+        server.cleanup()
