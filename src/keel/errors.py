@@ -11,7 +11,11 @@ code can catch "anything I did wrong" apart from "anything upstream did":
     │   ├── InvalidMessages
     │   ├── InvalidSchema
     │   ├── ModelNotAllowed         the caller's key may not use this model
-    │   └── ContextWindowExceeded   prompt larger than every usable context window
+    │   ├── ContextWindowExceeded   prompt larger than every usable context window
+    │   ├── UnknownJob              no job of that name
+    │   ├── UnknownJobKind          no handler registered for a job's kind
+    │   ├── JobConflict             a job name reused with other inputs, or an action its state forbids
+    │   └── WorkerIdInUse           a live `keel worker` already has that id
     ├── LimitError                  refused by keel before anything was sent
     │   ├── RateLimited             requests or tokens per minute (retry_after)
     │   ├── BudgetExceeded          daily or monthly budget of a key
@@ -52,6 +56,7 @@ __all__ = [
     "InputError",
     "InvalidMessages",
     "InvalidSchema",
+    "JobConflict",
     "KeelError",
     "LimitError",
     "MalformedResponse",
@@ -66,7 +71,10 @@ __all__ = [
     "RateLimited",
     "ServerError",
     "StructuredOutputError",
+    "UnknownJob",
+    "UnknownJobKind",
     "UnknownModel",
+    "WorkerIdInUse",
     "error_for_status",
 ]
 
@@ -161,6 +169,25 @@ class ContextWindowExceeded(InputError):
         super().__init__(message)
         self.tokens = tokens
         self.context_window = context_window
+
+
+class UnknownJob(InputError):
+    http_status = 404
+    code = "job_not_found"
+
+
+class UnknownJobKind(InputError):
+    code = "unknown_job_kind"
+
+
+class JobConflict(InputError):
+    http_status = 409
+    code = "job_conflict"
+
+
+class WorkerIdInUse(InputError):
+    http_status = 409
+    code = "worker_id_in_use"
 
 
 # --- refused by keel before sending -------------------------------------------

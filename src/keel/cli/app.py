@@ -60,7 +60,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _register() -> None:
-    from keel.cli import alerts, chat, config, keys, models, rag, serve, traces
+    from keel.cli import alerts, chat, config, jobs, keys, models, rag, serve, traces, worker
 
     app.command("chat")(chat.chat)
     app.command("models")(models.models)
@@ -70,6 +70,8 @@ def _register() -> None:
     app.add_typer(alerts.app, name="alerts")
     app.add_typer(rag.app, name="rag")
     app.command("serve")(serve.serve)
+    app.add_typer(jobs.app, name="jobs")
+    app.command("worker")(worker.worker)
 
 
 _register()

@@ -1,0 +1,213 @@
+"""The DBOS side of jobs: the item workflow, its one step, and where DBOS keeps its own tables.
+
+Each item is one DBOS workflow (id: job, item key, run) enqueued on a DBOS
+queue, so queues bound concurrency and rate across every worker, and a worker
+that dies leaves its items PENDING under its executor id for another to
+recover. The workflow has one step, which does the item's work and writes its
+outcome to keel's store (`records.finish_item`, conditional on the item not
+being done: a step DBOS re-runs after a crash changes nothing).
+
+Store writes inside the step wait out an unreachable database (PostgreSQL
+restarting, a network cut) instead of failing the item: the work is kept and
+written when the store is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from dbos import DBOS
+
+from keel.config import Config
+from keel.jobs import records
+from keel.jobs.kinds import ItemContext, get_kind
+from keel.store.base import Store
+from keel.trace import Span, _current, new_id, new_trace_id
+
+__all__ = ["APP_NAME", "APP_VERSION", "ItemExecutor", "sqlite_system_engine", "system_database_url", "workflow_id"]
+
+log = logging.getLogger("keel.jobs")
+
+#: DBOS application name and version of every keel worker and client. The version is fixed (not DBOS's
+#: hash of the registered code) so that a worker recovers, and dequeues, items enqueued by any keel process.
+APP_NAME = "keel"
+APP_VERSION = "keel-jobs-1"
+ITEM_WORKFLOW = "keel.jobs.item"
+T = TypeVar("T")
+
+
+def system_database_url(config: Config) -> str:
+    """DBOS's system database: configured, else the store's PostgreSQL database, else a SQLite file beside the store."""
+    if config.jobs.system_database_url:
+        return config.jobs.system_database_url
+    url = config.store_url
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql://" + url.split("://", 1)[1]
+    path = Path(url).expanduser().resolve()
+    return f"sqlite:///{path.with_name(path.stem + '-dbos.sqlite')}"
+
+
+def sqlite_system_engine(url: str) -> sa.Engine:
+    """DBOS's SQLite system database as a worker uses it: WAL, synchronous=NORMAL, one connection per process.
+
+    DBOS's own SQLite engine keeps the rollback journal with a sync to disk per
+    commit and a pool of 20 connections, so the 5-7 commits of each item's
+    workflow wait on each other inside SQLite's busy handler, which sleeps up
+    to 100 ms between tries (37 ms per no-op item measured). SQLite has one
+    writer anyway: one pooled connection queues the process's writers on a lock
+    that wakes the next at once. WAL with synchronous=NORMAL (keel's store does
+    the same) survives kill -9; only a power cut may lose the last commits.
+    """
+    engine = sa.create_engine(url, pool_size=1, max_overflow=0, pool_timeout=120)
+
+    @sa.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = "IMMEDIATE"  # as DBOS's engine: writers take the lock at BEGIN
+        dbapi_conn.execute("PRAGMA busy_timeout=30000")  # other processes (a CLI enqueueing) still contend
+        dbapi_conn.execute("PRAGMA foreign_keys=ON")
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    return engine
+
+
+def workflow_id(job: str, key: str, run: int) -> str:
+    """The workflow of one run of one item; the job name's length makes the id unambiguous."""
+    return f"keel-job:{len(job)}:{job}:{key}:{run}"
+
+
+def _transient(exc: BaseException) -> bool:
+    """An error of an unreachable or busy store, which passes: wait and try again."""
+    if isinstance(exc, (sqlite3.OperationalError, TimeoutError, ConnectionError)):
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - the postgres extra is not installed
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+def _database_unreachable(exc: BaseException) -> bool:
+    """A handler's error that says its database is out of reach for now (refused, full, restarting, locked).
+
+    Such an error is the environment's, not the item's: the item waits and runs
+    again instead of spending its attempts (a killed worker's connections, held
+    until the server notices, can fill PostgreSQL's `max_connections` for a moment).
+    """
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(word in str(exc) for word in ("database is locked", "database is busy", "unable to open"))
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - the postgres extra is not installed
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+class ItemExecutor:
+    """Runs items in a worker process: the state the DBOS step needs (the store, kinds, job rows)."""
+
+    def __init__(self, store: Store, *, max_wait_s: float = 24 * 3600.0) -> None:
+        self.store = store
+        self.max_wait_s = max_wait_s
+        self._kinds: dict[str, str] = {}  # job name -> kind: a job's kind never changes
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store call in a thread (the event loop runs other items meanwhile), retried while the store is away."""
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                return await asyncio.to_thread(fn, self.store, *args, **kwargs)
+            except Exception as exc:
+                if not _transient(exc) or waited >= self.max_wait_s:
+                    raise
+                log.warning("store unavailable (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+
+    async def kind_of(self, job: str) -> str:
+        if job not in self._kinds:
+            self._kinds[job] = (await self.db(records.get_job, job)).kind
+        return self._kinds[job]
+
+    async def run_item(self, job: str, key: str, run: int) -> str:
+        """Run one item unless it is done, superseded or its job cancelled; "done", "failed" or "skipped"."""
+        trace_id = new_trace_id()
+        item = await self.db(records.start_item, job, key, run, trace_id)
+        if item is None:
+            return "skipped"
+        ctx = ItemContext(job=job, key=key, attempt=item.attempts, trace_id=trace_id)
+        span = Span(trace_id, new_id(8), None, "job.item", time.time(), attributes={
+            "keel.job": job, "keel.job.item": key, "keel.job.attempt": item.attempts,
+        })  # fmt: skip
+        result, error = await self._attempts(await self.kind_of(job), item.input, ctx, span)
+        span.end_time = time.time()
+        span.set(keel__cost_usd=ctx.cost_usd or None, keel__job__kind=self._kinds.get(job))
+        await self.db(records.finish_item, job, key, run, result=result, error=error, cost_usd=ctx.cost_usd)
+        await self.db(Store.write_spans, [span])
+        return "failed" if error is not None else "done"
+
+    async def _attempts(self, kind_name: str, value: Any, ctx: ItemContext, span: Span) -> tuple[Any, str | None]:
+        """The handler's JSON result, or the error of its last attempt."""
+        error: str | None = None
+        try:
+            kind = get_kind(kind_name)
+        except Exception as exc:
+            span.fail(exc)
+            return None, f"{type(exc).__name__}: {exc}"
+        token = _current.set(span)
+        delay, waited = 0.1, 0.0
+        try:
+            attempt = 0
+            while attempt < kind.attempts:
+                try:
+                    result = await kind.run(value, ctx)
+                    json.dumps(result)  # a result that cannot be stored is the handler's failure, not the store's
+                    return result, None
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    if _database_unreachable(exc) and waited < self.max_wait_s:
+                        log.warning("item %s of %s: database unreachable (%s); again in %.1f s", ctx.key, ctx.job,
+                                    exc, delay)  # fmt: skip
+                        await asyncio.sleep(delay)
+                        waited += delay
+                        delay = min(delay * 2, 5.0)
+                        continue
+                    attempt += 1
+                    log.debug("item %s of %s failed: %s", ctx.key, ctx.job, "".join(traceback.format_exception(exc)))
+                    span.fail(exc)
+                    if attempt < kind.attempts:
+                        await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 30.0))
+        finally:
+            _current.reset(token)
+        return None, error
+
+
+_active: ItemExecutor | None = None
+
+
+def set_executor(executor: ItemExecutor | None) -> None:
+    """The executor of this process's worker (DBOS calls the step by name, so it finds it here)."""
+    global _active
+    _active = executor
+
+
+@DBOS.step(name="keel.jobs.item.run")
+async def item_step(job: str, key: str, run: int) -> str:
+    if _active is None:
+        raise RuntimeError("a keel job item ran in a process without a started keel worker")
+    return await _active.run_item(job, key, run)
+
+
+@DBOS.workflow(name=ITEM_WORKFLOW)
+async def item_workflow(job: str, key: str, run: int) -> str:
+    return await item_step(job, key, run)

@@ -1,0 +1,104 @@
+"""Job kinds: the handlers apps register, one per kind of item.
+
+A handler takes an item's JSON input and returns a JSON result; it may be a
+plain function or a coroutine function, and may take a second argument, the
+`ItemContext`, for the item's idempotency key (to key its side effects: DBOS
+steps are at-least-once) and to report what the item cost. Registering is
+importing: `keel worker` imports the modules named in `[jobs] imports` (or
+`--import`), whose `@kind(...)` decorators fill the registry.
+
+    from keel import jobs
+
+    @jobs.kind("rag.ingest", queue="embed")
+    async def ingest_file(item: dict, ctx: jobs.ItemContext) -> dict:
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from keel.errors import InputError, UnknownJobKind
+
+__all__ = ["ItemContext", "Kind", "get_kind", "kind", "registered_kinds"]
+
+Handler = Callable[..., Any]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass
+class ItemContext:
+    """What a handler may know of the item it runs: whose it is, which attempt, and its cost so far."""
+
+    job: str
+    key: str  # the idempotency key: the same on every run of this item; key side effects by it
+    attempt: int  # 1 on the first run, more after a crash, a retry or a resume
+    trace_id: str  # spans of model calls made by the handler join this trace
+    cost_usd: float = 0.0
+
+    def add_cost(self, usd: float | None) -> None:
+        """Count a model call's cost (e.g. `ctx.add_cost(result.cost_usd)`) into the item and its job."""
+        if usd:
+            self.cost_usd += float(usd)
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    handler: Handler
+    queue: str | None = None  # None: the job's queue, else [jobs] default_queue
+    attempts: int = 1  # runs of a raising handler before the item fails for good
+    takes_context: bool = field(default=False)
+
+    async def run(self, value: Any, ctx: ItemContext) -> Any:
+        """Call the handler: a coroutine in this loop, a plain function in a thread (it may block)."""
+        args = (value, ctx) if self.takes_context else (value,)
+        if inspect.iscoroutinefunction(self.handler):
+            return await self.handler(*args)
+        return await asyncio.to_thread(self.handler, *args)
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def _takes_context(handler: Handler) -> bool:
+    params = [
+        p for p in inspect.signature(handler).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]  # fmt: skip
+    if not 1 <= len(params) <= 2:
+        raise InputError(f"a job handler takes the item's input (and optionally an ItemContext), not {len(params)}")
+    return len(params) == 2
+
+
+def kind(name: str, *, queue: str | None = None, attempts: int = 1) -> Callable[[H], H]:
+    """Register the decorated function as the handler of job items of kind `name`."""
+    if not name or not name.strip():
+        raise InputError("a job kind needs a name")
+    if attempts < 1:
+        raise InputError(f"attempts must be at least 1, not {attempts}")
+
+    def register(handler: H) -> H:
+        _KINDS[name] = Kind(name, handler, queue, attempts, _takes_context(handler))
+        return handler
+
+    return register
+
+
+def get_kind(name: str) -> Kind:
+    found = _KINDS.get(name)
+    if found is None:
+        known = ", ".join(sorted(_KINDS)) or "none"
+        raise UnknownJobKind(
+            f"no handler for job kind {name!r} in this process (registered: {known}); import the module that"
+            " defines it, e.g. with `keel worker --import MODULE` or [jobs] imports"
+        )
+    return found
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_KINDS)

@@ -1,0 +1,183 @@
+"""`Worker`: a process that runs job items, keeps its heartbeat, and recovers dead workers' items.
+
+A worker is a launched DBOS executor whose executor id is the worker id.
+DBOS recovers the worker's own pending items when it starts again under the
+same id (kill -9, restart); items of a worker that never comes back are
+recovered by a live worker once its heartbeat is older than
+`[jobs] dead_after_s` (see `heartbeats`). One DBOS instance per process: a
+process runs at most one worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from dbos import DBOS, DBOSConfig
+
+from keel.config import Config, JobQueueConfig, load_config
+from keel.errors import ConfigError
+from keel.jobs import heartbeats
+from keel.jobs.engine import (
+    APP_NAME,
+    APP_VERSION,
+    ItemExecutor,
+    set_executor,
+    sqlite_system_engine,
+    system_database_url,
+)
+from keel.store import Store, open_store
+
+__all__ = ["Worker", "default_worker_id"]
+
+log = logging.getLogger("keel.jobs")
+_running: Worker | None = None
+
+
+def default_worker_id() -> str:
+    """The host name: a worker restarted on the same machine takes its own unfinished items back at once."""
+    return socket.gethostname()
+
+
+def import_kinds(modules: list[str] | tuple[str, ...]) -> None:
+    """Import the modules whose `@kind` decorators register the handlers this worker runs."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import job kinds module {module!r}: {exc}", field="jobs.imports") from exc
+
+
+class Worker:
+    """Runs items of every keel queue until stopped.
+
+    with Worker(worker_id="w1"):
+        runner.wait("my-job")
+    """
+
+    def __init__(
+        self, config: Config | None = None, *, worker_id: str | None = None, store: Store | None = None
+    ) -> None:
+        self.config = config or load_config()
+        self.worker_id = worker_id or default_worker_id()
+        if not self.worker_id.strip() or len(self.worker_id) > 200:
+            raise ConfigError(f"worker id {self.worker_id[:40]!r} must be 1-200 characters")
+        self._own_store = store is None
+        self.store = store or open_store(self.config.store_url)
+        self.incarnation: str | None = None
+        self.recovered: list[str] = []  # ids of dead workers whose items this one recovered
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lost_store_at: float | None = None
+        self._engine: sa.Engine | None = None  # keel's engine for a SQLite system database
+
+    def start(self) -> Worker:
+        global _running
+        if _running is not None:
+            raise ConfigError(f"this process already runs worker {_running.worker_id!r}: one worker per process")
+        import_kinds(self.config.jobs.imports)
+        jobs = self.config.jobs
+        self.incarnation = heartbeats.register(self.store, self.worker_id, jobs.dead_after_s)
+        _running = self
+        try:
+            set_executor(ItemExecutor(self.store))
+            DBOS(config=self._dbos_config())
+            DBOS.launch()
+            for name, limits in {jobs.default_queue: JobQueueConfig(), **jobs.queues}.items():
+                DBOS.register_queue(
+                    name, worker_concurrency=limits.worker_concurrency, global_concurrency=limits.concurrency,
+                    limiter={"limit": limits.rpm, "period": 60.0} if limits.rpm else None,
+                    polling_interval_sec=jobs.poll_s, on_conflict="always_update",
+                )  # fmt: skip
+        except BaseException:
+            DBOS.destroy()
+            heartbeats.leave(self.store, self.worker_id, self.incarnation)
+            self._teardown()
+            raise
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="keel-worker-heartbeat", daemon=True)
+        self._thread.start()
+        log.info("worker %s started (pid %d)", self.worker_id, os.getpid())
+        return self
+
+    def _dbos_config(self) -> DBOSConfig:
+        url = system_database_url(self.config)
+        if url.startswith("sqlite") and self._engine is None:
+            self._engine = sqlite_system_engine(url)
+        return {
+            "name": APP_NAME,
+            "system_database_url": url,
+            "system_database_engine": self._engine,
+            "executor_id": self.worker_id,
+            "application_version": APP_VERSION,
+            "log_level": os.environ.get("KEEL_DBOS_LOG_LEVEL", "WARNING"),
+            "notification_listener_polling_interval_sec": 0.1,
+        }
+
+    # --- heartbeat and recovery --------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        jobs = self.config.jobs
+        while not self._stop.wait(jobs.heartbeat_s):
+            try:
+                self.tick()
+            except Exception as exc:  # the store is away: keep running items, try again next beat
+                log.warning("worker %s: heartbeat failed: %s", self.worker_id, exc)
+                self._lost_store_at = self._lost_store_at or time.monotonic()
+
+    def tick(self) -> list[str]:
+        """One heartbeat, then recovery of the workers found dead; their ids."""
+        if self.incarnation is None:
+            raise ConfigError(f"worker {self.worker_id!r} is not started")
+        if not heartbeats.beat(self.store, self.worker_id, self.incarnation):
+            # another worker declared this one dead (a long pause) and recovered its items; it is alive after
+            # all, so it registers again: what it still runs is finished by whichever run writes first
+            self.incarnation = heartbeats.register(self.store, self.worker_id, self.config.jobs.dead_after_s)
+        if self._lost_store_at is not None:
+            # After an outage every heartbeat is stale, the live workers' too: wait one timeout for them to beat.
+            if time.monotonic() - self._lost_store_at < self.config.jobs.dead_after_s:
+                return []
+            self._lost_store_at = None
+        dead = heartbeats.claim_dead(self.store, self.worker_id, self.config.jobs.dead_after_s)
+        if dead:
+            handles = DBOS._recover_pending_workflows(dead)
+            log.warning("worker %s recovered %d items of dead workers %s", self.worker_id, len(handles), dead)
+            self.recovered.extend(dead)
+        return dead
+
+    # --- stopping ------------------------------------------------------------------------
+
+    def stop(self, *, drain_s: int = 10) -> None:
+        """Stop: items running now get `drain_s` seconds to finish; what is left goes to a live worker."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        DBOS.destroy(workflow_completion_timeout_sec=drain_s)
+        if self.incarnation is not None:
+            try:
+                heartbeats.leave(self.store, self.worker_id, self.incarnation)
+            except Exception as exc:
+                log.warning("worker %s: could not record its stop: %s", self.worker_id, exc)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        global _running
+        set_executor(None)
+        if self._engine is not None:
+            self._engine.dispose()  # DBOS disposes only the engines it created
+            self._engine = None
+        if _running is self:
+            _running = None
+        if self._own_store:
+            self.store.close()
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,65 @@
+"""Job kinds for the jobs tests, imported by the test process and by `keel worker --import jobs_app`.
+
+`effect` is an item with a side effect keyed by its idempotency key: a row in a
+SQLite file outside keel's store (JOBS_EFFECTS). Every run of a handler is also
+appended to JOBS_RUNS, so a test can see that DBOS re-ran a step after a kill
+while the keyed effect still happened once.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from typing import Any
+
+from keel import jobs
+
+FAIL_ONCE: set[Any] = set()  # inputs that fail until removed (in-process tests)
+
+
+def _effects() -> sqlite3.Connection:
+    conn = sqlite3.connect(os.environ["JOBS_EFFECTS"], timeout=30, isolation_level=None)
+    conn.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT PRIMARY KEY, value INTEGER)")
+    return conn
+
+
+@jobs.kind("test.effect")
+def effect(value: int, ctx: jobs.ItemContext) -> dict[str, Any]:
+    with open(os.environ["JOBS_RUNS"], "a") as runs:
+        runs.write(f"{ctx.key} {os.getpid()}\n")
+    time.sleep(float(os.environ.get("JOBS_ITEM_S", "0.02")))
+    conn = _effects()
+    conn.execute("INSERT INTO effects (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (ctx.key, value))
+    conn.close()
+    ctx.add_cost(0.001)
+    return {"square": value * value}
+
+
+@jobs.kind("test.flaky")
+def flaky(value: int) -> int:
+    if value in FAIL_ONCE:
+        raise ValueError(f"item {value} fails")
+    return value + 1
+
+
+@jobs.kind("test.slow")
+async def slow(value: int) -> int:
+    import asyncio
+
+    await asyncio.sleep(0.2)
+    return value
+
+
+UNREACHABLE: dict[Any, int] = {}  # input -> how many more runs find "the database" unreachable
+
+
+@jobs.kind("test.unreachable")
+def unreachable(value: int) -> int:
+    """Fails like a handler whose own database connection is refused (PostgreSQL full or restarting)."""
+    import psycopg
+
+    if UNREACHABLE.get(value, 0) > 0:
+        UNREACHABLE[value] -= 1
+        raise psycopg.OperationalError("connection failed: FATAL:  sorry, too many clients already")
+    return value * 10

@@ -1,0 +1,182 @@
+"""keel.jobs in one process: item outcomes, bad input, cancel and resume (kill -9 and takeover: test_jobs_kill.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import jobs_app
+from keel.config import load_config
+from keel.errors import InputError, JobConflict, UnknownJob, UnknownJobKind, WorkerIdInUse
+from keel.jobs import JobRunner, Worker, heartbeats, records
+from keel.store import open_store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("JOBS_EFFECTS", str(tmp_path / "effects.db"))
+    monkeypatch.setenv("JOBS_RUNS", str(tmp_path / "runs.txt"))
+    monkeypatch.setenv("KEEL_JOBS__POLL_S", "0.05")
+    return tmp_path
+
+
+@pytest.fixture
+def runner(env: Path) -> Iterator[JobRunner]:
+    with JobRunner(load_config()) as r:
+        yield r
+
+
+@pytest.fixture
+def worker(runner: JobRunner) -> Iterator[Worker]:
+    with Worker(runner.config, worker_id="in-process") as w:
+        yield w
+
+
+def test_items_run_once_and_the_job_finishes_with_counts_and_cost(runner: JobRunner, worker: Worker, env: Path) -> None:
+    runner.submit("squares", "test.effect", list(range(20)))
+    job = runner.wait("squares", timeout=60)
+    assert (job.status, job.done, job.failed) == ("done", 20, 0)
+    assert job.cost_usd == pytest.approx(0.02)
+    items = runner.items("squares")
+    assert [i.result for i in items] == [{"square": v * v} for v in range(20)]
+    assert all(i.status == "done" and i.attempts == 1 and i.trace_id for i in items)
+    # the item span is in the store, under the trace id the item records
+    assert runner.store.get_trace(items[0].trace_id)[0].name == "job.item"
+
+
+def test_a_failing_item_is_recorded_the_job_goes_on_and_retry_reruns_it(runner: JobRunner, worker: Worker) -> None:
+    jobs_app.FAIL_ONCE.update({3, 7})
+    try:
+        runner.submit("flaky", "test.flaky", list(range(10)))
+        job = runner.wait("flaky", timeout=60)
+        assert (job.status, job.done, job.failed) == ("failed", 8, 2)
+        status = runner.status("flaky")
+        assert sorted(e.key for e in status.errors) == ["3", "7"]
+        assert status.errors[0].error == "ValueError: item 3 fails"
+    finally:
+        jobs_app.FAIL_ONCE.clear()
+    assert runner.retry_failed("flaky") == 2
+    job = runner.wait("flaky", timeout=60)
+    assert (job.status, job.done, job.failed) == ("done", 10, 0)
+    assert [i.result for i in runner.items("flaky")] == [v + 1 for v in range(10)]
+    assert runner.retry_failed("flaky") == 0
+
+
+def test_a_handler_finding_its_database_unreachable_waits_and_reruns_instead_of_failing(
+    runner: JobRunner, worker: Worker
+) -> None:
+    # a connection refused (server full, restarting, killed worker's connections not yet gone) passes:
+    # it neither fails the item for good nor uses up its attempts (the kind has one)
+    jobs_app.UNREACHABLE.update({2: 2, 5: 1})
+    try:
+        runner.submit("unreachable", "test.unreachable", list(range(8)))
+        job = runner.wait("unreachable", timeout=60)
+    finally:
+        jobs_app.UNREACHABLE.clear()
+    assert (job.status, job.done, job.failed) == ("done", 8, 0)
+    assert [i.result for i in runner.items("unreachable")] == [v * 10 for v in range(8)]
+
+
+def test_on_sqlite_the_dbos_system_database_runs_in_wal_with_one_connection(runner: JobRunner, worker: Worker) -> None:
+    # DBOS's default (rollback journal, 20 connections in busy-wait) cost 20-37 ms per no-op item here
+    import sqlite3
+
+    from keel.jobs.engine import system_database_url
+
+    path = system_database_url(runner.config).removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert worker._engine is not None and worker._engine.pool.size() == 1
+    runner.submit("wal", "test.flaky", list(range(5)))
+    assert runner.wait("wal", timeout=60).done == 5
+
+
+def test_a_name_resubmitted_with_other_inputs_is_refused_and_same_inputs_resume(runner: JobRunner) -> None:
+    runner.submit("once", "test.flaky", [1, 2, 3])
+    with pytest.raises(JobConflict, match="different inputs"):
+        runner.submit("once", "test.flaky", [1, 2, 4])
+    with pytest.raises(JobConflict, match="kind"):
+        runner.submit("once", "test.effect", [1, 2, 3])
+    again = runner.submit("once", "test.flaky", [1, 2, 3])
+    assert (again.name, again.total) == ("once", 3)
+    assert runner.status("once").counts == {"pending": 3}
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "items", "error"),
+    [
+        ("", "test.flaky", [1], InputError),
+        ("bad name with spaces", "test.flaky", [1], InputError),
+        ("ok", "no.such.kind", [1], UnknownJobKind),
+        ("ok", "test.flaky", [], InputError),
+        ("ok", "test.flaky", {"": 1}, InputError),
+    ],
+)
+def test_bad_submissions_get_a_specific_error(
+    runner: JobRunner, name: str, kind: str, items: object, error: type
+) -> None:
+    with pytest.raises(error):
+        runner.submit(name, kind, items)  # type: ignore[arg-type]
+
+
+def test_unknown_jobs_and_wrong_states_are_refused(runner: JobRunner) -> None:
+    for action in (runner.status, runner.cancel, runner.resume, runner.retry_failed):
+        with pytest.raises(UnknownJob):
+            action("nope")
+    runner.submit("fresh", "test.flaky", [1])
+    runner.cancel("fresh")
+    with pytest.raises(JobConflict, match="only a running job"):
+        runner.cancel("fresh")
+    with pytest.raises(JobConflict, match="resume it first"):
+        runner.retry_failed("fresh")
+    records.set_job_status(runner.store, "fresh", "done", only_from=["cancelled"])
+    with pytest.raises(JobConflict, match="only a cancelled job"):
+        runner.resume("fresh")
+
+
+def test_cancel_while_items_run_starts_no_new_item_and_resume_finishes(runner: JobRunner, worker: Worker) -> None:
+    runner.submit("slow", "test.slow", list(range(60)), concurrency=4)
+    deadline = time.monotonic() + 30
+    while runner.get("slow").done < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runner.cancel("slow")
+    time.sleep(1.0)  # items running at the cancel finish (0.2 s each)
+    settled = runner.status("slow")
+    assert settled.job.status == "cancelled"
+    assert settled.counts.get("running", 0) == 0
+    time.sleep(0.6)
+    assert runner.status("slow").counts == settled.counts, "an item started after the cancel"
+    assert 4 <= settled.job.done < 60
+    runner.resume("slow")
+    job = runner.wait("slow", timeout=60)
+    assert (job.status, job.done) == ("done", 60)
+    assert sorted(i.result for i in runner.items("slow")) == list(range(60))
+
+
+def test_a_second_worker_with_a_live_id_is_refused(env: Path) -> None:
+    store = open_store(load_config().store_url)
+    try:
+        heartbeats.register(store, "w-same", dead_after_s=30)
+        with pytest.raises(WorkerIdInUse, match="in use by a live worker"):
+            heartbeats.register(store, "w-same", dead_after_s=30)
+        heartbeats.register(store, "w-other", dead_after_s=30)
+    finally:
+        store.close()
+
+
+def test_a_stale_worker_is_claimed_by_exactly_one_live_worker(env: Path) -> None:
+    store = open_store(load_config().store_url)
+    try:
+        heartbeats.register(store, "dead-one", dead_after_s=30)
+        with store.transaction() as cur:
+            cur.execute("UPDATE keel_workers SET heartbeat_at = heartbeat_at - 100, host = 'elsewhere'")
+        assert heartbeats.claim_dead(store, "live-a", dead_after_s=30) == ["dead-one"]
+        assert heartbeats.claim_dead(store, "live-b", dead_after_s=30) == []
+        assert {w.worker_id: w.recovered_by for w in heartbeats.list_workers(store)} == {"dead-one": "live-a"}
+    finally:
+        store.close()
