@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from keel.otlp import OtlpExporter
 
 __all__ = ["ChatStream", "Gateway"]
+
+log = logging.getLogger("keel.gateway")
 
 DEFAULT_MAX_OUTPUT = 4096
 _PROVIDERS = {"openai", "anthropic", "gemini", "local", "test", "onnx"}
@@ -254,10 +257,25 @@ class Gateway:
             admission.limiter, admission.estimated = limiter, estimated
         return admission
 
-    async def _settle(self, admission: _Admission, response: ModelResponse) -> None:
-        self.budgets.settle(admission.reservation, response.cost_usd)
+    async def _settle(self, span: Span, admission: _Admission, response: ModelResponse) -> ModelResponse:
+        """Charge the call (the response, with the cost it was charged) and release its reservation."""
+        if response.usage.estimated and response.usage.total_tokens == 0 and admission.reservation is not None:
+            # no usage came back and keel could not count it either: the reserved worst case is the charge
+            response = replace(response, cost_usd=admission.reservation.amount)
+        self._charge(span, admission, response.cost_usd)
         if admission.limiter is not None:
             await admission.limiter.settle(admission.estimated, response.usage)
+        return response
+
+    def _charge(self, span: Span, admission: _Admission, cost: float | None) -> None:
+        reservation = admission.reservation
+        overrun = self.budgets.settle(reservation, cost)
+        if reservation is not None and overrun > 0:  # charged all the same; the key's next calls are refused
+            span.set(keel__budget__overrun_usd=overrun)
+            log.warning(
+                "key %r passed its budget by $%.6f: the call cost $%.6f, $%.6f was reserved",
+                reservation.key, overrun, cost or 0.0, reservation.amount,
+            )  # fmt: skip
 
     # --- chat -------------------------------------------------------------------
 
@@ -310,6 +328,8 @@ class Gateway:
         span.set(gen_ai__response__finish_reasons=[response.finish_reason], keel__model=response.deployment)
         span.set(keel__cache_hit=False)
         self._record_usage(span, response.usage, response.cost_usd, response.attempts)
+        if response.usage.estimated:  # the provider sent no usage (or not all of it): keel counted
+            span.set(keel__cost_estimated=True)
         span.output = {
             "text": response.text,
             "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in response.tool_calls],
@@ -335,8 +355,11 @@ class Gateway:
             # generated, which keel cannot see, so the budget keeps the reserved worst case.
             cost = admission.reservation.amount
             span.set(keel__cost_estimated=True)
-        self._record_usage(span, getattr(error, "usage", None), cost, getattr(error, "attempts", 0))
-        self.budgets.settle(admission.reservation, cost)
+        usage = getattr(error, "usage", None)
+        if isinstance(usage, Usage) and usage.estimated:
+            span.set(keel__cost_estimated=True)
+        self._record_usage(span, usage, cost, getattr(error, "attempts", 0))
+        self._charge(span, admission, cost)
 
     async def chat(
         self,
@@ -378,7 +401,7 @@ class Gateway:
             router = self._router(name)
             admission = await self._admit(key, name, router, request)
             response, parsed = await self._complete(router, request, spec, max_reasks, span)
-            await self._settle(admission, response)
+            response = await self._settle(span, admission, response)
             return self._result(span, response, started, parsed)
         except BaseException as error:
             self._failed(span, error, admission)
@@ -446,7 +469,7 @@ class Gateway:
                 yield item
             if final is None:
                 raise MalformedResponse("the stream ended without a final response", provider=router.provider)
-            await self._settle(admission, final)
+            final = await self._settle(span, admission, final)
             yield self._result(span, final, started)
         except BaseException as error:
             streamed = "keel.time_to_first_token_ms" in span.attributes  # a first piece reached the caller
