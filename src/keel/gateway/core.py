@@ -277,6 +277,13 @@ class Gateway:
                 reservation.key, overrun, cost or 0.0, reservation.amount,
             )  # fmt: skip
 
+    async def _durable(self, span: Span, ticket: int | None) -> None:
+        """Hold the answer of a call that was charged until its span is in the store, so that its spend
+        survives a crash right after (the writer's group commit makes concurrent calls share one commit)."""
+        writer = self.tracer.writer
+        if writer is not None and ticket is not None and (span.attributes.get("keel.cost_usd") or 0) > 0:
+            await writer.durable(ticket)
+
     # --- chat -------------------------------------------------------------------
 
     def _request(
@@ -402,13 +409,15 @@ class Gateway:
             admission = await self._admit(key, name, router, request)
             response, parsed = await self._complete(router, request, spec, max_reasks, span)
             response = await self._settle(span, admission, response)
-            return self._result(span, response, started, parsed)
+            result = self._result(span, response, started, parsed)
         except BaseException as error:
             self._failed(span, error, admission)
             raise
         finally:
             _current.reset(token)
-            self.tracer.finish(span)
+            ticket = self.tracer.finish(span)
+        await self._durable(span, ticket)
+        return result
 
     async def _complete(
         self, router: FallbackModel, request: ChatRequest, spec: StructuredSpec | None, max_reasks: int, span: Span
@@ -445,6 +454,7 @@ class Gateway:
         span = self._start_span("chat", model, key, metadata)
         span.set(keel__stream=True)
         admission = _Admission()
+        finished = False
         started = time.perf_counter()
         token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
@@ -470,15 +480,20 @@ class Gateway:
             if final is None:
                 raise MalformedResponse("the stream ended without a final response", provider=router.provider)
             final = await self._settle(span, admission, final)
-            yield self._result(span, final, started)
+            result = self._result(span, final, started)
+            finished = True  # charged and recorded: nothing after this is the call's failure
+            await self._durable(span, self.tracer.finish(span))
+            yield result
         except BaseException as error:
-            streamed = "keel.time_to_first_token_ms" in span.attributes  # a first piece reached the caller
-            self._failed(span, error, admission, streamed=streamed)
+            if not finished:
+                streamed = "keel.time_to_first_token_ms" in span.attributes  # a first piece reached the caller
+                self._failed(span, error, admission, streamed=streamed)
             raise
         finally:
             if token is not None:
                 _current.reset(token)
-            self.tracer.finish(span)
+            if not finished:
+                self.tracer.finish(span)
 
     # --- embeddings and tokens -----------------------------------------------------
 
@@ -507,14 +522,15 @@ class Gateway:
             result = await deployment.embed(list(texts))
             span.set(gen_ai__response__model=result.model, gen_ai__usage__input_tokens=result.usage.input_tokens)
             span.set(keel__cost_usd=result.cost_usd, keel__attempts=result.attempts, keel__embedding__count=len(texts))
-            return replace(result, trace_id=span.trace_id)
         except BaseException as error:
             span.fail(error)
             span.set(keel__attempts=getattr(error, "attempts", 0))
             raise
         finally:
             _current.reset(token)
-            self.tracer.finish(span)
+            ticket = self.tracer.finish(span)
+        await self._durable(span, ticket)
+        return replace(result, trace_id=span.trace_id)
 
     def count_tokens(self, messages: str | Sequence[MessageLike], model: str | None = None) -> int:
         """Input tokens of `messages` for `model`, counted offline (see keel.tokens)."""
