@@ -57,6 +57,7 @@ _METRIC_NAMES = {
     "p95_latency_ms": "p95 latency",
     "p99_latency_ms": "p99 latency",
     "cost_usd": "cost",
+    "budget_overrun_usd": "budget overrun",  # USD charged past keys' budgets (see keel.gateway.budget)
     "requests": "requests",
     "errors": "errors",
 }
@@ -89,7 +90,7 @@ def format_value(metric: str, value: float) -> str:
         return f"{value * 100:.3g}%"
     if metric in _PERCENTILES:
         return f"{value:,.0f} ms"
-    if metric == "cost_usd":
+    if metric in ("cost_usd", "budget_overrun_usd"):
         return f"${value:,.2f}" if value >= 1 else f"${value:.4g}"
     return f"{value:,.0f}"
 
@@ -135,6 +136,8 @@ def _value(rule: AlertRule, stats: CallStats) -> float | None:
         return stats.latency_ms
     if rule.metric == "cost_usd":
         return stats.cost_usd
+    if rule.metric == "budget_overrun_usd":
+        return stats.budget_overrun_usd
     return float(stats.errors if rule.metric == "errors" else stats.calls)
 
 
@@ -153,7 +156,10 @@ def evaluate(rule: AlertRule, stats: CallStats) -> Evaluation:
 def measure_rule(config: Config, rule: AlertRule, store: Store, now: float) -> Evaluation:
     """Evaluate one rule over the calls in its window ending at `now` (blocking: it queries the store)."""
     model = (config.resolve_name(rule.model) or rule.model) if rule.model else None
-    window = CallWindow(window_start(rule, now), now, model, rule.key, _PERCENTILES.get(rule.metric))
+    window = CallWindow(
+        window_start(rule, now), now, model, rule.key, _PERCENTILES.get(rule.metric),
+        overrun=rule.metric == "budget_overrun_usd",
+    )  # fmt: skip
     return evaluate(rule, measure(store, window))
 
 

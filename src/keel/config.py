@@ -231,7 +231,9 @@ def _check_webhook(url: str | None) -> str | None:
 class AlertRule(_Strict):
     """A condition on recent model calls (chat and embeddings spans), e.g. an error rate over 5% in 10 minutes."""
 
-    metric: Literal["error_rate", "p95_latency_ms", "p99_latency_ms", "cost_usd", "requests", "errors"]
+    metric: Literal[
+        "error_rate", "p95_latency_ms", "p99_latency_ms", "cost_usd", "budget_overrun_usd", "requests", "errors"
+    ]
     op: Literal[">", ">=", "<", "<="] = ">"
     threshold: float
     window: str = "10m"

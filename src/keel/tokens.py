@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "APPROX_MARGIN",
     "approx_request_tokens",
+    "completion_tokens",
     "count_text",
     "encoding_for",
     "estimate",
@@ -115,6 +116,16 @@ def upper_bound(request: ChatRequest) -> int:
     """Tokens a request cannot exceed under any byte-level BPE, with the approximation's margin."""
     _, nbytes = _text_chars(request)
     return math.ceil(nbytes * APPROX_MARGIN) + _PER_MESSAGE_ALLOWANCE * len(request.messages) + _TEMPLATE_ALLOWANCE
+
+
+def completion_tokens(text: str, encoding: str | None = None) -> int:
+    """Output tokens of an answer the provider sent no count for: exact under an OpenAI encoding,
+    else the documented approximation (o200k_base plus 10%)."""
+    if not text:
+        return 0
+    if encoding is not None:
+        return count_text(text, encoding)
+    return math.ceil(count_text(text) * APPROX_MARGIN)
 
 
 def estimate(request: ChatRequest) -> int:

@@ -136,12 +136,14 @@ class ChatRequest:
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts. `input_tokens` includes `cached_input_tokens`;
-    `output_tokens` includes `reasoning_tokens` (OpenAI's convention)."""
+    `output_tokens` includes `reasoning_tokens` (OpenAI's convention).
+    `estimated`: the provider did not report (all of) them, keel counted them itself."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
     reasoning_tokens: int = 0
+    estimated: bool = False
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -149,6 +151,7 @@ class Usage:
             self.output_tokens + other.output_tokens,
             self.cached_input_tokens + other.cached_input_tokens,
             self.reasoning_tokens + other.reasoning_tokens,
+            self.estimated or other.estimated,
         )
 
     @property

@@ -4,10 +4,16 @@ Before a call, its worst-case cost (prompt tokens at the input price plus
 max_tokens, or the model's max output, at the output price) is reserved; a
 reservation that would pass the budget refuses the call with
 `BudgetExceeded`. After the call the reservation is replaced by the real
-cost. Concurrent calls therefore cannot overshoot together. Spend survives
-restarts: a key's spend for the current day and month is read from the
-store the first time the key is seen in that period. A call whose price is
-unknown cannot be priced and is let through (its cost is also unknown).
+cost, whatever it is: an upstream that bills beyond `max_tokens`, or a
+prompt counted short by an approximate tokenizer, can cost more than was
+reserved. That excess is charged all the same, `settle` returns how far it
+took the key past its budget (the gateway records it as
+`keel.budget.overrun_usd`), and a key whose spend has reached its budget is
+refused every later call, priced or not. Spend survives restarts: a key's
+spend for the current day and month is read from the store the first time
+the key is seen in that period. A call whose price is unknown cannot be
+priced and is let through while the budget is not exhausted (its cost is
+also unknown).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Reservation:
     key: str
     amount: float
     ledgers: list[_Ledger] = field(default_factory=list)
+    limits: list[float] = field(default_factory=list)  # each ledger's budget when reserved
 
 
 class BudgetTracker:
@@ -88,23 +95,33 @@ class BudgetTracker:
             reservation = Reservation(key, amount)
             for period, limit in limits.items():
                 ledger = await self._ledger(key, period, starts[period])
+                if 0 < limit <= ledger.spent:  # spent (an overrun may pass it): not even an unpriced call
+                    raise BudgetExceeded(
+                        f"key {key!r} has spent its {period} budget of ${limit:.2f}: spent ${ledger.spent:.4f}"
+                    )
                 if ledger.spent + ledger.reserved + amount > limit:
                     raise BudgetExceeded(
                         f"key {key!r} would pass its {period} budget of ${limit:.2f}: spent ${ledger.spent:.4f}, "
                         f"in flight ${ledger.reserved:.4f}, this call up to ${amount:.4f}"
                     )
                 reservation.ledgers.append(ledger)
+                reservation.limits.append(limit)
             for ledger in reservation.ledgers:
                 ledger.reserved += amount
             return reservation
 
-    def settle(self, reservation: Reservation | None, actual: float | None) -> None:
-        """Replace a reservation by what the call really cost."""
+    def settle(self, reservation: Reservation | None, actual: float | None) -> float:
+        """Replace a reservation by what the call really cost; return the part of that cost which
+        landed beyond the key's budget (USD; 0.0 within it), the largest over its periods."""
         if reservation is None:
-            return
-        for ledger in reservation.ledgers:
+            return 0.0
+        overrun = 0.0
+        cost = actual or 0.0
+        for ledger, limit in zip(reservation.ledgers, reservation.limits, strict=True):
             ledger.reserved = max(0.0, ledger.reserved - reservation.amount)
-            ledger.spent += actual or 0.0
+            ledger.spent += cost
+            overrun = max(overrun, min(cost, ledger.spent - limit))
+        return overrun
 
     def spent(self, key: str, period: str = "daily") -> float:
         ledger = self._ledgers.get((key, period))

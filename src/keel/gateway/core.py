@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ChatArgs", "ChatStream", "EmbedArgs", "Gateway", "SyncChatStream"]
 
+
 DEFAULT_MAX_OUTPUT = 4096
 _PROVIDERS = {"openai", "anthropic", "gemini", "local", "test", "onnx"}
 
@@ -265,6 +266,13 @@ class Gateway:
         if allowed is not None and name not in {self.resolve(m) for m in allowed}:
             raise ModelNotAllowed(f"key {key!r} may not use model {name!r}; allowed: {', '.join(allowed)}")
 
+    async def _durable(self, span: Span, ticket: int | None) -> None:
+        """Hold the answer of a call that was charged until its span is in the store, so that its spend
+        survives a crash right after (the writer's group commit makes concurrent calls share one commit)."""
+        writer = self.tracer.writer
+        if writer is not None and ticket is not None and (span.attributes.get("keel.cost_usd") or 0) > 0:
+            await writer.durable(ticket)
+
     def _worst_case(self, call: Call) -> float | None:
         return worst_case_cost(self._router(call.model), call.chat_request, self.deployment, DEFAULT_MAX_OUTPUT)
 
@@ -361,13 +369,15 @@ class Gateway:
             call = self._chat_call(span, context, messages, model, False, args)
             response = await final_item(self.pipeline.handler(call))
             assert isinstance(response, ModelResponse)  # a chat call's final item
-            return self._result(call, response, started)
+            result = self._result(call, response, started)
         except BaseException as error:
             self._failed(span, error)
             raise
         finally:
             _current.reset(token)
-            self.tracer.finish(span)
+            ticket = self.tracer.finish(span)
+        await self._durable(span, ticket)
+        return result
 
     def stream(
         self, messages: str | Sequence[MessageLike], model: str | None = None, **args: Unpack[ChatArgs]
@@ -384,6 +394,7 @@ class Gateway:
         span = self._start_span("chat", model, context)
         span.set(keel__stream=True)
         started = time.perf_counter()
+        finished = False
         token: contextvars.Token[Span | None] | None = _current.set(span)
         try:
             call = self._chat_call(span, context, messages, model, True, args)
@@ -400,14 +411,19 @@ class Gateway:
                     yield item
             if final is None:
                 raise MalformedResponse("the stream ended without a final response", provider=call.model)
-            yield self._result(call, final, started)
+            result = self._result(call, final, started)
+            finished = True  # charged and recorded: nothing after this is the call's failure
+            await self._durable(span, self.tracer.finish(span))
+            yield result
         except BaseException as error:
-            self._failed(span, error)
+            if not finished:
+                self._failed(span, error)
             raise
         finally:
             if token is not None:
                 _current.reset(token)
-            self.tracer.finish(span)
+            if not finished:
+                self.tracer.finish(span)
 
     # --- embeddings and tokens -----------------------------------------------------
 
@@ -434,14 +450,15 @@ class Gateway:
             result = await final_item(self.pipeline.handler(call))
             assert isinstance(result, EmbeddingResult)  # an embeddings call's final item
             span.set(gen_ai__provider__name=self.deployment(name).provider)
-            return replace(result, trace_id=span.trace_id)
         except BaseException as error:
             span.fail(error)
             span.set(keel__attempts=getattr(error, "attempts", 0))
             raise
         finally:
             _current.reset(token)
-            self.tracer.finish(span)
+            ticket = self.tracer.finish(span)
+        await self._durable(span, ticket)
+        return replace(result, trace_id=span.trace_id)
 
     def count_tokens(self, messages: str | Sequence[MessageLike], model: str | None = None) -> int:
         """Input tokens of `messages` for `model`, counted offline (see keel.tokens)."""

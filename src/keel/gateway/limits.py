@@ -1,83 +1,132 @@
-"""Requests and tokens per minute, per model and per key (the `limits` library).
+"""Requests and tokens per minute, per model and per key, over a moving window.
 
-The sliding-window counter strategy keeps O(1) state per window, so a token
-limit of 100,000 costs the same as a request limit. Before a call an
-estimate of its input tokens is charged (counting exactly would cost more
-than the limit check); after it, the difference to the reported input tokens
-and the output tokens. A call that
-would pass a limit is refused with `RateLimited` and a Retry-After, never
-queued silently: the fallback chain or the caller decides what to do.
+A limit of N per minute holds over ANY 60 seconds, not per clock minute: a
+window keeps one (time, amount) entry per admitted call and the running sum
+of those younger than the window, so admitting costs O(1) amortised and the
+memory is one entry per call in the last minute, whatever the limit. (The
+`limits` library offers two strategies and neither fits: its sliding-window
+counter weights the previous clock minute's count, an approximation that let
+RPM 30 admit 44 calls within 60 s under 100 callers; its moving window stores
+one entry per token, 171 µs a call at a TPM of 1,000,000 and 2.8 ms at
+10,000,000.)
+
+Before a call an estimate of its input tokens is charged (counting exactly
+would cost more than the limit check); after it, the difference to the
+reported input tokens and the output tokens. Checking both limits and
+charging them happens without an await in between, so concurrent callers on
+the event loop cannot all pass the same check. A call that would pass a
+limit is refused with `RateLimited` and a Retry-After (when enough of the
+window will have expired), never queued silently: the fallback chain or the
+caller decides what to do.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-
-from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
 from keel.errors import RateLimited
 from keel.models.base import Model, StreamItem, WrapperModel
 from keel.tokens import estimate
 from keel.types import ChatRequest, ModelResponse, Usage
 
-__all__ = ["Limiter", "RateLimitModel"]
+__all__ = ["Limiter", "MovingWindow", "RateLimitModel"]
 
-_NO_CEILING = 2**62
+#: The window of an "N per minute" limit, in seconds (tests shorten it).
+WINDOW_S = 60.0
+
+
+class MovingWindow:
+    """At most `limit` units admitted in any `length` seconds: what was admitted less than `length`
+    seconds ago, exactly."""
+
+    def __init__(self, limit: int, length: float, clock: Callable[[], float]) -> None:
+        self.limit = limit
+        self.length = length
+        self._clock = clock
+        self._entries: deque[tuple[float, int]] = deque()
+        self._used = 0
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.length
+        entries = self._entries
+        while entries and entries[0][0] <= horizon:
+            self._used -= entries.popleft()[1]
+
+    def room(self, now: float) -> int:
+        """Units that may still be admitted now."""
+        self._expire(now)
+        return self.limit - self._used
+
+    def add(self, now: float, amount: int) -> None:
+        """Count `amount` units at `now` (even past the limit: units learnt after the call were spent)."""
+        if amount > 0:
+            self._entries.append((now, amount))
+            self._used += amount
+
+    def retry_after(self, now: float, amount: int) -> float:
+        """Seconds until `amount` more units fit, as the oldest entries expire."""
+        excess = self._used + amount - self.limit
+        freed = 0
+        for when, units in self._entries:
+            freed += units
+            if freed >= excess:
+                return max(0.0, when + self.length - now)
+        return self.length
 
 
 class Limiter:
     """RPM and TPM limits of one subject (a model or a key)."""
 
-    def __init__(self, subject: str, *, rpm: int | None = None, tpm: int | None = None) -> None:
+    def __init__(
+        self,
+        subject: str,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        window_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.subject = subject
-        self.rpm = RateLimitItemPerMinute(rpm) if rpm else None
-        self.tpm = RateLimitItemPerMinute(tpm) if tpm else None
-        self._storage = MemoryStorage()
-        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
+        length = WINDOW_S if window_s is None else window_s
+        self.rpm = MovingWindow(rpm, length, clock) if rpm else None
+        self.tpm = MovingWindow(tpm, length, clock) if tpm else None
+        self._clock = clock
 
     @property
     def active(self) -> bool:
         return self.rpm is not None or self.tpm is not None
 
-    async def _refuse(self, item: RateLimitItemPerMinute, what: str, wanted: int) -> RateLimited:
-        stats = await self._limiter.get_window_stats(item, self.subject)
-        retry_after = max(0.0, stats.reset_time - time.time())
+    def _refuse(self, window: MovingWindow, now: float, what: str, amount: int, wanted: int) -> RateLimited:
+        per = "minute" if window.length == 60 else f"{window.length:g} s"
         return RateLimited(
-            f"{self.subject}: {what} limit of {item.amount}/minute reached"
+            f"{self.subject}: {what} limit of {window.limit}/{per} reached"
             + (f" (this call needs {wanted})" if what == "token" else ""),
-            retry_after=round(retry_after, 3) or 1.0,
+            retry_after=round(window.retry_after(now, amount), 3) or 0.001,
         )
 
     async def acquire(self, tokens: int) -> None:
         """Count one request and `tokens` input tokens, or raise RateLimited having counted nothing."""
-        cost = min(tokens, self.tpm.amount) if self.tpm is not None else 0  # a huge call may enter an empty window
-        if self.rpm is not None and not await self._limiter.test(self.rpm, self.subject, "requests"):
-            raise await self._refuse(self.rpm, "request", 1)
-        if (
-            self.tpm is not None
-            and cost > 0
-            and not await self._limiter.test(self.tpm, self.subject, "tokens", cost=cost)
-        ):
-            raise await self._refuse(self.tpm, "token", tokens)
+        now = self._clock()
+        cost = min(tokens, self.tpm.limit) if self.tpm is not None else 0  # a huge call may enter an empty window
+        if self.rpm is not None and self.rpm.room(now) < 1:
+            raise self._refuse(self.rpm, now, "request", 1, 1)
+        if self.tpm is not None and cost > 0 and self.tpm.room(now) < cost:
+            raise self._refuse(self.tpm, now, "token", cost, tokens)
         if self.rpm is not None:
-            await self._limiter.hit(self.rpm, self.subject, "requests")
-        if self.tpm is not None and cost > 0:
-            await self._limiter.hit(self.tpm, self.subject, "tokens", cost=cost)
+            self.rpm.add(now, 1)
+        if self.tpm is not None:
+            self.tpm.add(now, cost)
 
     async def settle(self, estimated: int, usage: Usage) -> None:
         """After a call: charge what the estimate missed, and the output."""
         await self.add_tokens(max(0, usage.input_tokens - estimated) + usage.output_tokens)
 
     async def add_tokens(self, tokens: int) -> None:
-        """Charge tokens learnt after the call; may push the window over its limit."""
-        if self.tpm is not None and tokens > 0:
-            # the storage call behind `hit`, with no ceiling: the tokens were spent, so they count
-            await self._storage.acquire_sliding_window_entry(
-                self.tpm.key_for(self.subject, "tokens"), _NO_CEILING, self.tpm.get_expiry(), tokens
-            )
+        """Charge tokens learnt after the call; may push the window over its limit (they were spent)."""
+        if self.tpm is not None:
+            self.tpm.add(self._clock(), tokens)
 
 
 class RateLimitModel(WrapperModel):

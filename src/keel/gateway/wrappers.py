@@ -16,6 +16,7 @@ and reused on its own.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
@@ -24,7 +25,7 @@ from typing import Any, cast
 
 from keel import tokens
 from keel.errors import ConfigError
-from keel.gateway.budget import BudgetTracker
+from keel.gateway.budget import BudgetTracker, Reservation
 from keel.gateway.fallback import FallbackModel
 from keel.gateway.limits import Limiter
 from keel.gateway.pipeline import Call, Handler, Item, RequestWrapper, final_item
@@ -34,6 +35,8 @@ from keel.types import ChatRequest, EmbeddingResult, Message, ModelResponse, Str
 
 __all__ = ["KeyBudget", "KeyLimits", "KeyScope", "Structured", "Tracing", "record_usage", "route", "worst_case_cost"]
 
+
+log = logging.getLogger("keel.gateway")
 
 #: How much of each answer that failed structured validation the span keeps (a runaway one can be huge).
 MAX_INVALID_OUTPUT_CHARS = 8000
@@ -76,7 +79,10 @@ class Tracing(RequestWrapper):
             cost = getattr(error, "cost_usd", None)
             if cost is None:  # a wrapper inside may have charged it (a budget keeps a cut stream's worst case)
                 cost = call.span.attributes.get("keel.cost_usd")
-            record_usage(call, getattr(error, "usage", None), cost, _attempts(error))
+            usage = getattr(error, "usage", None)
+            if isinstance(usage, Usage) and usage.estimated:
+                call.span.set(keel__cost_estimated=True)
+            record_usage(call, usage, cost, _attempts(error))
             raise
 
 
@@ -110,6 +116,8 @@ def _record_response(call: Call, response: ModelResponse) -> None:
     span.set(gen_ai__response__finish_reasons=[response.finish_reason], keel__model=response.deployment)
     span.set(keel__cache_hit=bool(call.state.get("cache_hit", False)))
     record_usage(call, response.usage, response.cost_usd, response.attempts)
+    if response.usage.estimated:  # the provider sent no usage (or not all of it): keel counted
+        span.set(keel__cost_estimated=True)
     span.output = {
         "text": response.text,
         "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in response.tool_calls],
@@ -157,7 +165,7 @@ class KeyBudget(RequestWrapper):
             async with aclosing(next(call)) as items:
                 async for item in items:
                     if isinstance(item, ModelResponse):
-                        self.budgets.settle(reservation, item.cost_usd)
+                        item = self._charged(call, reservation, item)
                         reservation = None
                     else:
                         streamed = True
@@ -169,8 +177,25 @@ class KeyBudget(RequestWrapper):
                 # generated, which keel cannot see, so the budget keeps the reserved worst case.
                 cost = reservation.amount
                 call.span.set(keel__cost_estimated=True, keel__cost_usd=cost)
-            self.budgets.settle(reservation, cost)
+            self._charge(call, reservation, cost)
             raise
+
+    def _charged(self, call: Call, reservation: Reservation | None, response: ModelResponse) -> ModelResponse:
+        """Charge a call's response (returned with the cost it was charged) and release its reservation."""
+        if response.usage.estimated and response.usage.total_tokens == 0 and reservation is not None:
+            # no usage came back and keel could not count it either: the reserved worst case is the charge
+            response = replace(response, cost_usd=reservation.amount)
+        self._charge(call, reservation, response.cost_usd)
+        return response
+
+    def _charge(self, call: Call, reservation: Reservation | None, cost: float | None) -> None:
+        overrun = self.budgets.settle(reservation, cost)
+        if reservation is not None and overrun > 0:  # charged all the same; the key's next calls are refused
+            call.span.set(keel__budget__overrun_usd=overrun)
+            log.warning(
+                "key %r passed its budget by $%.6f: the call cost $%.6f, $%.6f was reserved",
+                reservation.key, overrun, cost or 0.0, reservation.amount,
+            )  # fmt: skip
 
 
 class KeyLimits(RequestWrapper):

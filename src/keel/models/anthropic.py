@@ -38,7 +38,7 @@ from keel.errors import (
     MalformedResponse,
 )
 from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
-from keel.models.base import Model, StreamItem
+from keel.models.base import Model, StreamItem, usage_or_estimate
 from keel.types import ChatOptions, ChatRequest, Message, ModelResponse, ResponseFormat, StreamDelta, ToolCall, Usage
 
 __all__ = ["AnthropicModel", "request_params", "translate_error"]
@@ -198,16 +198,20 @@ def usage_fields(raw: Any) -> dict[str, int]:
     return {k: v for k, v in out.items() if isinstance(v, int)}
 
 
-def usage_from(fields: dict[str, int]) -> Usage:
-    """keel usage: input includes cache reads and cache writes, which Anthropic counts apart."""
+def usage_from(
+    model: Model, request: ChatRequest, fields: dict[str, int], text: str, calls: Sequence[ToolCall]
+) -> Usage:
+    """keel usage: input includes cache reads and cache writes, which Anthropic counts apart.
+    A count the answer left out is counted by keel (see `usage_or_estimate`)."""
     cache_read = fields.get("cache_read_input_tokens", 0)
     cache_write = fields.get("cache_creation_input_tokens", 0)
-    return Usage(
-        input_tokens=fields.get("input_tokens", 0) + cache_read + cache_write,
-        output_tokens=fields.get("output_tokens", 0),
-        cached_input_tokens=cache_read,
-        reasoning_tokens=fields.get("thinking_tokens", 0),
-    )
+    given = fields.get("input_tokens")
+    return usage_or_estimate(
+        model, request,
+        input_tokens=None if given is None else given + cache_read + cache_write,
+        output_tokens=fields.get("output_tokens"), text=text, tool_calls=calls,
+        cached_input_tokens=cache_read, reasoning_tokens=fields.get("thinking_tokens", 0),
+    )  # fmt: skip
 
 
 def _structured_text(value: Any, fmt: ResponseFormat) -> str:
@@ -324,7 +328,7 @@ class _StreamState:
         kind = getattr(event, "type", None)
         if kind == "message_start":
             self.model = str(event.message.model)
-            self.usage = usage_fields(event.message.usage)
+            self.usage = usage_fields(getattr(event.message, "usage", None))
         elif kind == "content_block_start":
             return self._block_start(event.index, event.content_block)
         elif kind == "content_block_delta":
@@ -333,7 +337,7 @@ class _StreamState:
             return self._block_stop(event.index)
         elif kind == "message_delta":
             self.stop_reason = event.delta.stop_reason
-            self.usage = {**self.usage, **usage_fields(event.usage)}  # cumulative counts
+            self.usage = {**self.usage, **usage_fields(getattr(event, "usage", None))}  # cumulative counts
         elif kind == "message_stop":
             self.stopped = True
         return []
@@ -380,7 +384,7 @@ class _StreamState:
     def _call_index(self, block_index: int) -> int:
         return sorted(self.calls).index(block_index)
 
-    def response(self, provider: str) -> ModelResponse:
+    def response(self, model: Model, request: ChatRequest) -> ModelResponse:
         calls = tuple(ToolCall(c[0], c[1], "".join(c[2:])) for _, c in sorted(self.calls.items()))
         structured = self.structured_block is not None
         text = "".join(self.structured) if structured else "".join(self.text)
@@ -390,9 +394,9 @@ class _StreamState:
             text=text,
             tool_calls=calls,
             finish_reason=finish_reason(self.stop_reason, structured=structured),
-            usage=usage_from(self.usage),
+            usage=usage_from(model, request, self.usage, text, calls),
             model=self.model,
-            provider=provider,
+            provider=model.provider,
         )
 
 
@@ -451,11 +455,13 @@ class AnthropicModel(Model):
             )
         answer = _read_blocks(raw.content, request.options.response_format)
         structured = answer.structured is not None
+        text = answer.structured if answer.structured is not None else "".join(answer.text)
+        calls = tuple(answer.tool_calls)
         return ModelResponse(
-            text=answer.structured if answer.structured is not None else "".join(answer.text),
-            tool_calls=tuple(answer.tool_calls),
+            text=text,
+            tool_calls=calls,
             finish_reason=finish_reason(raw.stop_reason, structured=structured),
-            usage=usage_from(usage_fields(getattr(raw, "usage", None))),
+            usage=usage_from(self, request, usage_fields(getattr(raw, "usage", None)), text, calls),
             model=str(raw.model),
             provider=self.provider,
         )
@@ -477,7 +483,7 @@ class AnthropicModel(Model):
                     f"{self.provider} ended the stream before message_stop", provider=self.provider, model=request.model
                 )
             with _reading(self.provider, request.model):
-                final = state.response(self.provider)
+                final = state.response(self, request)
         except KeelError:
             raise
         except Exception as exc:

@@ -8,13 +8,16 @@ approximation in `keel.tokens`.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 
 from keel import tokens
-from keel.types import ChatRequest, EmbeddingResult, ModelResponse, StreamDelta
+from keel.types import ChatRequest, EmbeddingResult, ModelResponse, StreamDelta, ToolCall, Usage
 
-__all__ = ["Model", "StreamItem", "WrapperModel"]
+__all__ = ["Model", "StreamItem", "WrapperModel", "usage_or_estimate"]
+
+log = logging.getLogger("keel.models")
 
 StreamItem = StreamDelta | ModelResponse
 """A stream yields deltas and ends with exactly one ModelResponse."""
@@ -87,3 +90,43 @@ class WrapperModel(Model):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
+
+
+def usage_or_estimate(
+    model: Model,
+    request: ChatRequest,
+    *,
+    input_tokens: int | None,
+    output_tokens: int | None,
+    text: str,
+    tool_calls: Sequence[ToolCall] = (),
+    cached_input_tokens: int = 0,
+    reasoning_tokens: int = 0,
+    encoding: str | None = None,
+) -> Usage:
+    """The usage the provider reported; a count it left out (None) is counted here and the usage marked
+    `estimated`. So is a zero where there must be tokens (a prompt; an answer with text).
+
+    A call must never cost nothing because an upstream sent no usage: its cost would be taken as zero
+    and any budget passed. The prompt is counted as before the call (`model.count_tokens`), the answer
+    under `encoding` (None: the approximation of keel.tokens). Should counting itself fail, the usage is
+    estimated with no tokens at all, and the gateway keeps the call's reserved worst case instead.
+    """
+    answered = bool(text or tool_calls)
+    # Zero is no count where there must be tokens: some servers send zeros instead of leaving usage out.
+    input_tokens = input_tokens or None
+    output_tokens = None if output_tokens == 0 and answered else output_tokens
+    if output_tokens is None and not answered:
+        output_tokens = 0  # nothing came back: zero is exact (Gemini omits the count of an empty answer)
+    if input_tokens is not None and output_tokens is not None:
+        return Usage(input_tokens, output_tokens, cached_input_tokens, reasoning_tokens)
+    try:
+        if input_tokens is None:
+            input_tokens = model.count_tokens(request)
+        if output_tokens is None:
+            answer = " ".join([text, *(part for call in tool_calls for part in (call.name, call.arguments))])
+            output_tokens = tokens.completion_tokens(answer.strip(), encoding)
+    except Exception:
+        log.exception("%s sent no usage and counting the tokens failed: the reserved worst case is kept", model)
+        return Usage(estimated=True)
+    return Usage(input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, estimated=True)

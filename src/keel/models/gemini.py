@@ -46,7 +46,7 @@ from keel.errors import (
     MalformedResponse,
 )
 from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
-from keel.models.base import Model, StreamItem
+from keel.models.base import Model, StreamItem, usage_or_estimate
 from keel.types import ChatOptions, ChatRequest, EmbeddingResult, Message, ModelResponse, StreamDelta, ToolCall, Usage
 
 __all__ = ["GeminiModel", "translate_error"]
@@ -214,21 +214,25 @@ def _millis(seconds: float) -> int:
 # --- response ----------------------------------------------------------------------------
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) else 0
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
 
 
-def usage_from(metadata: Any) -> Usage:
-    """keel usage: the prompt count already includes cached tokens; output includes thoughts."""
-    if metadata is None:
-        return Usage()
-    thoughts = _count(metadata.thoughts_token_count)
-    return Usage(
-        input_tokens=_count(metadata.prompt_token_count) + _count(metadata.tool_use_prompt_token_count),
-        output_tokens=_count(metadata.candidates_token_count) + thoughts,
-        cached_input_tokens=_count(metadata.cached_content_token_count),
-        reasoning_tokens=thoughts,
-    )
+def usage_from(model: Model, request: ChatRequest, metadata: Any, text: str, calls: Sequence[ToolCall]) -> Usage:
+    """keel usage: the prompt count already includes cached tokens; output includes thoughts.
+    A count the answer left out is counted by keel (see `usage_or_estimate`)."""
+
+    def field(name: str) -> int | None:  # None when the metadata or the count is missing
+        return _count(getattr(metadata, name, None))
+
+    prompt, answer = field("prompt_token_count"), field("candidates_token_count")
+    thoughts = field("thoughts_token_count") or 0
+    return usage_or_estimate(
+        model, request,
+        input_tokens=None if prompt is None else prompt + (field("tool_use_prompt_token_count") or 0),
+        output_tokens=None if answer is None else answer + thoughts, text=text, tool_calls=calls,
+        cached_input_tokens=field("cached_content_token_count") or 0, reasoning_tokens=thoughts,
+    )  # fmt: skip
 
 
 def _enum_name(value: Any) -> str | None:
@@ -287,15 +291,16 @@ class _Answer:
             return StreamDelta(text=part.text)
         return None
 
-    def response(self, provider: str, default_model: str) -> ModelResponse:
+    def response(self, model: Model, request: ChatRequest) -> ModelResponse:
         reason = "content_filter" if self.blocked and not self.finish else None
+        text, calls = "".join(self.text), tuple(self.tool_calls)
         return ModelResponse(
-            text="".join(self.text),
-            tool_calls=tuple(self.tool_calls),
+            text=text,
+            tool_calls=calls,
             finish_reason=reason or finish_reason(self.finish, has_tool_calls=bool(self.tool_calls)),
-            usage=usage_from(self.usage),
-            model=self.model or default_model,
-            provider=provider,
+            usage=usage_from(model, request, self.usage, text, calls),
+            model=self.model or request.model,
+            provider=model.provider,
         )
 
 
@@ -426,16 +431,16 @@ class GeminiModel(Model):
             raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
-        return self._final(answer, request.model)
+        return self._final(answer, request)
 
-    def _final(self, answer: _Answer, model: str) -> ModelResponse:
+    def _final(self, answer: _Answer, request: ChatRequest) -> ModelResponse:
         if not answer.answered:
             raise MalformedResponse(
                 f"{self.provider} answered with neither a candidate nor a prompt block",
                 provider=self.provider,
-                model=model,
+                model=request.model,
             )
-        return answer.response(self.provider, model)
+        return answer.response(self, request)
 
     def _fold(self, answer: _Answer, chunk: Any, model: str) -> list[StreamDelta]:
         if not isinstance(chunk, gtypes.GenerateContentResponse):
@@ -465,7 +470,7 @@ class GeminiModel(Model):
                 provider=self.provider,
                 model=request.model,
             )
-        yield self._final(answer, request.model)
+        yield self._final(answer, request)
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         vectors: list[list[float]] = []

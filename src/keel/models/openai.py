@@ -29,7 +29,7 @@ import openai
 from keel import tokens
 from keel.errors import ContextWindowExceeded, MalformedResponse, ProviderError, error_for_status
 from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
-from keel.models.base import Model, StreamItem
+from keel.models.base import Model, StreamItem, usage_or_estimate
 from keel.types import ChatRequest, EmbeddingResult, ModelResponse, StreamDelta, ToolCall, Usage
 
 __all__ = ["OpenAIModel", "request_body", "translate_error"]
@@ -64,28 +64,25 @@ def request_body(request: ChatRequest) -> dict[str, Any]:
     return body
 
 
-def _usage_dict(raw: dict[str, Any] | None) -> Usage:
-    if not raw:
-        return Usage()
-    return Usage(
-        input_tokens=raw.get("prompt_tokens") or 0,
-        output_tokens=raw.get("completion_tokens") or 0,
-        cached_input_tokens=(raw.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
-        reasoning_tokens=(raw.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0,
-    )
+def _field(raw: Any, name: str) -> Any:
+    return raw.get(name) if isinstance(raw, dict) else getattr(raw, name, None)
 
 
-def _usage(raw: Any) -> Usage:
-    if raw is None:
-        return Usage()
-    prompt_details = getattr(raw, "prompt_tokens_details", None)
-    completion_details = getattr(raw, "completion_tokens_details", None)
-    return Usage(
-        input_tokens=raw.prompt_tokens or 0,
-        output_tokens=raw.completion_tokens or 0,
-        cached_input_tokens=(getattr(prompt_details, "cached_tokens", None) or 0),
-        reasoning_tokens=(getattr(completion_details, "reasoning_tokens", None) or 0),
-    )
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _usage(
+    model: Model, request: ChatRequest, raw: Any, text: str, calls: Sequence[ToolCall], encoding: str | None
+) -> Usage:
+    """The answer's `usage` (a dict, or the SDK's object in a stream); the counts it lacks are counted here."""
+    return usage_or_estimate(
+        model, request,
+        input_tokens=_count(_field(raw, "prompt_tokens")), output_tokens=_count(_field(raw, "completion_tokens")),
+        text=text, tool_calls=calls, encoding=encoding,
+        cached_input_tokens=_count(_field(_field(raw, "prompt_tokens_details"), "cached_tokens")) or 0,
+        reasoning_tokens=_count(_field(_field(raw, "completion_tokens_details"), "reasoning_tokens")) or 0,
+    )  # fmt: skip
 
 
 def _is_context_overflow(exc: openai.APIStatusError) -> bool:
@@ -209,13 +206,13 @@ class OpenAIModel(Model):
             raw = await self.client.post(  # type: ignore[call-overload]
                 "/chat/completions", body=request_body(request), options=options, cast_to=httpx2.Response
             )
-            return self._response(json.loads(raw.content))
+            return self._response(json.loads(raw.content), request)
         except ProviderError:
             raise
         except Exception as exc:
             raise translate_error(exc, self.provider, request.model) from exc
 
-    def _response(self, raw: Any) -> ModelResponse:
+    def _response(self, raw: Any, request: ChatRequest) -> ModelResponse:
         if not isinstance(raw, dict) or not raw.get("choices"):
             model = raw.get("model") if isinstance(raw, dict) else None
             raise MalformedResponse("the answer has no choices", provider=self.provider, model=model)
@@ -225,11 +222,12 @@ class OpenAIModel(Model):
             ToolCall(c["id"], c["function"]["name"], c["function"].get("arguments") or "{}")
             for c in (message.get("tool_calls") or [])
         )
+        text = message.get("content") or ""
         return ModelResponse(
-            text=message.get("content") or "",
+            text=text,
             tool_calls=calls,
             finish_reason=choice.get("finish_reason") or "stop",
-            usage=_usage_dict(raw.get("usage")),
+            usage=_usage(self, request, raw.get("usage"), text, calls, self._encoding),
             model=raw.get("model") or "",
             provider=self.provider,
         )
@@ -240,7 +238,8 @@ class OpenAIModel(Model):
         kwargs["stream_options"] = {"include_usage": True}
         try:
             stream = await self.client.chat.completions.create(**kwargs)
-            items = self._stream_items(stream) if _is_event_stream(stream.response) else self._whole(stream, request)
+            events = _is_event_stream(stream.response)
+            items = self._stream_items(stream, request) if events else self._whole(stream, request)
             async for item in items:
                 yield item
         except (ProviderError, ContextWindowExceeded):
@@ -268,7 +267,7 @@ class OpenAIModel(Model):
         if isinstance(raw, dict) and isinstance(raw.get("error"), dict):
             error = raw["error"]
             raise event_error(error, str(error.get("message") or "no message"), self.provider, request.model)
-        answer = self._response(raw)
+        answer = self._response(raw, request)
         if answer.text:
             yield StreamDelta(text=answer.text)
         for i, call in enumerate(answer.tool_calls):
@@ -277,16 +276,16 @@ class OpenAIModel(Model):
             )
         yield answer
 
-    async def _stream_items(self, stream: Any) -> AsyncIterator[StreamItem]:
+    async def _stream_items(self, stream: Any, request: ChatRequest) -> AsyncIterator[StreamItem]:
         text: list[str] = []
         calls: dict[int, dict[str, str]] = {}
-        usage = Usage()
+        usage: Any = None
         finish: str | None = None
         model = ""
         async for chunk in stream:
             model = chunk.model or model
             if chunk.usage is not None:
-                usage = _usage(chunk.usage)
+                usage = chunk.usage
             for choice in chunk.choices:
                 finish = choice.finish_reason or finish
                 delta = choice.delta
@@ -313,7 +312,9 @@ class OpenAIModel(Model):
                 model=model or None,
             )
         tool_calls = tuple(ToolCall(c["id"], c["name"], c["arguments"] or "{}") for _, c in sorted(calls.items()))
-        yield ModelResponse("".join(text), tool_calls, finish, usage, model, self.provider)
+        answer = "".join(text)
+        usage_out = _usage(self, request, usage, answer, tool_calls, self._encoding)
+        yield ModelResponse(answer, tool_calls, finish, usage_out, model, self.provider)
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         try:

@@ -79,13 +79,16 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | None:
 
 def _usage(result: ChatResult) -> dict[str, Any]:
     u = result.usage
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": u.input_tokens,
         "completion_tokens": u.output_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
         "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     }
+    if u.estimated:  # the upstream sent no usage: keel counted the tokens (and charged them)
+        usage["estimated"] = True
+    return usage
 
 
 def _message(result: ChatResult) -> dict[str, Any]:

@@ -39,6 +39,10 @@ class GatewayMetrics:
         )
         self.tokens = Counter("keel_tokens", "Tokens by direction.", (*labels, "direction"), registry=self.registry)
         self.cost = Counter("keel_cost_usd", "Cost in USD of calls with a known price.", labels, registry=self.registry)
+        self.overrun = Counter(
+            "keel_budget_overrun_usd", "USD charged beyond a key's budget (real usage over the reservation).",
+            labels, registry=self.registry,
+        )  # fmt: skip
         self.latency = Histogram(
             "keel_request_duration_seconds", "Model call latency.", labels, buckets=_LATENCY_BUCKETS,
             registry=self.registry,
@@ -65,6 +69,9 @@ class GatewayMetrics:
         cost = a.get("keel.cost_usd")
         if cost:
             self.cost.labels(*labels).inc(cost)
+        overrun = a.get("keel.budget.overrun_usd")
+        if overrun:
+            self.overrun.labels(*labels).inc(overrun)
         self.latency.labels(*labels).observe(span.duration_ms / 1000.0)
 
     def _model_label(self, name: object) -> str:

@@ -37,6 +37,7 @@ class CallWindow:
     model: str | None = None
     api_key: str | None = None
     percentile: float | None = None  # also measure this latency percentile (0.95 for p95)
+    overrun: bool = False  # also sum `keel.budget.overrun_usd` (read from the attributes: only when asked)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class CallStats:
     errors: int
     cost_usd: float  # calls without a known price add nothing
     latency_ms: float | None = None  # the window's percentile latency (nearest rank), when asked and any calls
+    budget_overrun_usd: float = 0.0  # charged beyond keys' budgets, when asked
 
     @property
     def error_rate(self) -> float:
@@ -75,16 +77,24 @@ def _window_where(store: Store, window: CallWindow) -> tuple[str, list[Any]]:
     return " WHERE " + " AND ".join(clauses), params
 
 
+def _overrun(store: Store) -> str:
+    """The span's `keel.budget.overrun_usd` attribute as a number, in the store's SQL."""
+    if store.dialect == "postgres":
+        return "(attributes->>'keel.budget.overrun_usd')::double precision"
+    return """json_extract(attributes, '$."keel.budget.overrun_usd"')"""
+
+
 def measure(store: Store, window: CallWindow) -> CallStats:
-    """Calls, errors, cost and (if asked) one latency percentile of the model calls in a window."""
+    """Calls, errors, cost and (if asked) one latency percentile and the overruns of the model calls in a window."""
     where, params = _window_where(store, window)
+    overrun = f"COALESCE(SUM({_overrun(store)}), 0)" if window.overrun else "0"
     totals = (
         "SELECT COUNT(*), COALESCE(SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END), 0),"
-        f" COALESCE(SUM(cost_usd), 0) FROM spans{where}"
+        f" COALESCE(SUM(cost_usd), 0), {overrun} FROM spans{where}"
     )
     with store.transaction() as cur:
         cur.execute(store._sql(totals), params)
-        calls, errors, cost = cur.fetchone()
+        calls, errors, cost, overran = cur.fetchone()
         latency = None
         if window.percentile is not None and calls:
             # Nearest rank, as `Store.stats` computes it: the smallest duration whose rank is at least p·n.
@@ -94,7 +104,7 @@ def measure(store: Store, window: CallWindow) -> CallStats:
                 [*params, rank - 1],
             )
             latency = float(cur.fetchone()[0])
-    return CallStats(int(calls), int(errors), float(cost), latency)
+    return CallStats(int(calls), int(errors), float(cost), latency, float(overran))
 
 
 def _row(values: Any) -> AlertRow:
