@@ -9,11 +9,13 @@ server at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keel.config import KeyConfig
 from keel.errors import InputError
@@ -36,6 +38,26 @@ class CreateKey(BaseModel):
     monthly_budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     models: list[str] | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = None
+
+
+async def _create_body(request: Request) -> CreateKey:
+    """The body as JSON whatever its Content-Type: `curl -d '{...}'` sends form-urlencoded unless told
+    otherwise, and an admin call is not worth a confusing refusal."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"the body must be a JSON object ({exc})") from None
+    try:
+        return CreateKey.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(), body=data) from None
+
+
+#: the request body in the OpenAPI schema (the route reads it itself)
+_JSON_BODY: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": CreateKey.model_json_schema()}}}
+}
 
 
 def _store(request: Request) -> Store:
@@ -62,8 +84,8 @@ def router() -> APIRouter:
         records = await asyncio.to_thread(list_keys, _store(request), include_revoked=include_revoked)
         return {"object": "list", "data": [r.to_json() for r in records]}
 
-    @api.post("/keys", status_code=201)
-    async def create(body: CreateKey, request: Request) -> dict[str, Any]:
+    @api.post("/keys", status_code=201, openapi_extra=_JSON_BODY)
+    async def create(request: Request, body: Annotated[CreateKey, Depends(_create_body)]) -> dict[str, Any]:
         gateway = request.app.state.gateway
         for model in body.models or ():
             if gateway.config.resolve_name(model) is None and model not in gateway.model_names:

@@ -158,6 +158,16 @@ def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any
     }
 
 
+def _model_entry(gw: Gateway, name: str) -> dict[str, Any]:
+    """An OpenAI model object; one that cannot be called as configured (its API key is not set) stays listed,
+    with `available: false` and the reason: SDKs ignore the extra fields, and a caller sees why it fails."""
+    entry: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "keel", "available": True}
+    resolved = gw.resolve(name)
+    if resolved not in gw._extra and (reason := gw.config.unavailable(resolved)):  # an injected model needs no key
+        entry.update(available=False, unavailable_reason=reason)
+    return entry
+
+
 def _base64_floats(vector: list[float]) -> str:
     """OpenAI's base64 embedding encoding: little-endian float32."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
@@ -338,10 +348,7 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         if allowed is not None:  # a key sees the models it may use
             usable = {gw.resolve(m) for m in allowed}
             names = [n for n in names if gw.resolve(n) in usable]
-        return {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "keel"} for n in names],
-        }
+        return {"object": "list", "data": [_model_entry(gw, n) for n in names]}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
