@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from helpers import write_config
@@ -153,3 +155,28 @@ def test_installed_entry_point_runs(tmp_path: Path) -> None:
     done = subprocess.run([str(keel), "chat", "hello", "-q"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "RAG answers questions from retrieved documents."
+
+
+def _commands(group: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    if isinstance(getattr(group, "commands", None), dict):  # typer vendors click: no isinstance(click.Group)
+        for name, command in group.commands.items():
+            found += _commands(command, (*path, name))
+    return found
+
+
+def test_every_help_is_correct_at_80_columns(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    paths = _commands(typer.main.get_command(app))
+    assert ("rag", "drop") in paths and ("serve",) in paths and len(paths) > 15
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        text = result.stdout
+        assert "<bool>" not in text, (path, text)  # a flag takes no value
+        assert "default:  " not in text and "\\[" not in text, (path, text)  # nothing eaten or escaped
+        assert all(len(line) <= 80 for line in text.splitlines()), (path, text)
+    drop = runner.invoke(app, ["rag", "drop", "--help"]).stdout
+    assert "--yes " in drop and "--yes <" not in drop
+    serve = " ".join(runner.invoke(app, ["serve", "--help"]).stdout.split())
+    assert "(default: [server] log_format)" in serve

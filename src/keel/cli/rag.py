@@ -18,7 +18,11 @@ from keel.gateway import Gateway
 from keel.rag import RAG, Answer, Retrieval
 from keel.rag.ingest import IngestReport
 
-app = typer.Typer(help="Retrieval-augmented generation: ingest, search, ask with citations.", no_args_is_help=True)
+app = typer.Typer(
+    help="Retrieval-augmented generation: ingest, search, ask with citations.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 out = Console(highlight=False)
 info = Console(stderr=True, highlight=False)
 
@@ -212,7 +216,7 @@ def ask(
     rerank: RerankOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Answer from the collection with \\[n] citations to exact spans; abstains when the documents do not say.
+    """Answer from the collection with [n] citations to exact spans; abstains when the documents do not say.
 
     Example: keel rag ask "Do statins reduce cancer risk?" -c scifact
     """

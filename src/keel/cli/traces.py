@@ -20,7 +20,9 @@ from keel.errors import InputError
 from keel.store import SpanFilter, Store, open_store
 from keel.trace import Span
 
-app = typer.Typer(help="Look at traces: every model call is a span in the store.", no_args_is_help=True)
+app = typer.Typer(
+    help="Look at traces: every model call is a span in the store.", no_args_is_help=True, rich_markup_mode=None
+)
 console = Console(highlight=False)
 
 
