@@ -113,3 +113,16 @@ def test_rag_with_a_chat_only_key_names_the_embedding_model_it_needs(gw: Gateway
     with httpx.Client(base_url=served.base, timeout=60, headers={"authorization": f"Bearer {both}"}) as http:
         assert http.post("/v1/rag/facts/search", json={"query": "cat"}).status_code == 200
     rag.close()
+
+
+def test_admin_keys_refuse_a_body_nested_too_deeply(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_ADMIN_KEY", ADMIN)
+    server = Server(gw)
+    try:
+        deep = b"[" * 100_000 + b"]" * 100_000
+        refused = httpx.post(
+            f"{server.base}/admin/keys", content=deep, headers={"authorization": f"Bearer {ADMIN}"}, timeout=10
+        )
+        assert refused.status_code == 400 and "nested too deeply" in refused.json()["error"]["message"]
+    finally:
+        server.stop()

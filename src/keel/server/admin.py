@@ -48,6 +48,8 @@ async def _create_body(request: Request) -> CreateKey:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"the body must be a JSON object ({exc})") from None
+    except RecursionError:
+        raise InputError("the body must be a JSON object (it is nested too deeply)") from None
     try:
         return CreateKey.model_validate(data)
     except ValidationError as exc:
