@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from helpers import write_config
@@ -75,26 +77,58 @@ def test_traces_list_show_stats(runner: CliRunner) -> None:
     assert "1 traces" in errors_only.stdout
     found = runner.invoke(app, ["traces", "list", "--text", "first question"])
     assert "1 traces" in found.stdout
-    trace_id = found.stdout.split("\n")[4].split("│")[1].strip().rstrip("…")
+    trace_id = next(line for line in found.stdout.splitlines() if " t " in line).split()[0]
     shown = runner.invoke(app, ["traces", "show", trace_id[-8:]])
     assert shown.exit_code == 0, shown.output
     assert "chat t" in shown.stdout and "first question" in shown.stdout and "gen_ai.usage.input_tokens" in shown.stdout
     assert runner.invoke(app, ["traces", "show", "zzzz"]).exit_code == 2
     stats = runner.invoke(app, ["traces", "stats"])
     assert stats.exit_code == 0 and "50.0%" not in stats.stdout  # errors are per model: t has none
-    row = next(line for line in stats.stdout.splitlines() if "│ t " in line)
-    cells = [c.strip() for c in row.split("│")[1:-1]]
-    assert cells[2] == "1" and cells[3] == "0.0%" and cells[8] == "0.000000"
-    nope = next(line for line in stats.stdout.splitlines() if "│ nope " in line)
+    row = next(line for line in stats.stdout.splitlines() if " t " in line)
+    cells = row.split()
+    assert cells[1:4] == ["t", "1", "0"] and cells[-1] == "$0"
+    nope = next(line for line in stats.stdout.splitlines() if " nope " in line)
     assert "100.0%" in nope
     assert runner.invoke(app, ["traces", "list", "--status", "maybe"]).exit_code == 2
 
 
+def _fits_80(output: str) -> None:
+    """Every line within 80 columns, and nothing cut to an ellipsis."""
+    assert all(len(line) <= 80 for line in output.splitlines()), output
+    assert "…" not in output, output
+
+
+def test_traces_and_models_fit_80_columns(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert runner.invoke(app, ["chat", "first question"]).exit_code == 0
+    runner.invoke(app, ["chat", "second", "--model", "a-rather-long-model-name"])
+    listed = runner.invoke(app, ["traces", "list"])
+    assert listed.exit_code == 0, listed.output
+    _fits_80(listed.stdout)
+    header = next(line for line in listed.stdout.splitlines() if line.startswith("trace"))
+    assert header.split() == ["trace", "time", "model", "status", "tokens", "cost", "latency"]
+    ids = [line.split()[0] for line in listed.stdout.splitlines() if " ok " in line or "Unknown" in line]
+    assert len(ids) == 2 and all(len(i) == 12 for i in ids)  # the short id whole, on one line
+    stats = runner.invoke(app, ["traces", "stats"])
+    assert stats.exit_code == 0, stats.output
+    _fits_80(stats.stdout)
+    assert "calls" in stats.stdout and "errors" in stats.stdout and "p50/p95" in stats.stdout
+    models = runner.invoke(app, ["models"])
+    assert models.exit_code == 0, models.output
+    _fits_80(models.stdout)
+    row = next(line for line in models.stdout.splitlines() if line.startswith("text-embedding-3-small"))
+    assert row.split()[1:] == ["openai", "embed", "8,192", "0.02/0", "no"]
+
+
 def test_models_table(runner: CliRunner) -> None:
-    result = runner.invoke(app, ["models"])
+    result = runner.invoke(app, ["models"], env={"OPENAI_API_KEY": ""})
     assert result.exit_code == 0
-    assert "gpt-4o-mini" in result.stdout and "$0.15" in result.stdout and "128,000" in result.stdout
-    assert "OPENAI_API_KEY unset" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("gpt-4o-mini"))
+    assert row.split() == ["gpt-4o-mini", "openai", "chat", "128k", "0.15/0.6", "no"]
+    assert "OPENAI_API_KEY is not set, so gpt-4o-mini, gpt-4.1" in " ".join(result.stdout.split())
+    ready = runner.invoke(app, ["models"], env={"OPENAI_API_KEY": "sk-test"})
+    row = next(line for line in ready.stdout.splitlines() if line.startswith("gpt-4o-mini"))
+    assert row.split()[-1] == "yes" and "OPENAI_API_KEY is not set" not in ready.stdout
 
 
 def test_config_check(runner: CliRunner, tmp_path: Path) -> None:
@@ -104,6 +138,15 @@ def test_config_check(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "check", str(bad)])
     assert result.exit_code == 3
     assert f"{bad}:4 [models.x.max_retries]" in result.stderr
+    ghost = write_config(tmp_path / "ghost", 'default_model = "gpt-5"\n')
+    result = runner.invoke(app, ["config", "check", str(ghost)])
+    assert result.exit_code == 3 and f"{ghost}:1 [default_model]" in result.stderr
+    assert "default_model names unknown model 'gpt-5'" in result.stderr
+    unset = write_config(tmp_path / "unset", 'default_model = "gpt-4o-mini"\n')
+    warned = runner.invoke(app, ["config", "check", str(unset)], env={"OPENAI_API_KEY": ""})
+    assert warned.exit_code == 0 and "default_model 'gpt-4o-mini' cannot be called: OPENAI_API_KEY is not set" in (
+        " ".join(warned.stdout.split())
+    )
 
 
 def test_installed_entry_point_runs(tmp_path: Path) -> None:
@@ -112,3 +155,28 @@ def test_installed_entry_point_runs(tmp_path: Path) -> None:
     done = subprocess.run([str(keel), "chat", "hello", "-q"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "RAG answers questions from retrieved documents."
+
+
+def _commands(group: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    if isinstance(getattr(group, "commands", None), dict):  # typer vendors click: no isinstance(click.Group)
+        for name, command in group.commands.items():
+            found += _commands(command, (*path, name))
+    return found
+
+
+def test_every_help_is_correct_at_80_columns(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    paths = _commands(typer.main.get_command(app))
+    assert ("rag", "drop") in paths and ("serve",) in paths and len(paths) > 15
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        text = result.stdout
+        assert "<bool>" not in text, (path, text)  # a flag takes no value
+        assert "default:  " not in text and "\\[" not in text, (path, text)  # nothing eaten or escaped
+        assert all(len(line) <= 80 for line in text.splitlines()), (path, text)
+    drop = runner.invoke(app, ["rag", "drop", "--help"]).stdout
+    assert "--yes " in drop and "--yes <" not in drop
+    serve = " ".join(runner.invoke(app, ["serve", "--help"]).stdout.split())
+    assert "(default: [server] log_format)" in serve

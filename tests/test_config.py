@@ -41,6 +41,8 @@ def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
             "unknown model 'ghost'",
         ),
         ('[aliases]\nfast = "ghost"\n', 2, "aliases.fast", "unknown model"),
+        ('timeout = 5\ndefault_model = "ghost"\n', 2, "default_model", "default_model names unknown model 'ghost'"),
+        ('default_embedding_model = "local"\n', 1, "default_embedding_model", "of kind 'chat'; it must be"),
         ('[keys.team]\ndaily_budget_usd = "lots"\n', 2, "keys.team.daily_budget_usd", "valid number"),
         ('[tracing]\nredact_patterns = ["("]\n', 1, "tracing", "regular expression"),
     ],

@@ -98,6 +98,16 @@ class ModelConfig(_Strict):
     def key_env(self) -> str | None:
         return self.api_key_env or DEFAULT_KEY_ENV.get(self.provider)
 
+    def missing_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The environment variable this model needs for its API key and does not have, or None.
+
+        Mirrors what the gateway does when it builds the model: a self-hosted OpenAI-compatible
+        server (a base_url and no api_key_env) needs no key."""
+        env = self.key_env()
+        if env is None or (os.environ if environ is None else environ).get(env):
+            return None
+        return None if self.base_url and not self.api_key_env else env
+
 
 class KeyConfig(_Strict):
     """Limits and budgets of one caller (a team, a feature, a virtual key)."""
@@ -352,6 +362,8 @@ class Config(_Strict):
             for target in key_config.models or ():
                 if self.resolve_name(target) is None:
                     raise _Ref(("keys", key, "models"), f"key {key!r} allows unknown model {target!r}")
+        for field, kind in (("default_model", "chat"), ("default_embedding_model", "embedding")):
+            self._check_default(field, kind)
         if self.resolve_name(self.rag.embedding_model) is None:
             message = f"rag.embedding_model names unknown model {self.rag.embedding_model!r}"
             raise _Ref(("rag", "embedding_model"), message)
@@ -359,6 +371,25 @@ class Config(_Strict):
             if rule.model is not None and self.resolve_name(rule.model) is None:
                 raise _Ref(("alerts", name, "model"), f"alert {name!r} watches unknown model {rule.model!r}")
         return self
+
+    def _check_default(self, field: str, kind: str) -> None:
+        """A default must name a configured model of its kind: else every call without a model fails later."""
+        wanted = getattr(self, field)
+        resolved = self.resolve_name(wanted)
+        if resolved is None:
+            known = ", ".join(sorted(n for n, m in self.models.items() if m.kind == kind)) or "none"
+            raise _Ref((field,), f"{field} names unknown model {wanted!r}; {kind} models: {known}")
+        if self.models[resolved].kind != kind:
+            actual = self.models[resolved].kind
+            raise _Ref((field,), f"{field} {wanted!r} is a model of kind {actual!r}; it must be a {kind} model")
+
+    def unavailable(self, name: str, environ: Mapping[str, str] | None = None) -> str | None:
+        """Why a model (or alias) cannot be called as configured, or None: today, an API key that is not set."""
+        resolved = self.resolve_name(name)
+        if resolved is None:
+            return "not configured"
+        env = self.models[resolved].missing_key(environ)
+        return None if env is None else f"{env} is not set"
 
     def resolve_name(self, name: str) -> str | None:
         """The model name an alias or model name refers to, or None."""

@@ -124,6 +124,9 @@ class ConfigError(KeelError):
 
 
 class MissingAPIKey(ConfigError):
+    # 503, not 500: this server cannot serve the model as configured (another replica, or this one once
+    # the variable is set, can). The server adds `x-should-retry: false`, so SDKs do not retry in vain.
+    http_status = 503
     code = "missing_api_key"
 
     def __init__(self, env_var: str, model: str) -> None:

@@ -20,7 +20,9 @@ from keel.store import Store, open_store
 from keel.store.alerts import AlertRow, read_alerts
 
 app = typer.Typer(
-    help="Alert rules (alerts.NAME tables of keel.toml): their state, or evaluate them now.", no_args_is_help=True
+    help="Alert rules (alerts.NAME tables of keel.toml): their state, or evaluate them now.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 console = Console(highlight=False)
 

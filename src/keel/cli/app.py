@@ -24,6 +24,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help, as click prints it: typer's rich panels show every flag as `--yes <bool>` and read
+    # "[server]" in a help text as markup (and drop it)
+    rich_markup_mode=None,
 )
 err = Console(stderr=True)
 

@@ -23,7 +23,11 @@ from keel.gateway.budget import period_starts
 from keel.keys import KeyRecord, create_key, list_keys, parse_budget, revoke_key
 from keel.store import Store, open_store
 
-app = typer.Typer(help="Virtual keys for the server: each with its models, limits and budget.", no_args_is_help=True)
+app = typer.Typer(
+    help="Virtual keys for the server: each with its models, limits and budget.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 console = Console(highlight=False)
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -12,22 +17,29 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from keel.cli.app import handle_errors
+from keel.cli.app import EXIT_INPUT, handle_errors
 from keel.errors import InputError
 from keel.gateway import Gateway
 from keel.rag import RAG, Answer, Retrieval
 from keel.rag.ingest import IngestReport
 
-app = typer.Typer(help="Retrieval-augmented generation: ingest, search, ask with citations.", no_args_is_help=True)
+app = typer.Typer(
+    help="Retrieval-augmented generation: ingest, search, ask with citations.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 out = Console(highlight=False)
 info = Console(stderr=True, highlight=False)
+
+T = TypeVar("T")
 
 CollectionOption = Annotated[str, typer.Option("--collection", "-c", help="Collection name.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
 class _Bar:
-    """Ingest progress as a rich progress bar (documents, with chunks written alongside)."""
+    """Ingest progress as a rich progress bar: documents written, and chunks embedded so far (a large document
+    is written whole at its end, but its chunks count up while they are embedded)."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -37,9 +49,45 @@ class _Bar:
     def started(self, total: int | None) -> None:
         self.progress.update(self.task, total=total)
 
-    def advanced(self, documents: int, chunks: int) -> None:
+    def embedded(self, chunks: int) -> None:
         self.chunks += chunks
-        self.progress.update(self.task, advance=documents, chunks=self.chunks)
+        self.progress.update(self.task, chunks=self.chunks)
+
+    def advanced(self, documents: int, chunks: int) -> None:
+        self.progress.update(self.task, advance=documents)
+
+
+def _run_interruptibly(gw: Gateway, work: Coroutine[Any, Any, T]) -> T:
+    """Run on the gateway's loop; the first Ctrl-C cancels the work and waits for it to stop (what was
+    written stays: a re-run resumes), a second one exits at once."""
+    stopped = threading.Event()
+
+    async def run() -> T:
+        try:
+            return await work
+        finally:
+            stopped.set()  # after the stages unwound: the cancelled future alone says nothing of that
+
+    future = asyncio.run_coroutine_threadsafe(run(), gw._loop().loop)
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        info.print("interrupted: stopping (Ctrl-C again to quit at once) ...")
+        future.cancel()
+        try:
+            stopped.wait(timeout=60)
+        except KeyboardInterrupt:
+            os._exit(130)  # nothing half-written: every document is committed whole, or not at all
+        info.print(
+            "stopped: the documents written so far are kept, and chunks already embedded are cached;"
+            " run the same command again to resume"
+        )
+        gw.close()  # the traces so far, to the store
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # not a normal exit: that would wait for a worker thread still chunking a large document (minutes);
+        # it writes nothing, and every write is a committed transaction, so nothing is lost
+        os._exit(130)
 
 
 def _meta(pairs: list[str] | None) -> dict[str, str]:
@@ -91,13 +139,21 @@ def ingest(
             TextColumn("docs · {task.fields[chunks]} chunks"), TimeElapsedColumn(), TimeRemainingColumn(),
         )  # fmt: skip
         with Progress(*columns, console=info, transient=True, disable=as_json) as progress:
-            report = rag.ingest_sync(path, collection, settings=settings, reembed=reembed, metadata=_meta(meta),
-                                     progress=_Bar(progress))  # fmt: skip
+            work = rag.ingest(path, collection, settings=settings, reembed=reembed, metadata=_meta(meta),
+                              progress=_Bar(progress))  # fmt: skip
+            report = _run_interruptibly(gw, work)
         rag.close()
     if as_json:
         out.print_json(data=report.to_json())
-        return
-    _print_report(report)
+    else:
+        _print_report(report)
+    if report.documents == 0 and report.skipped:
+        info.print(
+            f"[bold red]error[/]: nothing was ingested into {escape(collection)!r}: every file was skipped"
+            f" ({report.skipped} {'problem' if report.skipped == 1 else 'problems'})",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_INPUT)
 
 
 def _print_report(report: IngestReport) -> None:
@@ -112,7 +168,7 @@ def _print_report(report: IngestReport) -> None:
             f" · {report.documents / report.seconds:.1f} docs/s · trace {report.trace_id[-12:]}[/]"
         )
     for problem in report.problems:
-        out.print(f"[yellow]skipped[/] {escape(str(problem))}")
+        out.print(f"[yellow]{'skipped' if problem.skipped else 'warning'}[/] {escape(str(problem))}")
 
 
 def _search_options(
@@ -212,7 +268,7 @@ def ask(
     rerank: RerankOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Answer from the collection with \\[n] citations to exact spans; abstains when the documents do not say.
+    """Answer from the collection with [n] citations to exact spans; abstains when the documents do not say.
 
     Example: keel rag ask "Do statins reduce cancer risk?" -c scifact
     """

@@ -14,12 +14,15 @@ from rich.table import Table
 from rich.tree import Tree
 
 from keel.cli.app import handle_errors
+from keel.cli.tables import compact_table, count, latency, usd
 from keel.config import load_config
 from keel.errors import InputError
 from keel.store import SpanFilter, Store, open_store
 from keel.trace import Span
 
-app = typer.Typer(help="Look at traces: every model call is a span in the store.", no_args_is_help=True)
+app = typer.Typer(
+    help="Look at traces: every model call is a span in the store.", no_args_is_help=True, rich_markup_mode=None
+)
 console = Console(highlight=False)
 
 
@@ -64,21 +67,30 @@ def list_traces(
     rows = store.list_spans(
         SpanFilter(model=model, status=status, api_key=key, text=text, since=_since(days), limit=limit, roots_only=True)
     )
-    table = Table(title=f"{len(rows)} traces")
-    for column in ("trace", "time (UTC)", "model", "status", "in", "out", "cost", "ms", "att"):
-        table.add_column(
-            column, justify="right" if column in ("in", "out", "cost", "ms", "att") else "left", no_wrap=True
-        )
+    console.print(_traces_table(rows))
+
+
+def _traces_table(rows: list[Span]) -> Table:
+    """Newest first; the attempts column only when a call needed more than one."""
+    retried = any(int(span.attributes.get("keel.attempts") or 1) > 1 for span in rows)
+    table = compact_table(f"{len(rows)} traces", "time in UTC · tokens in/out · `keel traces show ID` for one")
+    table.add_column("trace", no_wrap=True)
+    table.add_column("time", no_wrap=True)
+    table.add_column("model", overflow="fold")
+    table.add_column("status", overflow="fold")
+    for column in ("tokens", "cost", "latency", *(("att",) if retried else ())):
+        table.add_column(column, justify="right", no_wrap=True)
     for span in rows:
         a = span.attributes
-        status_text = "[green]ok[/]" if span.status == "ok" else f"[red]{span.error_type}[/]"
-        table.add_row(
-            short_id(span.trace_id), _when(span.start_time),
-            escape(str(a.get("keel.model") or a.get("gen_ai.request.model"))),
-            status_text, str(a.get("gen_ai.usage.input_tokens", "-")), str(a.get("gen_ai.usage.output_tokens", "-")),
-            _cost(a.get("keel.cost_usd")), f"{span.duration_ms:.0f}", str(a.get("keel.attempts", "-")),
-        )  # fmt: skip
-    console.print(table)
+        status_text = "[green]ok[/]" if span.status == "ok" else f"[red]{escape(span.error_type or 'error')}[/]"
+        tokens = f"{a.get('gen_ai.usage.input_tokens', '-')}/{a.get('gen_ai.usage.output_tokens', '-')}"
+        cells = [
+            short_id(span.trace_id), _when(span.start_time)[5:16],
+            escape(str(a.get("keel.model") or a.get("gen_ai.request.model"))), status_text, tokens,
+            usd(a.get("keel.cost_usd")), latency(span.duration_ms),
+        ]  # fmt: skip
+        table.add_row(*cells, *((str(a.get("keel.attempts", "-")),) if retried else ()))
+    return table
 
 
 def _span_label(span: Span) -> str:
@@ -135,13 +147,17 @@ def stats(days: Annotated[float | None, typer.Option(help="Only the last N days.
     Example: keel traces stats --days 7
     """
     rows = _store().stats(since=_since(days))
-    table = Table(title="chat calls by model and day (UTC)", caption="latency in ms · tokens in/out · cost in USD")
-    for column in ("day", "model", "calls", "errors", "p50", "p95", "in", "out", "cost"):
-        table.add_column(column, justify="left" if column in ("day", "model") else "right", no_wrap=True)
+    one_year = len({r.day[:4] for r in rows}) <= 1  # then the year goes in the title, not in every row
+    year = f", {rows[0].day[:4]}" if rows and one_year else ""
+    table = compact_table(f"chat calls by model and day (UTC{year})", "latency p50/p95 · tokens in/out")
+    table.add_column("day", no_wrap=True)
+    table.add_column("model", overflow="fold", ratio=1)
+    for column in ("calls", "errors", "p50/p95", "tokens", "cost"):
+        table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
-            r.day, escape(r.model), str(r.calls), f"{r.error_rate:.1%}",
-            "-" if r.p50_ms is None else f"{r.p50_ms:.0f}", "-" if r.p95_ms is None else f"{r.p95_ms:.0f}",
-            f"{r.input_tokens:,}", f"{r.output_tokens:,}", "-" if r.cost_usd is None else f"{r.cost_usd:.6f}",
+            r.day[5:] if one_year else r.day, escape(r.model), count(r.calls),
+            "0" if r.error_rate == 0 else f"{r.error_rate:.1%}", f"{latency(r.p50_ms)}/{latency(r.p95_ms)}",
+            f"{count(r.input_tokens)}/{count(r.output_tokens)}", usd(r.cost_usd),
         )  # fmt: skip
     console.print(table)

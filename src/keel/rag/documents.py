@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import threading
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -76,11 +79,13 @@ class Document:
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """A file (or a line of one) that was skipped, and why."""
+    """A file (or a line of one) that was skipped, and why; or, with `skipped=False`, a warning about a file
+    that was read (a damaged PDF that pypdf could still read)."""
 
     source: str
     reason: str
     line: int | None = None
+    skipped: bool = True
 
     def __str__(self) -> str:
         return f"{self.source}{f':{self.line}' if self.line else ''}: {self.reason}"
@@ -144,6 +149,7 @@ def load_file(
 ) -> Iterator[Document | Problem]:
     """The documents of one file, or the problems that kept them out."""
     suffix = path.suffix.lower()
+    warnings: list[str] = []
     try:
         size = path.stat().st_size
         if suffix not in SUPPORTED_SUFFIXES:
@@ -155,13 +161,16 @@ def load_file(
         if suffix == ".jsonl":
             yield from _jsonl(path, source, metadata or {})
             return
-        document = _LOADERS[suffix](path, source)
+        with _library_warnings() as warnings:
+            document = _LOADERS[suffix](path, source)
     except _Skip as skip:
-        yield Problem(source, str(skip))
+        yield Problem(source, str(skip) + (f" ({'; '.join(dict.fromkeys(warnings))})" if warnings else ""))
         return
     except OSError as exc:
         yield Problem(source, f"unreadable: {exc.strerror or exc}")
         return
+    for message in dict.fromkeys(warnings):  # read despite them: reported, not skipped
+        yield Problem(source, message, skipped=False)
     if not document.text.strip():
         yield Problem(source, "no text in the file (empty, or only images or markup)")
         return
@@ -170,6 +179,32 @@ def load_file(
         doc_id=source, text=document.text, title=document.title or path.stem, source=source, metadata=meta,
         sections=document.sections, pages=document.pages,
     )  # fmt: skip
+
+
+class _Collect(logging.Handler):
+    """The warnings a reader library logs in this thread (other threads may be reading other files)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(f"{record.name.split('.')[0]}: {record.getMessage()}")
+
+
+@contextmanager
+def _library_warnings() -> Iterator[list[str]]:
+    """Collect what pypdf logs (`EOF marker not found`, ...) for the per-file report. With a handler on its
+    logger, Python's last-resort handler no longer prints the warnings raw on stderr."""
+    collect = _Collect()
+    logger = logging.getLogger("pypdf")
+    logger.addHandler(collect)
+    try:
+        yield collect.messages
+    finally:
+        logger.removeHandler(collect)
 
 
 def _read_text(path: Path) -> str:

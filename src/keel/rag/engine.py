@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from keel.errors import ConfigError, InputError, UnknownModel
+from keel.errors import ConfigError, InputError, ModelNotAllowed, UnknownModel
 from keel.gateway import Gateway
 from keel.gateway.pipeline import CallContext
 from keel.rag.answer import (
@@ -284,9 +284,31 @@ class RAG:
         """Retrieve (and optionally rerank) chunks for a query: scores of every retriever on every hit."""
         query = _check_query(query)
         info = self.collection(collection)
+        self._check_key(key, info, None)
         opts = self.options(**options)
         retrieval, _ = await self._retrieve(query, info, opts, self.reranker(rerank), key)
         return retrieval
+
+    def _check_key(self, key: str | None, info: CollectionInfo, answer_model: str | None) -> None:
+        """Refuse up front, naming the model and why RAG needs it: a key made for chat ("--models
+        gpt-4o-mini,local") would otherwise meet a bare 403 on the collection's embedding model."""
+        config = self.gateway.keys.get(key) if key is not None else None
+        if config is None or config.models is None:
+            return
+        allowed = config.models
+        usable = {self.gateway.resolve(m) for m in allowed}
+        embedding = info.embedding_model
+        if embedding in self.gateway.model_names and self.gateway.resolve(embedding) not in usable:
+            raise ModelNotAllowed(
+                f"key {key!r} may not use {embedding!r}, the embedding model of collection {info.name!r}: RAG embeds"
+                f" every question with it to search the collection. Allow it too, e.g. a key created with --models"
+                f" {','.join([*allowed, embedding])} (allowed now: {', '.join(allowed)})"
+            )
+        if answer_model is not None and answer_model not in usable:
+            raise ModelNotAllowed(
+                f"key {key!r} may not use {answer_model!r}, the chat model that writes RAG answers (rag.answer_model"
+                f" or the request's model); allowed: {', '.join(allowed)}"
+            )
 
     async def _retrieve(
         self, query: str, info: CollectionInfo, options: RetrievalOptions, reranker: Reranker | None, key: str | None
@@ -342,6 +364,7 @@ class RAG:
                 span.attributes[f"keel.metadata.{k}"] = v
             span.input = {"question": question}
             info = self.collection(collection)
+            self._check_key(key, info, None if mode == "extractive" else model_name)
             question_tokens = self.gateway.count_tokens(question, model_name)
             if question_tokens > budget // 2:
                 raise QueryTooLong(

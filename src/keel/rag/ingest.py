@@ -64,6 +64,9 @@ class StoreUnavailable(KeelError):
 
 
 class IngestProgress(Protocol):
+    """What an ingest reports as it goes. It may also have `embedded(chunks)`, called after each embedding batch,
+    so that a large document (thousands of chunks) shows progress before it is written whole."""
+
     def started(self, total: int | None) -> None: ...
 
     def advanced(self, documents: int, chunks: int) -> None: ...
@@ -90,12 +93,18 @@ class IngestReport:
     def documents(self) -> int:
         return self.added + self.updated + self.unchanged
 
+    @property
+    def skipped(self) -> int:
+        """Files (or lines) left out; the other problems are warnings about files that were ingested."""
+        return sum(p.skipped for p in self.problems)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "collection": self.collection, "added": self.added, "updated": self.updated,
             "unchanged": self.unchanged, "deleted": self.deleted, "chunks": self.chunks, "embedded": self.embedded,
-            "cached": self.cached, "problems": [{"source": p.source, "line": p.line, "reason": p.reason}
-                                                for p in self.problems],
+            "cached": self.cached,
+            "problems": [{"source": p.source, "line": p.line, "reason": p.reason, "skipped": p.skipped}
+                         for p in self.problems],
             "seconds": round(self.seconds, 3), "read_s": round(self.read_s, 3), "embed_s": round(self.embed_s, 3),
             "write_s": round(self.write_s, 3), "trace_id": self.trace_id,
         }  # fmt: skip
@@ -189,7 +198,8 @@ class _Reader:
         for item in self.iterator:
             if isinstance(item, Problem):
                 prepared.problems.append(item)
-                self.problem_sources.add(item.source)
+                if item.skipped:  # a warning about a file that was read keeps it in the scope
+                    self.problem_sources.add(item.source)
                 continue
             document = _clean(item)
             if isinstance(document, Problem):
@@ -257,7 +267,7 @@ async def run_ingest(
             texts = [c.indexed_text for _, pieces in prepared.documents for c in pieces]
             t0 = time.perf_counter()
             computed, cached = embedder.computed, embedder.cached
-            vectors = await embedder.documents(texts, key=key) if texts else np.zeros((0, 0), np.float32)
+            vectors = await _embed_in_batches(embedder, texts, batch, key, progress)
             report.embed_s += time.perf_counter() - t0
             report.embedded += embedder.computed - computed
             report.cached += embedder.cached - cached
@@ -300,6 +310,22 @@ async def run_ingest(
     await store_call_with_retries(index, index.flush, info)
     report.seconds += time.perf_counter() - started
     return report
+
+
+async def _embed_in_batches(
+    embedder: Embedder, texts: list[str], batch: int, key: str | None, progress: IngestProgress | None
+) -> np.ndarray:
+    """Vectors of `texts`, `batch` at a time: each batch is cached as soon as it is embedded, so an interrupted
+    run over a large document resumes from the cache, and the progress shows the chunks embedded so far."""
+    if not texts:
+        return np.zeros((0, 0), np.float32)
+    report_embedded = getattr(progress, "embedded", None)
+    parts = []
+    for start in range(0, len(texts), batch):
+        parts.append(await embedder.documents(texts[start : start + batch], key=key))
+        if report_embedded is not None:
+            report_embedded(len(parts[-1]))
+    return np.vstack(parts)
 
 
 async def _gather_or_cancel(*coroutines: Any) -> None:

@@ -168,6 +168,16 @@ def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any
     }
 
 
+def _model_entry(gw: Gateway, name: str) -> dict[str, Any]:
+    """An OpenAI model object; one that cannot be called as configured (its API key is not set) stays listed,
+    with `available: false` and the reason: SDKs ignore the extra fields, and a caller sees why it fails."""
+    entry: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "keel", "available": True}
+    resolved = gw.resolve(name)
+    if resolved not in gw._extra and (reason := gw.config.unavailable(resolved)):  # an injected model needs no key
+        entry.update(available=False, unavailable_reason=reason)
+    return entry
+
+
 def _base64_floats(vector: list[float]) -> str:
     """OpenAI's base64 embedding encoding: little-endian float32."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
@@ -266,10 +276,6 @@ def _visible_models(request: Request) -> list[str]:
         usable = {gw.resolve(m) for m in allowed}
         names = [n for n in names if gw.resolve(n) in usable]
     return names
-
-
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "keel"}
 
 
 def create_app(config: Config | None = None, *, gateway: Gateway | None = None) -> FastAPI:
@@ -375,14 +381,15 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        return {"object": "list", "data": [_model_object(n) for n in _visible_models(request)]}
+        gw: Gateway = request.app.state.gateway
+        return {"object": "list", "data": [_model_entry(gw, n) for n in _visible_models(request)]}
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
         """One model, as OpenAI answers it; 404 `model_not_found` for a model this key cannot see."""
         if model not in _visible_models(request):
             raise NoSuchModel(f"the model {model!r} does not exist or this key may not use it")
-        return _model_object(model)
+        return _model_entry(request.app.state.gateway, model)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

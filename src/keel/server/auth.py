@@ -141,6 +141,8 @@ class KeyRing:
 
     def __init__(self, gateway: Gateway, *, admin_env: str, refresh_s: float) -> None:
         self.gateway = gateway
+        # read once, here: a server started before the variable was exported has no admin key (the errors say so)
+        self.admin_env = admin_env
         admin = os.environ.get(admin_env, "").strip()
         self._admin_hash = hash_key(admin) if admin else None
         self.refresh_s = refresh_s
@@ -224,7 +226,17 @@ class KeyRing:
             )
         if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-        raise Unauthorized(f"invalid API key {token[:8]}...")
+        raise Unauthorized(f"invalid API key {token[:8]}...: not a key of this server; {self.admin_hint()}")
+
+    def admin_hint(self) -> str:
+        """How this server reads its admin key: the step a new user misses is exporting it before the start."""
+        env = self.admin_env
+        if self._admin_hash is None:
+            return (
+                f"this server has no admin key: it reads ${env} once, when it starts, from its own environment;"
+                f" export {env} and restart `keel serve`"
+            )
+        return f"the admin key is read from ${env} once, when the server starts: restart it after changing the key"
 
 
 def caller(request: Request) -> Caller:
@@ -245,5 +257,6 @@ async def require_admin(request: Request) -> Caller:
             "(with no keys, keel answers only model calls made on this machine)"
         )
     if not who.admin:
-        raise Forbidden("this endpoint needs the admin key")
+        keyring: KeyRing = request.app.state.keyring
+        raise Forbidden(f"this endpoint needs the admin key, not the virtual key {who.key!r}; {keyring.admin_hint()}")
     return who

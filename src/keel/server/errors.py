@@ -8,7 +8,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from keel.errors import KeelError
+from keel.errors import AllModelsFailed, ConfigError, KeelError
 
 __all__ = ["error_body", "error_response", "http_error_response", "keel_error_response", "validation_error"]
 
@@ -30,6 +30,10 @@ def keel_error_response(error: KeelError) -> JSONResponse:
         response.headers["retry-after"] = str(max(1, round(retry_after)))
     if error.http_status == 401:
         response.headers["www-authenticate"] = "Bearer"
+    if isinstance(error.last if isinstance(error, AllModelsFailed) and error.errors else error, ConfigError):
+        # the server's own configuration (a missing API key): the same request fails again, so tell the
+        # openai SDK (and every SDK generated like it) not to retry, whatever the status
+        response.headers["x-should-retry"] = "false"
     return response
 
 
