@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from keel.errors import ConfigError, InputError
 from keel.evals.dataset import ROLES, Case, DatasetError, cases_from_rows, load_rows
@@ -184,9 +184,16 @@ class ScorerSpec(_Strict):
         option = needs.get(self.type)
         if option is not None and getattr(self, option) is None:
             raise ValueError(f"a {self.type} scorer needs `{option.rstrip('_')}`")
-        if isinstance(self.threshold, (int, float)) and not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold must be between 0 and 1 (scores are), not {self.threshold}")
         return self
+
+    @field_validator("threshold")
+    @classmethod
+    def _in_unit_range(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        for v in values:
+            if not 0 <= v <= 1:
+                raise ValueError(f"threshold must be between 0 and 1 (scores are), not {v}")
+        return value
 
     @field_serializer("function")
     def _function_name(self, value: Any) -> Any:
@@ -324,22 +331,20 @@ def _load_cases(spec: SuiteSpec, base_dir: Path) -> list[Case]:
 
 
 def yaml_line(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
-    """The 1-based line of the deepest node of a field path that exists in the YAML document."""
-    node, line = root, None
+    """The 1-based line of the deepest field of a path that exists in the YAML document (a field's key line)."""
+    node = root
+    line = None if root is None else root.start_mark.line + 1
     for part in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if getattr(k, "value", None) == str(part)), None)
-            if node is None:  # the field is missing or unknown: point at its parent, or at the key itself
+            found = next(((k, v) for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+            if found is None:  # a missing field: its parent's line
                 break
+            line, node = found[0].start_mark.line + 1, found[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
+            line = node.start_mark.line + 1
         else:
             break
-    if node is not None:
-        line = node.start_mark.line + 1
     return line
 
 
