@@ -63,7 +63,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _register() -> None:
-    from keel.cli import alerts, chat, config, jobs, keys, models, rag, serve, traces, worker
+    from keel.cli import alerts, chat, config, evals, jobs, keys, models, rag, serve, traces, worker
 
     app.command("chat")(chat.chat)
     app.command("models")(models.models)
@@ -75,6 +75,7 @@ def _register() -> None:
     app.command("serve")(serve.serve)
     app.add_typer(jobs.app, name="jobs")
     app.command("worker")(worker.worker)
+    app.add_typer(evals.app, name="eval")
 
 
 _register()

@@ -1,0 +1,149 @@
+"""`keel eval run` and `run_suite`: durable, resumable, cached runs; rescoring without a model call; kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keel import Gateway
+from keel.evals import Suite, load_run, rescore, run_suite, summarize
+from keel.models.test import FunctionModel
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [{"id": f"c{i}", "q": f"what is {i}?", "a": str(i)} for i in range(6)]
+
+
+def _suite(**extra: Any) -> Suite:
+    spec = {
+        "name": "numbers", "dataset": {"rows": ROWS, "columns": {"input": "q", "expected": "a"}},
+        "task": {"prompt": "{q}", "model": "fn"}, "scorers": [{"type": "contains", "threshold": 1}],
+        "repeats": 2, "concurrency": 3, **extra,
+    }  # fmt: skip
+    return Suite.from_spec(spec)
+
+
+def _model(calls: Counter[str]) -> FunctionModel:
+    def answer(request: Any) -> str:
+        text = request.messages[-1].content
+        calls[text] += 1
+        n = int(text.split()[2].rstrip("?"))
+        # case 1 flips between repeats (a flaky case); case 5 is always wrong
+        return "no" if n == 5 or (n == 1 and calls[text] % 2 == 0) else f"it is {n}"
+
+    return FunctionModel(answer)
+
+
+def test_a_run_records_every_case_and_a_rerun_calls_no_model() -> None:
+    calls: Counter[str] = Counter()
+    gw = Gateway(models={"fn": _model(calls)})
+    try:
+        [run] = run_suite(_suite(), gateway=gw)
+        assert run.status == "done" and len(run.cases) == 12
+        assert sum(calls.values()) == 12 and set(calls.values()) == {2}
+        summary = summarize(run)
+        assert summary.flaky == ["c1"]
+        assert summary.pass_at_k == {1: pytest.approx(9 / 12), 2: pytest.approx(5 / 6)}
+        assert summary.pass_hat_k[2] == pytest.approx(4 / 6)
+        case = run.cases[0]
+        assert case.output == "it is 0" and case.input_tokens and case.latency_s is not None
+        span = next(s for s in gw.store.get_trace(case.trace_id) if s.name == "job.item")  # type: ignore[union-attr]
+        assert span.attributes["keel.eval.run"] == run.run_id and span.attributes["keel.eval.case"] == "c0"
+        assert span.attributes["keel.eval.variant"] == "model=fn"
+        assert any(s.name.startswith("chat") for s in gw.store.get_trace(case.trace_id))  # type: ignore[union-attr]
+        # the same suite again: the same run, nothing called
+        [again] = run_suite(_suite(), gateway=gw)
+        assert again.run_id == run.run_id and sum(calls.values()) == 12
+        # a new run (other concurrency is the same task) takes every output from the cache
+        [other] = run_suite(_suite(name="numbers2"), gateway=gw)
+        assert other.run_id != run.run_id and len(other.cases) == 12 and sum(calls.values()) == 12
+    finally:
+        gw.close()
+
+
+def test_rescore_uses_the_current_scorers_and_calls_nothing() -> None:
+    calls: Counter[str] = Counter()
+    gw = Gateway(models={"fn": _model(calls)})
+    try:
+        [run] = run_suite(_suite(repeats=1), gateway=gw)
+        assert sum(calls.values()) == 6
+        new = _suite(repeats=1, scorers=[{"type": "regex", "pattern": "^it is", "threshold": 1},
+                                         {"type": "custom", "function": "evals_app:broken_score"}])
+        assert gw.store is not None
+        result = rescore(gw.store, run.run_id, suite=new)
+        assert sum(calls.values()) == 6  # no model call
+        assert set(result.metric_names()) == {"regex", "custom"}
+        by_id = {c.case_id: c for c in result.cases}
+        assert by_id["c5"].scores["regex"] == 0.0 and by_id["c0"].scores["regex"] == 1.0
+        assert by_id["c0"].scores["custom"] is None and by_id["c0"].scorer_errors[0].scorer == "custom"
+        assert load_run(gw.store, run.run_id).thresholds == {"regex": 1.0}
+    finally:
+        gw.close()
+
+
+def test_a_failing_task_is_recorded_as_errored() -> None:
+    def answer(request: Any) -> str:
+        if "3" in request.messages[-1].content:
+            raise ValueError("boom")
+        return "ok"
+
+    gw = Gateway(models={"fn": FunctionModel(answer)})
+    try:
+        [run] = run_suite(_suite(repeats=1), gateway=gw)
+        failed = [c for c in run.cases if c.error is not None]
+        assert [c.case_id for c in failed] == ["c3"] and failed[0].passed is None and not failed[0].scores
+        assert summarize(run).task_errors == 1
+    finally:
+        gw.close()
+
+
+SUITE_YAML = """\
+name: killed
+dataset: {path: data.jsonl}
+task: {function: "evals_app:answer"}
+scorers:
+  - {type: contains, value: WHAT, threshold: 1}
+concurrency: 1
+"""
+
+
+def _keel(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'tests'}", "EVALS_CALLS": str(tmp_path / "calls"),
+               "KEEL_STORE": str(tmp_path / "keel.db"), **env}  # fmt: skip
+    code = "from keel.cli.app import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=environ,
+                          cwd=tmp_path, timeout=240)  # fmt: skip
+
+
+def test_kill_9_then_rerun_resumes_with_no_case_done_twice_and_none_lost(tmp_path: Path) -> None:
+    rows = [{"id": f"k{i}", "input": f"what {i}"} for i in range(12)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "suite.yaml").write_text(SUITE_YAML)
+    killed = _keel(["eval", "run", "suite.yaml"], tmp_path, EVALS_KILL_AT="6")
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / "calls").read_text().count("\n") == 5
+    done = _keel(["eval", "run", "suite.yaml", "--json"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    calls = Counter((tmp_path / "calls").read_text().splitlines())
+    assert set(calls) == {r["input"] for r in rows} and set(calls.values()) == {1}  # none twice, none lost
+    summary = json.loads(done.stdout)[0]
+    assert summary["cases"] == 12 and summary["pass_rate"] == 1.0
+    shown = _keel(["eval", "show", summary["run_id"]], tmp_path)
+    assert shown.returncode == 0 and "pass@1 1.000" in shown.stdout
+    listed = _keel(["eval", "list"], tmp_path)
+    assert "12/12" in listed.stdout
+
+
+def test_cli_errors_are_clear(tmp_path: Path) -> None:
+    (tmp_path / "suite.yaml").write_text(SUITE_YAML.replace("concurrency: 1", "concurency: 1"))
+    (tmp_path / "data.jsonl").write_text('{"input": "x"}\n')
+    bad = _keel(["eval", "run", "suite.yaml"], tmp_path)
+    assert bad.returncode == 3 and "suite.yaml:6 [concurency]: unknown field" in bad.stderr
+    missing = _keel(["eval", "show", "nope"], tmp_path)
+    assert missing.returncode == 2 and "no evaluation run 'nope'" in missing.stderr
