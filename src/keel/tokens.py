@@ -24,8 +24,6 @@ import math
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-import bpe_openai
-
 if TYPE_CHECKING:
     from keel.types import ChatRequest, Message
 
@@ -45,16 +43,26 @@ PER_MESSAGE = 3
 REPLY_PRIMING = 3
 
 
+def _bpe() -> Any:
+    """bpe_openai, imported on first use: loading it takes most of a second, which a CLI command that
+    counts nothing should not pay."""
+    import bpe_openai
+
+    return bpe_openai
+
+
 @lru_cache(maxsize=8)
 def _encoding(name: str) -> Any:
-    return bpe_openai.get_encoding(name)
+    return _bpe().get_encoding(name)
 
 
+@lru_cache(maxsize=256)
 def encoding_for(model_id: str) -> str | None:
     """The tiktoken encoding name of an OpenAI model, or None if not an OpenAI model."""
+    bpe = _bpe()
     try:
-        return str(bpe_openai.encoding_name_for_model(model_id))
-    except (KeyError, bpe_openai.UnsupportedModelError):
+        return str(bpe.encoding_name_for_model(model_id))
+    except (KeyError, bpe.UnsupportedModelError):
         return None
 
 

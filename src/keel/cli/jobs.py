@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,7 +13,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from keel.cli.app import handle_errors
-from keel.jobs import JobRow, JobRunner, JobStatus
+
+if TYPE_CHECKING:  # keel.jobs loads DBOS (a second of start-up): only the jobs commands pay for it
+    from keel.jobs import JobRow, JobStatus
 
 app = typer.Typer(help="Durable jobs: their progress, failures and cost; cancel, resume, retry.", no_args_is_help=True)
 console = Console(highlight=False)
@@ -25,6 +27,12 @@ _STATUS_STYLE = {"running": "cyan", "done": "green", "failed": "bold red", "canc
 
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%m-%d %H:%M:%S")
+
+
+def _runner() -> Any:
+    from keel.jobs import JobRunner
+
+    return JobRunner()
 
 
 def _row_json(job: JobRow) -> dict[str, Any]:
@@ -58,7 +66,7 @@ def list_jobs(
     """
     if status is not None and status not in _STATUS_STYLE:
         raise typer.BadParameter(f"{status!r}: use running, done, failed or cancelled", param_hint="--status")
-    with JobRunner() as runner:
+    with _runner() as runner:
         jobs = runner.jobs(status=status, limit=limit)
     if as_json:
         typer.echo(json.dumps([_row_json(j) for j in jobs], indent=2))
@@ -109,7 +117,7 @@ def show(name: NameArg, errors: Annotated[int, typer.Option(min=0, max=1000, hel
 
     Example: keel jobs show ingest-2026-12 --errors 20
     """
-    with JobRunner() as runner:
+    with _runner() as runner:
         status = runner.status(name, errors=errors)
     if as_json:
         out = {**_row_json(status.job), "items": status.counts,
@@ -127,7 +135,7 @@ def cancel(name: NameArg) -> None:
 
     Example: keel jobs cancel ingest-2026-12
     """
-    with JobRunner() as runner:
+    with _runner() as runner:
         job = runner.cancel(name)
     console.print(f"cancelled {escape(job.name)}: {job.done}/{job.total} done, {job.remaining} left")
 
@@ -139,7 +147,7 @@ def resume(name: NameArg) -> None:
 
     Example: keel jobs resume ingest-2026-12
     """
-    with JobRunner() as runner:
+    with _runner() as runner:
         job = runner.resume(name)
     console.print(f"resumed {escape(job.name)}: {job.remaining} items queued")
 
@@ -151,7 +159,7 @@ def retry(name: NameArg) -> None:
 
     Example: keel jobs retry ingest-2026-12
     """
-    with JobRunner() as runner:
+    with _runner() as runner:
         count = runner.retry_failed(name)
     console.print(
         f"{count} failed items of {escape(name)} queued again" if count else f"{escape(name)} has no failed items"

@@ -13,7 +13,6 @@ from rich.console import Console
 
 from keel.cli.app import handle_errors
 from keel.config import load_config
-from keel.jobs.worker import Worker, default_worker_id, import_kinds
 
 err = Console(stderr=True, highlight=False)
 
@@ -36,6 +35,8 @@ def worker(
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)-8s %(name)s: %(message)s")
     config = load_config()
+    from keel.jobs.worker import Worker, default_worker_id, import_kinds  # DBOS: loaded by this command only
+
     import_kinds(tuple(imports or ()))
     running = Worker(config, worker_id=worker_id or default_worker_id()).start()
     err.print(f"worker {running.worker_id} running; store {config.store_url}")
