@@ -91,6 +91,13 @@ def _check_options(o: ChatOptions) -> None:
         raise InputError(f"timeout must be positive, got {o.timeout}")
     if o.top_p is not None and not 0 < o.top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {o.top_p}")
+    if not isinstance(o.logprobs, bool):
+        raise InputError(f"logprobs must be true or false, got {o.logprobs!r}")
+    _number("top_logprobs", o.top_logprobs, int)
+    if o.top_logprobs is not None and not 0 <= o.top_logprobs <= 20:
+        raise InputError(f"top_logprobs must be between 0 and 20, got {o.top_logprobs}")
+    if o.top_logprobs is not None and not o.logprobs:
+        raise InputError("top_logprobs needs logprobs=True")
 
 
 @dataclass
@@ -308,6 +315,8 @@ class Gateway:
         latency = time.perf_counter() - started
         span.set(gen_ai__provider__name=response.provider, gen_ai__response__model=response.model)
         span.set(gen_ai__response__finish_reasons=[response.finish_reason], keel__model=response.deployment)
+        if response.stop_reason:  # e.g. "repetition": the local model was stopped in a loop
+            span.set(keel__stop_reason=response.stop_reason)
         span.set(keel__cache_hit=False)
         self._record_usage(span, response.usage, response.cost_usd, response.attempts)
         span.output = {
@@ -318,7 +327,8 @@ class Gateway:
             text=response.text, tool_calls=response.tool_calls, finish_reason=response.finish_reason,
             usage=response.usage, cost_usd=response.cost_usd, latency_s=latency, model=response.deployment,
             response_model=response.model, provider=response.provider, attempts=response.attempts,
-            trace_id=span.trace_id, span_id=span.span_id, parsed=parsed,
+            trace_id=span.trace_id, span_id=span.span_id, parsed=parsed, logprobs=response.logprobs,
+            stop_reason=response.stop_reason,
         )  # fmt: skip
 
     def _failed(self, span: Span, error: BaseException, admission: _Admission, *, streamed: bool = False) -> None:
@@ -352,6 +362,8 @@ class Gateway:
         tools: Sequence[Tool | Mapping[str, Any]] | None = None,
         tool_choice: str | None = None,
         timeout: float | None = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
         response_model: type[BaseModel] | Mapping[str, Any] | None = None,
         max_reasks: int = 2,
         key: str | None = None,
@@ -371,7 +383,7 @@ class Gateway:
                 temperature=temperature, max_tokens=max_tokens,
                 stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
                 seed=seed, top_p=top_p, tools=_tools(tools), tool_choice=tool_choice, timeout=timeout,
-                response_format=spec.format if spec else None,
+                response_format=spec.format if spec else None, logprobs=logprobs, top_logprobs=top_logprobs,
             )  # fmt: skip
             request = self._request(messages, name, system, options)
             self._record_request(span, request)

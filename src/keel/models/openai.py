@@ -25,7 +25,16 @@ from keel import tokens
 from keel.errors import ContextWindowExceeded, MalformedResponse, ProviderError
 from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
 from keel.models.base import Model, StreamItem
-from keel.types import ChatRequest, EmbeddingResult, ModelResponse, StreamDelta, ToolCall, Usage
+from keel.types import (
+    ChatRequest,
+    EmbeddingResult,
+    ModelResponse,
+    StreamDelta,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
 
 __all__ = ["OpenAIModel", "request_body", "translate_error"]
 
@@ -48,6 +57,8 @@ def request_body(request: ChatRequest) -> dict[str, Any]:
         "stop": list(o.stop) or None,
         "tools": [t.to_openai() for t in o.tools] or None,
         "tool_choice": _tool_choice(o.tool_choice),
+        "logprobs": o.logprobs or None,
+        "top_logprobs": o.top_logprobs if o.logprobs else None,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if o.response_format is not None:
@@ -57,6 +68,28 @@ def request_body(request: ChatRequest) -> dict[str, Any]:
             "json_schema": {"name": fmt.name, "schema": dict(fmt.schema), "strict": fmt.strict},
         }
     return body
+
+
+def _token_bytes(raw: Any) -> tuple[int, ...] | None:
+    return tuple(int(b) for b in raw) if isinstance(raw, list) else None
+
+
+def logprobs_from_openai(raw: Any) -> tuple[TokenLogprob, ...] | None:
+    """`choices[i].logprobs` of an OpenAI answer (a dict, or the SDK's object) as keel values; None when absent."""
+    if raw is None:
+        return None
+    content = raw.get("content") if isinstance(raw, dict) else getattr(raw, "content", None)
+    if content is None:
+        return None
+    out = []
+    for item in content:
+        entry = item if isinstance(item, dict) else item.model_dump()
+        tops = tuple(
+            TopLogprob(t["token"], float(t["logprob"]), _token_bytes(t.get("bytes")))
+            for t in entry.get("top_logprobs") or []
+        )
+        out.append(TokenLogprob(entry["token"], float(entry["logprob"]), _token_bytes(entry.get("bytes")), tops))
+    return tuple(out)
 
 
 def _usage_dict(raw: dict[str, Any] | None) -> Usage:
@@ -113,6 +146,7 @@ def translate_error(exc: Exception, provider: str, model: str) -> ProviderError 
 
 class OpenAIModel(Model):
     provider = "openai"
+    supports_logprobs = True  # passed through; an upstream that gives none answers without them
 
     def __init__(
         self,
@@ -173,6 +207,7 @@ class OpenAIModel(Model):
             usage=_usage_dict(raw.get("usage")),
             model=raw.get("model") or "",
             provider=self.provider,
+            logprobs=logprobs_from_openai(choice.get("logprobs")),
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
@@ -194,6 +229,7 @@ class OpenAIModel(Model):
         usage = Usage()
         finish = "stop"
         model = ""
+        logprobs: list[TokenLogprob] | None = None
         async for chunk in stream:
             model = chunk.model or model
             if chunk.usage is not None:
@@ -201,9 +237,13 @@ class OpenAIModel(Model):
             for choice in chunk.choices:
                 finish = choice.finish_reason or finish
                 delta = choice.delta
-                if delta.content:
-                    text.append(delta.content)
-                    yield StreamDelta(text=delta.content)
+                pieces = logprobs_from_openai(choice.logprobs) or ()
+                if pieces:
+                    logprobs = logprobs or []
+                    logprobs.extend(pieces)
+                if delta.content or pieces:
+                    text.append(delta.content or "")
+                    yield StreamDelta(text=delta.content or "", logprobs=pieces)
                 for piece in delta.tool_calls or []:
                     call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
                     fn = piece.function
@@ -217,7 +257,8 @@ class OpenAIModel(Model):
                         tool_arguments=(fn.arguments if fn else "") or "",
                     )
         tool_calls = tuple(ToolCall(c["id"], c["name"], c["arguments"] or "{}") for _, c in sorted(calls.items()))
-        yield ModelResponse("".join(text), tool_calls, finish, usage, model, self.provider)
+        lps = None if logprobs is None else tuple(logprobs)
+        yield ModelResponse("".join(text), tool_calls, finish, usage, model, self.provider, logprobs=lps)
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         try:

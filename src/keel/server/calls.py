@@ -4,14 +4,15 @@ when the client leaves."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
 
 from keel.errors import KeelError, ProviderTimeout
+from keel.types import TokenLogprob
 
-__all__ = ["ClientDisconnected", "attribution", "guarded"]
+__all__ = ["ClientDisconnected", "attribution", "guarded", "logprobs_body"]
 
 T = TypeVar("T")
 
@@ -68,3 +69,10 @@ def attribution(request: Request, user: str | None, metadata: dict[str, str] | N
         if name.startswith("x-keel-meta-") and len(found) < 64:
             found[name.removeprefix("x-keel-meta-")[:64]] = value[:256]
     return found or None
+
+
+def logprobs_body(logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's `choices[0].logprobs`: {"content": [{token, logprob, bytes, top_logprobs}, ...], "refusal": None}."""
+    if logprobs is None:
+        return None
+    return {"content": [t.to_openai() for t in logprobs], "refusal": None}
