@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -346,3 +348,20 @@ async def test_streamed_logprobs_cover_every_token(model: LocalModel) -> None:
     streamed = [t for i in items[:-1] if isinstance(i, StreamDelta) for t in i.logprobs]
     assert streamed == list(final.logprobs) and len(streamed) == final.usage.output_tokens
     assert all(t.top_logprobs == () for t in streamed)  # logprobs without top_logprobs: no alternatives
+
+
+async def test_prompt_evaluation_uses_every_core_with_sleeping_waiters(model: LocalModel) -> None:
+    from keel.models.local import BATCH_THREADS, THREADS
+
+    _, engine = model._engine()
+    params = engine.llama.context_params
+    assert (params.n_threads, params.n_threads_batch) == (THREADS, BATCH_THREADS)
+    assert BATCH_THREADS == max(1, min(8, os.cpu_count() or 2)) >= THREADS
+    # set before llama.cpp's OpenMP runtime loads, so that busy cores slow it down rather than stall it
+    code = "import os, keel.models.local; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's own choice is kept
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "ACTIVE"

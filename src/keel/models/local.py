@@ -25,11 +25,15 @@ How it runs
   llama.cpp call could not do. Stop sequences are applied here, not by
   llama.cpp, so the number of generated tokens is known exactly; usage is
   the same as llama.cpp's own non-streaming count (the tests pin that).
-- `threads` (default 2) is llama.cpp's thread count. Its OpenMP workers
-  spin-wait, so on a machine whose cores are busy with other work, 2 threads
-  on 2 cores can fall to a few tokens/s, where 1 thread stays at about
-  20 to 50 tokens/s (measured on the 2-core development machine). Use
-  `threads=1` when the model shares a small machine with other work.
+- `threads` (default: half the cores, at most 4) is llama.cpp's thread count
+  for generation, `batch_threads` (default: every core, at most 8) for
+  prompt evaluation. Its OpenMP workers spin-wait by default, so on a machine
+  whose cores are busy with other work, 2 threads on 2 cores can fall to a
+  few tokens/s, where 1 thread stays at about 20 to 50 tokens/s (measured on
+  the 2-core development machine). keel sets `OMP_WAIT_POLICY=PASSIVE`
+  (unless already set) before llama.cpp loads: waiting threads then sleep,
+  and the prompt, whose large batches keep every thread busy, can use every
+  core without that risk.
 
 Options
 -------
@@ -127,10 +131,18 @@ SMOLLM2 = "smollm2"
 DEFAULT_CONTEXT_WINDOW = 8192
 # What a call without max_tokens may generate: SmolLM2's answers end well before this (about 10 s at 50 tok/s).
 DEFAULT_MAX_OUTPUT_TOKENS = 512
-# llama.cpp's threads busy-wait: using every core stalls generation as soon as anything else
-# runs (measured on 2 cores: 1.5-10 tok/s with 2 threads under load, a steady ~57 with 1).
-# Half the cores, at most 4, unless KEEL_LOCAL_THREADS says otherwise.
+# llama.cpp's OpenMP threads busy-wait by default: using every core stalls generation as soon as
+# anything else runs (measured on 2 cores: 1.5-10 tok/s with 2 threads under load, a steady ~57
+# with 1). Generation (one token at a time, little work between two waits) keeps half the cores,
+# at most 4, unless KEEL_LOCAL_THREADS says otherwise.
 THREADS = int(os.environ.get("KEEL_LOCAL_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2)))
+# Prompt evaluation (large batches, much work between two waits) takes every core, at most 8, unless
+# KEEL_LOCAL_BATCH_THREADS says otherwise; its threads sleep rather than spin (OMP_WAIT_POLICY, set
+# below), so a busy machine slows it down instead of stalling it (benchmarks/local_prompt_speed.py).
+BATCH_THREADS = int(os.environ.get("KEEL_LOCAL_BATCH_THREADS") or max(1, min(8, os.cpu_count() or 2)))
+# Read by libgomp when llama.cpp's library loads, so it must be set before `import llama_cpp`: waiting
+# threads yield the core (2 threads on 2 busy cores: 29 tok/s generated, not 3). A user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _INSTALL_HINT = "pip install 'keel[local]'"
 
 
@@ -184,7 +196,7 @@ class _Engine:
 
 
 _VOCABS: dict[Path, _Vocab] = {}
-_ENGINES: dict[tuple[Path, int, int], _Engine] = {}
+_ENGINES: dict[tuple[Path, int, int, int], _Engine] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -229,16 +241,16 @@ def _read_vocab(path: Path) -> _Vocab:
     return _Vocab(model, formatter, chat_format, n_ctx_train)
 
 
-def _load_engine(path: Path, n_ctx: int, threads: int, chat_format: str) -> _Engine:
-    key = (path, n_ctx, threads)
+def _load_engine(path: Path, n_ctx: int, threads: tuple[int, int], chat_format: str) -> _Engine:
+    key = (path, n_ctx, *threads)
     with _LOAD_LOCK:
         if key not in _ENGINES:
             try:
                 llama = _recording_llama()(
                     model_path=str(path),
                     n_ctx=n_ctx,
-                    n_threads=threads,
-                    n_threads_batch=threads,
+                    n_threads=threads[0],  # generation
+                    n_threads_batch=threads[1],  # prompt evaluation
                     chat_format=chat_format,
                     verbose=False,
                 )
@@ -490,15 +502,16 @@ class LocalModel(Model):
         *,
         context_window: int | None = None,
         threads: int = THREADS,
+        batch_threads: int = BATCH_THREADS,
         max_output_tokens: int | None = DEFAULT_MAX_OUTPUT_TOKENS,
         stop_repetition: bool = True,
     ) -> None:
         super().__init__(model_id, context_window=context_window or DEFAULT_CONTEXT_WINDOW)
-        if threads < 1:
-            raise ConfigError("threads must be at least 1")
+        if threads < 1 or batch_threads < 1:
+            raise ConfigError("threads and batch_threads must be at least 1")
         if max_output_tokens is not None and max_output_tokens < 1:
             raise ConfigError("max_output_tokens must be at least 1")
-        self.threads = threads
+        self.threads, self.batch_threads = threads, batch_threads
         self.max_output_tokens = max_output_tokens
         self.stop_repetition = stop_repetition
         self._requested_ctx = self.context_window or DEFAULT_CONTEXT_WINDOW
@@ -518,7 +531,7 @@ class LocalModel(Model):
     def _engine(self) -> tuple[_Vocab, _Engine]:
         vocab = self._vocab()
         n_ctx = min(self._requested_ctx, vocab.n_ctx_train) if vocab.n_ctx_train else self._requested_ctx
-        engine = _load_engine(self.path(), n_ctx, self.threads, vocab.chat_format)
+        engine = _load_engine(self.path(), n_ctx, (self.threads, self.batch_threads), vocab.chat_format)
         self.context_window = engine.n_ctx
         return vocab, engine
 
