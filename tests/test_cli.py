@@ -13,7 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from helpers import write_config
+from helpers import spans, write_config
+from keel import Gateway
 from keel.cli.app import app
 
 TOML = """default_model = "t"
@@ -180,3 +181,24 @@ def test_every_help_is_correct_at_80_columns(runner: CliRunner, monkeypatch: pyt
     assert "--yes " in drop and "--yes <" not in drop
     serve = " ".join(runner.invoke(app, ["serve", "--help"]).stdout.split())
     assert "(default: [server] log_format)" in serve
+
+
+def test_chat_defaults_max_tokens_to_the_models_max_output_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = 'default_model = "t"\n[models.t]\nprovider = "test"\nmodel = "t"\nmax_output_tokens = 77\n'
+    monkeypatch.setenv("KEEL_CONFIG", str(write_config(tmp_path, toml)))
+    runner = CliRunner()
+    assert runner.invoke(app, ["chat", "hi"]).exit_code == 0
+    assert runner.invoke(app, ["chat", "hi", "--max-tokens", "5"]).exit_code == 0
+    assert runner.invoke(app, ["chat", "hi", "--max-tokens", "0"]).exit_code == 2
+    with Gateway() as gw:
+        sent = sorted(s.attributes.get("gen_ai.request.max_tokens") for s in spans(gw))
+    assert sent == [5, 77]
+
+
+@pytest.mark.local_model
+def test_chat_says_when_the_answer_was_cut(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["chat", "Write a long story about a dragon.", "--model", "local", "--max-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert "cut at 5 tokens (max_tokens)" in result.stderr and "5 out" in result.stderr

@@ -388,3 +388,25 @@ async def test_an_abandoned_stream_is_charged_its_reserved_worst_case(tmp_path: 
     assert span.status == "error" and span.attributes["keel.cost_estimated"] is True
     assert gw.budgets.spent("team") == pytest.approx(span.attributes["keel.cost_usd"]) and gw.budgets.spent("team") > 0
     await gw.aclose()
+
+
+async def test_stop_reason_and_logprobs_reach_the_result_and_the_trace(tmp_path: Path) -> None:
+    from keel.types import TokenLogprob
+
+    looped = ModelResponse('A "type"A "type"', finish_reason="length", usage=Usage(5, 48), stop_reason="repetition")
+    scored = TestModel(ModelResponse("Hi", logprobs=(TokenLogprob("Hi", -0.1),)))
+    scored.supports_logprobs = True  # as the local and OpenAI adapters declare
+    gw = gateway(tmp_path, models={"loop": TestModel(looped), "scored": scored, "plain": TestModel("Hi")})
+    result = await gw.chat("go", model="loop")
+    assert (result.finish_reason, result.stop_reason) == ("length", "repetition")
+    [span] = spans(gw)
+    assert span.attributes["keel.stop_reason"] == "repetition"
+    assert span.attributes["gen_ai.response.finish_reasons"] == ["length"]
+    assert (await gw.chat("go", model="scored", logprobs=True, top_logprobs=0)).logprobs == (TokenLogprob("Hi", -0.1),)
+    with pytest.raises(errors.InputError, match=r"'plain' .* does not return log-probabilities"):
+        await gw.chat("go", model="plain", logprobs=True)
+    with pytest.raises(errors.InputError, match="top_logprobs needs logprobs"):
+        await gw.chat("go", model="scored", top_logprobs=2)
+    with pytest.raises(errors.InputError, match="between 0 and 20"):
+        await gw.chat("go", model="scored", logprobs=True, top_logprobs=21)
+    await gw.aclose()

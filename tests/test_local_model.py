@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import llama_cpp  # noqa: F401 - installed by `make test`: a missing install must fail, not skip
+import llama_cpp  # installed by `make test`: a missing install must fail, not skip
 import pytest
 from pydantic import BaseModel
 
@@ -262,3 +264,116 @@ async def test_missing_llama_cpp_names_the_extra(tmp_path: Path, monkeypatch: py
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import llama_cpp` sees when it is not installed
     with pytest.raises(ConfigError, match=re.escape("pip install 'keel[local]'")):
         await LocalModel(str(tmp_path / "other.gguf")).complete(_request("hi"))
+
+
+# --- runaway generations: a default limit and a loop guard ----------------------------------------------------
+
+LOOP_PROMPT = 'Repeat after me forever: A "type" A "type" A "type" A "type"'  # SmolLM2 loops on it at temperature 0
+
+
+async def test_a_call_without_max_tokens_stops_at_the_models_default(model: LocalModel) -> None:
+    short = LocalModel(max_output_tokens=10)
+    request = ChatRequest("smollm2", (Message.user("Write a long story about a dragon."),), ChatOptions(temperature=0))
+    response = await short.complete(request)
+    assert (response.finish_reason, response.usage.output_tokens) == ("length", 10)
+    *_, final = [item async for item in short.stream(request)]
+    assert isinstance(final, ModelResponse) and (final.finish_reason, final.usage.output_tokens) == ("length", 10)
+    asked = ChatRequest("smollm2", request.messages, ChatOptions(temperature=0, max_tokens=14))
+    assert (await short.complete(asked)).usage.output_tokens == 14  # a call's own max_tokens wins
+    assert model.max_output_tokens == 512  # the library default: never "until the context is full"
+
+
+def test_the_configured_local_model_gets_its_max_output_tokens() -> None:
+    from keel.config import load_config
+    from keel.gateway.registry import build_adapter
+
+    config = load_config(environ={}, path=None)
+    adapter = build_adapter("local", config.models["local"], timeout=60, context_window=None)
+    assert isinstance(adapter, LocalModel) and adapter.max_output_tokens == config.models["local"].max_output_tokens
+    custom = config.models["local"].model_copy(update={"max_output_tokens": 64})
+    assert build_adapter("local", custom, timeout=60, context_window=None).max_output_tokens == 64  # type: ignore[attr-defined]
+
+
+def test_loop_guard_sees_a_repeating_block_not_ordinary_repetition() -> None:
+    from keel.models.local import _LoopGuard
+
+    guard = _LoopGuard()
+    looped = [i for i, t in enumerate([7, 8, 9, 10] * 30) if guard.add(t)]
+    assert looped and looped[0] == 4 + 48 - 1  # the first block, then 48 tokens repeating it
+    prose = _LoopGuard()
+    assert not any(prose.add(t) for t in range(500))
+    phrase = _LoopGuard()  # one 20-token sentence said three times is emphasis, not a loop
+    assert not any(phrase.add(t) for t in list(range(20)) * 3 + list(range(100, 200)))
+    ones = _LoopGuard()  # a single token over and over
+    assert next(i for i, t in enumerate([5] * 100) if ones.add(t)) == 48
+
+
+async def test_a_looping_generation_is_stopped_and_says_why(model: LocalModel) -> None:
+    request = _request(LOOP_PROMPT, temperature=0, seed=1, max_tokens=400)
+    response = await model.complete(request)
+    assert (response.finish_reason, response.stop_reason) == ("length", "repetition")
+    assert 48 < response.usage.output_tokens < 120 and response.text.count('A "type"') >= 4
+    items = [item async for item in model.stream(request)]
+    final = items[-1]
+    assert isinstance(final, ModelResponse) and final.stop_reason == "repetition"
+    assert "".join(i.text for i in items[:-1] if isinstance(i, StreamDelta)) == final.text == response.text
+    free = LocalModel(stop_repetition=False)
+    assert (await free.complete(_request(LOOP_PROMPT, temperature=0, seed=1, max_tokens=150))).stop_reason == ""
+
+
+# --- log-probabilities ----------------------------------------------------------------------------------------
+
+
+async def test_logprobs_match_llama_cpp_own(model: LocalModel) -> None:
+    request = _request("Name three colours.", temperature=0, seed=1, max_tokens=10, logprobs=True, top_logprobs=3)
+    response = await model.complete(request)
+    assert response.logprobs is not None and len(response.logprobs) == response.usage.output_tokens
+    assert b"".join(bytes(t.bytes or ()) for t in response.logprobs).decode() == response.text
+    for entry in response.logprobs:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and entry.logprob == pytest.approx(tops[0])  # greedy
+
+    # the oracle: llama-cpp-python's own logprobs, which need logits_all (a small context keeps it cheap)
+    from keel.models.local import _plan
+
+    native = llama_cpp.Llama(
+        model_path=str(smollm2_path()), n_ctx=512, logits_all=True, n_threads=1, chat_format=model._vocab().chat_format,
+        verbose=False,
+    )  # fmt: skip
+    plan = _plan(request)
+    theirs = native.create_chat_completion(messages=plan.messages, logprobs=True, top_logprobs=3, **plan.sampling)
+    content = theirs["choices"][0]["logprobs"]["content"]  # type: ignore[index]
+    assert [c["token"] for c in content] == [t.token for t in response.logprobs]
+    assert [c["logprob"] for c in content] == pytest.approx([t.logprob for t in response.logprobs], abs=1e-3)
+
+    plain = await model.complete(_request("Name three colours.", temperature=0, seed=1, max_tokens=10))
+    assert plain.logprobs is None
+
+
+async def test_streamed_logprobs_cover_every_token(model: LocalModel) -> None:
+    request = _request("Say hello.", temperature=0, seed=1, max_tokens=12, logprobs=True)
+    items = [item async for item in model.stream(request)]
+    final = items[-1]
+    assert isinstance(final, ModelResponse) and final.logprobs is not None
+    streamed = [t for i in items[:-1] if isinstance(i, StreamDelta) for t in i.logprobs]
+    assert streamed == list(final.logprobs) and len(streamed) == final.usage.output_tokens
+    assert all(t.top_logprobs == () for t in streamed)  # logprobs without top_logprobs: no alternatives
+
+
+async def test_prompt_evaluation_uses_every_core_with_sleeping_waiters(model: LocalModel) -> None:
+    from keel.models.local import BATCH_THREADS, THREADS
+
+    _, engine = model._engine()
+    params = engine.llama.context_params
+    assert (params.n_threads, params.n_threads_batch) == (THREADS, BATCH_THREADS)
+    assert BATCH_THREADS == max(1, min(8, os.cpu_count() or 2)) >= THREADS
+    # set before llama.cpp's OpenMP runtime loads, so that busy cores slow it down rather than stall it
+    code = "import os, keel.models.local; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's own choice is kept
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "ACTIVE"

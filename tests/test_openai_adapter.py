@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -206,4 +207,47 @@ async def test_missing_key_names_the_variable(tmp_path: Path, monkeypatch: pytes
         await gw.chat("hi", model="gpt-4o-mini")
     [span] = spans(gw)
     assert span.error_type == "MissingAPIKey"
+    await gw.aclose()
+
+
+def _logprobs(*tokens: tuple[str, float]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": t,
+                "logprob": lp,
+                "bytes": list(t.encode()),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}],
+            }
+            for t, lp in tokens
+        ],
+        "refusal": None,
+    }
+
+
+async def test_logprobs_pass_through(tmp_path: Path, openai_stub: OpenAIStub) -> None:
+    body = completion("Hi there")
+    body["choices"][0]["logprobs"] = _logprobs(("Hi", -0.25), (" there", -1.5))
+    openai_stub.push(body)
+    gw = gateway(tmp_path, openai_model("gpt", openai_stub.url))
+    result = await gw.chat("Greet me", model="gpt", logprobs=True, top_logprobs=1)
+    sent = openai_stub.requests[-1]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 1
+    assert result.logprobs is not None and [(t.token, t.logprob) for t in result.logprobs] == [
+        ("Hi", -0.25),
+        (" there", -1.5),
+    ]
+    assert result.logprobs[1].bytes == tuple(b" there") and result.logprobs[0].top_logprobs[0].token == "Hi"
+    plain = await gw.chat("Greet me", model="gpt")
+    assert plain.logprobs is None and "logprobs" not in openai_stub.requests[-1]
+
+    chunks = stream_chunks("Hi there", pieces=2)
+    chunks[1]["choices"][0]["logprobs"] = _logprobs(("Hi", -0.25))
+    chunks[2]["choices"][0]["logprobs"] = _logprobs((" there", -1.5))
+    openai_stub.push(Scripted(stream=chunks))
+    stream = gw.stream("Greet me", model="gpt", logprobs=True)
+    deltas = [d async for d in stream]
+    assert [t.token for d in deltas for t in d.logprobs] == ["Hi", " there"]
+    assert stream.result is not None and stream.result.logprobs is not None and len(stream.result.logprobs) == 2
+    assert openai_stub.requests[-1]["logprobs"] is True and "top_logprobs" not in openai_stub.requests[-1]
     await gw.aclose()

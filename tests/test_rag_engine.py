@@ -28,7 +28,7 @@ from keel.rag import (
     StoreUnavailable,
     UnknownCollection,
 )
-from keel.rag.answer import NOT_IN_DOCUMENTS
+from keel.rag.answer import LOCAL_ANSWER_MAX_TOKENS, LOCAL_CONTEXT_TOKENS, NOT_IN_DOCUMENTS
 from keel.rag.documents import storable
 from keel.types import ChatRequest
 from rag_files import write_corpus
@@ -460,3 +460,27 @@ def test_postgres_going_away_mid_ingest_loses_and_duplicates_nothing(
         outage.end()
         rag.close()
         gw.close()
+
+
+def test_the_local_model_gets_a_context_sized_for_it(facts: RAG, rag_gateway: Gateway, tmp_path: Path) -> None:
+    seen: list[ChatRequest] = []
+
+    def answer(request: ChatRequest) -> str:
+        seen.append(request)
+        return f"Tides come from the moon. [{source_number(request, 'moon')}]"
+
+    small = FunctionModel(answer)
+    small.provider = "local"  # what the answer is sized by: the small model runs on this machine's CPU
+    rag_gateway._extra["small"] = small
+    rag_gateway._extra["answer"] = FunctionModel(lambda r: "x")
+    assert facts.answer_budget("small", None, None) == (LOCAL_CONTEXT_TOKENS, LOCAL_ANSWER_MAX_TOKENS) == (1000, 200)
+    assert facts.answer_budget("answer", None, None) == (3000, 400)  # the configured defaults
+    assert facts.answer_budget("small", 2500, 300) == (2500, 300)  # a caller's choice wins
+    facts.ask_sync("What causes tides?", "facts", model="small", mode="generate")
+    assert seen[-1].options.max_tokens == 200
+
+    configured = RAG(gateway(tmp_path / "set", "[rag]\ncontext_tokens = 1800\n", store=rag_gateway.store))
+    configured.gateway._extra["small"] = small
+    assert configured.answer_budget("small", None, None) == (1800, 200)  # set in keel.toml: kept
+    configured.close()
+    configured.gateway.close()

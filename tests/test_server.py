@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -187,3 +188,45 @@ def test_not_ready_when_the_store_is_unreachable(
     monkeypatch.setattr(gw.store, "ping", unreachable)
     response = httpx.get(f"{server.url.removesuffix('/v1')}/readyz")
     assert response.status_code == 503 and "connection refused" in response.json()["store"]
+
+
+@pytest.mark.local_model
+def test_logprobs_from_the_local_model(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    _, _, client = served
+    messages: list[Any] = [{"role": "user", "content": "Name a colour."}]
+    completion = client.chat.completions.create(
+        model="local", messages=messages, logprobs=True, top_logprobs=2, max_tokens=6, temperature=0
+    )
+    choice = completion.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None and completion.usage is not None
+    content = choice.logprobs.content
+    assert len(content) == completion.usage.completion_tokens == 6
+    assert "".join(t.token for t in content) == choice.message.content
+    for token in content:
+        assert token.logprob <= 0 and token.bytes and len(token.top_logprobs) == 2
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
+    plain = client.chat.completions.create(model="local", messages=messages, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+    stream = client.chat.completions.create(
+        model="local", messages=messages, logprobs=True, max_tokens=6, temperature=0, stream=True
+    )
+    chunks = [c for c in stream if c.choices]
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
+    assert len(streamed) == 6
+    assert "".join(t.token for t in streamed) == "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_logprobs_refused_clearly_where_the_model_has_none(served: tuple[Server, Gateway, openai.OpenAI]) -> None:
+    _, _, client = served
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError, match="does not return log-probabilities"):
+        client.chat.completions.create(model="t", messages=messages, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="does not return log-probabilities"):
+        list(client.chat.completions.create(model="t", messages=messages, logprobs=True, stream=True))
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="t", messages=messages, logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model="t", messages=messages, top_logprobs=2)
+    answer = client.chat.completions.create(model="t", messages=messages, logprobs=False)
+    assert answer.choices[0].message.content == "Hello from keel." and answer.choices[0].logprobs is None

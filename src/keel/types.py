@@ -23,8 +23,10 @@ __all__ = [
     "ResponseFormat",
     "Role",
     "StreamDelta",
+    "TokenLogprob",
     "Tool",
     "ToolCall",
+    "TopLogprob",
     "Usage",
     "check_unicode",
     "parse_messages",
@@ -119,6 +121,8 @@ class ChatOptions:
     timeout: float | None = None  # seconds, per attempt
     response_format: ResponseFormat | None = None
     top_p: float | None = None
+    logprobs: bool = False  # return each output token's log-probability (providers that give them)
+    top_logprobs: int | None = None  # and the N likeliest tokens at each position (0-20, needs logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,34 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One candidate token at a position and its log-probability (OpenAI's `top_logprobs` item)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob, "bytes": list(self.bytes) if self.bytes else None}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """An output token, its log-probability under the model, and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's `choices[0].logprobs.content[i]` shape."""
+        out = TopLogprob(self.token, self.logprob, self.bytes).to_openai()
+        out["top_logprobs"] = [t.to_openai() for t in self.top_logprobs]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class ModelResponse:
     """What an adapter returns for one provider call."""
 
@@ -172,6 +204,8 @@ class ModelResponse:
     attempts: int = 1  # provider calls made, counted by the retry/fallback wrappers
     cost_usd: float | None = None  # filled by the deployment wrapper; None = unknown price
     deployment: str = ""  # the configured name of the model that answered
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when the request asked for them
+    stop_reason: str = ""  # why generation stopped, when finish_reason alone does not say (e.g. "repetition")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +217,7 @@ class StreamDelta:
     tool_call_id: str | None = None
     tool_name: str | None = None
     tool_arguments: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens of this piece, when the request asked for them
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +237,8 @@ class ChatResult:
     trace_id: str
     span_id: str
     parsed: Any = None  # the validated instance for structured output
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per output token, when asked for with logprobs=True
+    stop_reason: str = ""  # why generation stopped, when finish_reason alone does not say (e.g. "repetition")
 
     def message(self) -> Message:
         """This answer as an assistant message, to continue a conversation."""

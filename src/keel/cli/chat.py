@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from keel.cli.app import handle_errors
-from keel.errors import InvalidSchema
+from keel.errors import InvalidSchema, UnknownModel
 from keel.gateway import Gateway
 from keel.types import ChatResult
 
@@ -28,6 +28,23 @@ def _load_schema(path: Path) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise InvalidSchema(f"{path} must hold a JSON schema object")
     return schema
+
+
+def _default_max_tokens(gw: Gateway, model: str | None) -> int | None:
+    """The model's `max_output_tokens`: a question from the shell should not run until the context is full."""
+    try:
+        config = gw.config.models.get(gw.resolve(model))
+    except UnknownModel:
+        return None  # the call itself refuses it, with a trace
+    return config.max_output_tokens if config is not None else None
+
+
+def _cut_note(result: ChatResult) -> str | None:
+    if result.finish_reason != "length":
+        return None
+    if result.stop_reason == "repetition":
+        return f"stopped after {result.usage.output_tokens} tokens: the model was repeating itself"
+    return f"cut at {result.usage.output_tokens} tokens (max_tokens); ask for more with --max-tokens"
 
 
 def _summary(result: ChatResult) -> str:
@@ -49,7 +66,10 @@ def chat(
         Path | None, typer.Option("--json-schema", help="Answer as JSON valid against this JSON schema file.")
     ] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature, 0-2.")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate.")] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", min=1, help="Most tokens to generate (default: the model's max_output_tokens)."),
+    ] = None,
     no_stream: Annotated[
         bool, typer.Option("--no-stream", help="Print the answer at the end, not as it comes.")
     ] = False,
@@ -61,8 +81,9 @@ def chat(
     """
     if not question.strip():
         raise typer.BadParameter("the question is empty", param_hint="QUESTION")
-    options: dict[str, Any] = {"system": system, "temperature": temperature, "max_tokens": max_tokens}
     with Gateway() as gw:
+        max_tokens = max_tokens or _default_max_tokens(gw, model)
+        options: dict[str, Any] = {"system": system, "temperature": temperature, "max_tokens": max_tokens}
         if json_schema is not None:
             result = gw.chat_sync(question, model, response_model=_load_schema(json_schema), **options)
             out.print_json(data=result.parsed)
@@ -77,4 +98,6 @@ def chat(
             assert stream.result is not None
             result = stream.result
     if not quiet:
+        if note := _cut_note(result):
+            info.print(f"[yellow]{note}[/]")
         info.print(f"[dim]{_summary(result)}[/]")

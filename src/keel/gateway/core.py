@@ -95,6 +95,13 @@ def _check_options(o: ChatOptions) -> None:
         raise InputError(f"timeout must be positive, got {o.timeout}")
     if o.top_p is not None and not 0 < o.top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {o.top_p}")
+    if not isinstance(o.logprobs, bool):
+        raise InputError(f"logprobs must be true or false, got {o.logprobs!r}")
+    _number("top_logprobs", o.top_logprobs, int)
+    if o.top_logprobs is not None and not 0 <= o.top_logprobs <= 20:
+        raise InputError(f"top_logprobs must be between 0 and 20, got {o.top_logprobs}")
+    if o.top_logprobs is not None and not o.logprobs:
+        raise InputError("top_logprobs needs logprobs=True")
 
 
 class ChatArgs(TypedDict, total=False):
@@ -109,6 +116,8 @@ class ChatArgs(TypedDict, total=False):
     tools: Sequence[Tool | Mapping[str, Any]] | None
     tool_choice: str | None
     timeout: float | None
+    logprobs: bool
+    top_logprobs: int | None
     response_model: type[BaseModel] | Mapping[str, Any] | None
     max_reasks: int
     key: str | None
@@ -315,6 +324,7 @@ class Gateway:
             seed=args.get("seed"), top_p=args.get("top_p"), tools=_tools(args.get("tools")),
             tool_choice=args.get("tool_choice"), timeout=args.get("timeout"),
             response_format=spec.format if spec else None,
+            logprobs=args.get("logprobs", False), top_logprobs=args.get("top_logprobs"),
         )  # fmt: skip
         max_reasks = args.get("max_reasks", 2)
         if isinstance(max_reasks, bool) or not isinstance(max_reasks, int) or max_reasks < 0:
@@ -339,6 +349,7 @@ class Gateway:
             usage=response.usage, cost_usd=response.cost_usd, latency_s=time.perf_counter() - started,
             model=response.deployment, response_model=response.model, provider=response.provider,
             attempts=response.attempts, trace_id=call.span.trace_id, span_id=call.span.span_id, parsed=call.parsed,
+            logprobs=response.logprobs, stop_reason=response.stop_reason,
         )  # fmt: skip
 
     @staticmethod
@@ -357,8 +368,9 @@ class Gateway:
         """One chat call: messages in, a `ChatResult` out (or a `KeelError`).
 
         Options: system, temperature, max_tokens, stop, seed, top_p, tools, tool_choice, timeout,
-        response_model (a pydantic class or a JSON schema) with max_reasks, and who the call is for:
-        key, metadata, or a whole `CallContext` (tenant, user, session, tags).
+        logprobs and top_logprobs (where the model gives them; an InputError elsewhere), response_model
+        (a pydantic class or a JSON schema) with max_reasks, and who the call is for: key, metadata, or a
+        whole `CallContext` (tenant, user, session, tags).
         """
         _check_args(args, ChatArgs)
         context = self._context(args.get("key"), args.get("metadata"), args.get("context"))

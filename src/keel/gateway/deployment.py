@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from keel import tokens
+from keel.errors import InputError
 from keel.models.base import Model, StreamItem, WrapperModel
 from keel.pricing import Price, cost_usd
 from keel.types import ChatRequest, EmbeddingResult, ModelResponse
@@ -29,6 +30,11 @@ class Deployment(WrapperModel):
         return replace(response, cost_usd=cost_usd(self.name, self.price, response.usage), deployment=self.name)
 
     def _request(self, request: ChatRequest) -> ChatRequest:
+        if request.options.logprobs and not self.supports_logprobs:  # refused, never silently dropped
+            raise InputError(
+                f"model {self.name!r} ({self.provider}) does not return log-probabilities: "
+                "ask without logprobs, or use an OpenAI-compatible or local model"
+            )
         return request if request.model == self.model_id else request.with_model(self.model_id)
 
     async def complete(self, request: ChatRequest) -> ModelResponse:

@@ -65,9 +65,10 @@ def build_adapter(name: str, config: ModelConfig, *, timeout: float, context_win
             context_window=context_window,
         )  # fmt: skip
     if provider == "local":
-        from keel.models.local import LocalModel
+        from keel.models.local import DEFAULT_MAX_OUTPUT_TOKENS, LocalModel
 
-        return LocalModel(config.model, context_window=context_window)
+        max_output = config.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS  # a call without max_tokens stops here
+        return LocalModel(config.model, context_window=context_window, max_output_tokens=max_output)
     if provider == "onnx":
         from keel.models.onnx import OnnxEmbeddingModel
 

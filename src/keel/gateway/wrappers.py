@@ -114,6 +114,8 @@ def _record_response(call: Call, response: ModelResponse) -> None:
     span = call.span
     span.set(gen_ai__provider__name=response.provider, gen_ai__response__model=response.model)
     span.set(gen_ai__response__finish_reasons=[response.finish_reason], keel__model=response.deployment)
+    if response.stop_reason:  # e.g. "repetition": the local model was stopped in a loop
+        span.set(keel__stop_reason=response.stop_reason)
     span.set(keel__cache_hit=bool(call.state.get("cache_hit", False)))
     record_usage(call, response.usage, response.cost_usd, response.attempts)
     if response.usage.estimated:  # the provider sent no usage (or not all of it): keel counted

@@ -28,6 +28,8 @@ class Model(ABC):
 
     #: `gen_ai.provider.name` (OpenTelemetry GenAI): openai, anthropic, gcp.gemini, local, test...
     provider: str = "unknown"
+    #: Whether answers can carry per-token log-probabilities (`ChatOptions.logprobs`).
+    supports_logprobs: bool = False
 
     def __init__(self, model_id: str, *, context_window: int | None = None) -> None:
         self.model_id = model_id
@@ -68,6 +70,7 @@ class WrapperModel(Model):
         super().__init__(inner.model_id, context_window=inner.context_window)
         self.inner = inner
         self.provider = inner.provider
+        self.supports_logprobs = inner.supports_logprobs
 
     async def complete(self, request: ChatRequest) -> ModelResponse:
         return await self.inner.complete(request)

@@ -25,20 +25,43 @@ How it runs
   llama.cpp call could not do. Stop sequences are applied here, not by
   llama.cpp, so the number of generated tokens is known exactly; usage is
   the same as llama.cpp's own non-streaming count (the tests pin that).
-- `threads` (default 2) is llama.cpp's thread count. Its OpenMP workers
-  spin-wait, so on a machine whose cores are busy with other work, 2 threads
-  on 2 cores can fall to a few tokens/s, where 1 thread stays at about
-  20 to 50 tokens/s (measured on the 2-core development machine). Use
-  `threads=1` when the model shares a small machine with other work.
+- `threads` (default: half the cores, at most 4) is llama.cpp's thread count
+  for generation, `batch_threads` (default: every core, at most 8) for
+  prompt evaluation. Its OpenMP workers spin-wait by default, so on a machine
+  whose cores are busy with other work, 2 threads on 2 cores can fall to a
+  few tokens/s, where 1 thread stays at about 20 to 50 tokens/s (measured on
+  the 2-core development machine). keel sets `OMP_WAIT_POLICY=PASSIVE`
+  (unless already set) before llama.cpp loads: waiting threads then sleep,
+  and the prompt, whose large batches keep every thread busy, can use every
+  core without that risk.
 
 Options
 -------
 temperature, top_p, max_tokens, stop and seed map to llama.cpp. A request
 without a seed gets a random one: llama-cpp-python otherwise derives it from
 the previous call's seed, which would leak one caller's sampling into the
-next. `max_tokens=None` generates until end of turn or the context is full;
-a `max_tokens` larger than the room left is clamped (finish reason "length").
+next. A request without `max_tokens` gets the model's `max_output_tokens`
+(default 512, the `[models.local]` field of the same name): a small model
+left to run until its context is full once wrote 8,157 tokens in 397 s.
+`max_output_tokens=None` restores "until end of turn or the context is full".
+A `max_tokens` larger than the room left is clamped (finish reason "length").
 A prompt that leaves no room raises `ContextWindowExceeded`.
+
+Small models fall into loops (`A "type"A "type"...`). The generated tokens
+are watched: when the last ones repeat one block of up to 64 tokens four
+times over (and at least 48 tokens), generation stops with finish reason
+"length" and `stop_reason="repetition"` (the span's `keel.stop_reason`).
+llama.cpp's repeat penalty is not used: it also penalises the punctuation
+and JSON syntax that a good answer repeats, and changes every answer.
+
+Log-probabilities
+-----------------
+`logprobs=True` returns each output token's log-probability under the
+model (the raw distribution, before temperature, grammar and top-p), and
+`top_logprobs=N` the N likeliest tokens at each position. They are read
+from the logits llama.cpp computes anyway for sampling, so they cost a
+log-softmax per token, not llama-cpp-python's `logits_all` (a
+context-by-vocabulary array: 1.6 GB at 8,192 tokens for SmolLM2).
 
 Structured output
 -----------------
@@ -64,6 +87,7 @@ SmolLM2-135M cannot decide when to call a tool, so keel does not pretend:
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.util
 import json
 import os
@@ -78,6 +102,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from keel.errors import (
     ConfigError,
     ContextWindowExceeded,
@@ -87,16 +113,36 @@ from keel.errors import (
     ProviderTimeout,
 )
 from keel.models.base import Model, StreamItem
-from keel.types import ChatRequest, Message, ModelResponse, StreamDelta, Tool, ToolCall, Usage
+from keel.types import (
+    ChatRequest,
+    Message,
+    ModelResponse,
+    StreamDelta,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
 
-__all__ = ["DEFAULT_CONTEXT_WINDOW", "SMOLLM2", "LocalModel", "smollm2_path"]
+__all__ = ["DEFAULT_CONTEXT_WINDOW", "DEFAULT_MAX_OUTPUT_TOKENS", "SMOLLM2", "LocalModel", "smollm2_path"]
 
 SMOLLM2 = "smollm2"
 DEFAULT_CONTEXT_WINDOW = 8192
-# llama.cpp's threads busy-wait: using every core stalls generation as soon as anything else
-# runs (measured on 2 cores: 1.5-10 tok/s with 2 threads under load, a steady ~57 with 1).
-# Half the cores, at most 4, unless KEEL_LOCAL_THREADS says otherwise.
+# What a call without max_tokens may generate: SmolLM2's answers end well before this (about 10 s at 50 tok/s).
+DEFAULT_MAX_OUTPUT_TOKENS = 512
+# llama.cpp's OpenMP threads busy-wait by default: using every core stalls generation as soon as
+# anything else runs (measured on 2 cores: 1.5-10 tok/s with 2 threads under load, a steady ~57
+# with 1). Generation (one token at a time, little work between two waits) keeps half the cores,
+# at most 4, unless KEEL_LOCAL_THREADS says otherwise.
 THREADS = int(os.environ.get("KEEL_LOCAL_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2)))
+# Prompt evaluation (large batches, much work between two waits) takes every core, at most 8, unless
+# KEEL_LOCAL_BATCH_THREADS says otherwise; its threads sleep rather than spin (OMP_WAIT_POLICY, set
+# below), so a busy machine slows it down instead of stalling it (benchmarks/local_prompt_speed.py).
+BATCH_THREADS = int(os.environ.get("KEEL_LOCAL_BATCH_THREADS") or max(1, min(8, os.cpu_count() or 2)))
+# Read by libgomp when llama.cpp's library loads, so it must be set before `import llama_cpp`: waiting
+# threads yield the core (2 threads on 2 busy cores: 29 tok/s generated, not 3). A user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _INSTALL_HINT = "pip install 'keel[local]'"
 
 
@@ -144,13 +190,13 @@ class _Vocab:
 
 @dataclass
 class _Engine:
-    llama: Any  # llama_cpp.Llama
+    llama: Any  # _recording_llama(): a llama_cpp.Llama that reports each sampled token
     n_ctx: int
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _VOCABS: dict[Path, _Vocab] = {}
-_ENGINES: dict[tuple[Path, int, int], _Engine] = {}
+_ENGINES: dict[tuple[Path, int, int, int], _Engine] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -195,17 +241,16 @@ def _read_vocab(path: Path) -> _Vocab:
     return _Vocab(model, formatter, chat_format, n_ctx_train)
 
 
-def _load_engine(path: Path, n_ctx: int, threads: int, chat_format: str) -> _Engine:
-    key = (path, n_ctx, threads)
+def _load_engine(path: Path, n_ctx: int, threads: tuple[int, int], chat_format: str) -> _Engine:
+    key = (path, n_ctx, *threads)
     with _LOAD_LOCK:
         if key not in _ENGINES:
-            llama_cpp = _llama_cpp()
             try:
-                llama = llama_cpp.Llama(
+                llama = _recording_llama()(
                     model_path=str(path),
                     n_ctx=n_ctx,
-                    n_threads=threads,
-                    n_threads_batch=threads,
+                    n_threads=threads[0],  # generation
+                    n_threads_batch=threads[1],  # prompt evaluation
                     chat_format=chat_format,
                     verbose=False,
                 )
@@ -213,6 +258,24 @@ def _load_engine(path: Path, n_ctx: int, threads: int, chat_format: str) -> _Eng
                 raise ConfigError(f"cannot load GGUF model {path}: {exc}") from exc
             _ENGINES[key] = _Engine(llama, llama.n_ctx())
         return _ENGINES[key]
+
+
+@lru_cache(maxsize=1)
+def _recording_llama() -> type:
+    """llama_cpp.Llama, telling `self.recorder` (if set) each token it samples: the loop guard and
+    the log-probabilities need the token itself, which create_chat_completion only gives as text."""
+    llama_cpp = _llama_cpp()
+
+    class RecordingLlama(llama_cpp.Llama):  # type: ignore[misc,name-defined]
+        recorder: _Recorder | None = None
+
+        def sample(self, *args: Any, **kwargs: Any) -> int:
+            token = int(super().sample(*args, **kwargs))
+            if self.recorder is not None:
+                self.recorder.sampled(token)
+            return token
+
+    return RecordingLlama
 
 
 @lru_cache(maxsize=64)
@@ -235,6 +298,7 @@ class _Plan:
     stops: tuple[str, ...]
     schema: Mapping[str, Any] | None = None
     forced_tools: tuple[Tool, ...] = ()  # non-empty: the answer must be one call of these
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N likeliest alternatives
 
 
 def _forced_tools(request: ChatRequest) -> tuple[Tool, ...]:
@@ -287,7 +351,7 @@ def _chat_messages(request: ChatRequest, forced: Sequence[Tool]) -> list[dict[st
     return messages
 
 
-def _plan(request: ChatRequest) -> _Plan:
+def _plan(request: ChatRequest, default_max_tokens: int | None = None) -> _Plan:
     opts = request.options
     forced = _forced_tools(request)
     sampling: dict[str, Any] = {"seed": opts.seed if opts.seed is not None else random.randrange(2**31)}
@@ -295,17 +359,85 @@ def _plan(request: ChatRequest) -> _Plan:
         sampling["temperature"] = opts.temperature
     if opts.top_p is not None:
         sampling["top_p"] = opts.top_p
-    if opts.max_tokens is not None:
-        sampling["max_tokens"] = opts.max_tokens
+    max_tokens = opts.max_tokens if opts.max_tokens is not None else default_max_tokens
+    if max_tokens is not None:
+        sampling["max_tokens"] = max_tokens
     schema: Mapping[str, Any] | None = None
     if forced:
         schema = _tool_call_schema(forced)
     elif opts.response_format is not None:
         schema = opts.response_format.schema
-    return _Plan(_chat_messages(request, forced), sampling, opts.stop, schema, forced)
+    logprobs = (opts.top_logprobs or 0) if opts.logprobs else None
+    return _Plan(_chat_messages(request, forced), sampling, opts.stop, schema, forced, logprobs)
 
 
 # --- generation in a worker thread ---------------------------------------------
+
+
+class _LoopGuard:
+    """Notices degenerate repetition: the newest tokens repeating one block of up to `max_period` tokens.
+
+    `runs[p]` counts how many tokens in a row equal the token p places earlier; a loop is a run that
+    covers `repeats - 1` more copies of the block and at least `min_run` tokens. O(max_period) per token.
+    """
+
+    def __init__(self, *, max_period: int = 64, repeats: int = 4, min_run: int = 48) -> None:
+        self.max_period, self.repeats, self.min_run = max_period, repeats, min_run
+        self.tokens: list[int] = []
+        self.runs = [0] * (max_period + 1)
+
+    def add(self, token: int) -> bool:
+        """Record a token; True when the output has started to loop."""
+        tokens, runs = self.tokens, self.runs
+        tokens.append(token)
+        last = len(tokens) - 1
+        looping = False
+        for p in range(1, min(self.max_period, last) + 1):
+            runs[p] = runs[p] + 1 if tokens[last - p] == token else 0
+            if runs[p] >= max(self.min_run, (self.repeats - 1) * p):
+                looping = True
+        return looping
+
+
+class _Recorder:
+    """The tokens one generation sampled: its length, the loop guard, and their log-probabilities."""
+
+    def __init__(self, llama: Any, logprobs: int | None, guard: _LoopGuard | None) -> None:
+        self.llama, self.top, self.guard = llama, logprobs, guard
+        self.count = 0
+        self.looping = False
+        self.logprobs: list[TokenLogprob] = []
+
+    def sampled(self, token: int) -> None:
+        self.count += 1
+        if self.guard is not None and self.guard.add(token):
+            self.looping = True
+        if self.top is not None and not _llama_cpp().llama_vocab_is_eog(self.llama._model.vocab, token):
+            self.logprobs.append(self._logprob(token))  # the end-of-turn token is not output: no entry
+
+    def _logprob(self, token: int) -> TokenLogprob:
+        # the logits of the position just sampled, still in llama.cpp's output buffer (no logits_all needed)
+        ptr = self.llama._ctx.get_logits_ith(-1)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.llama.n_vocab(),)).astype(np.float64)
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        top: tuple[TopLogprob, ...] = ()
+        if self.top:
+            best = np.argpartition(-logprobs, self.top)[: self.top]
+            best = best[np.argsort(-logprobs[best])]
+            top = tuple(self._top(int(t), float(logprobs[t])) for t in best)
+        piece = self._piece(token)
+        return TokenLogprob(piece.decode("utf-8", errors="replace"), float(logprobs[token]), tuple(piece), top)
+
+    def _top(self, token: int, logprob: float) -> TopLogprob:
+        piece = self._piece(token)
+        return TopLogprob(piece.decode("utf-8", errors="replace"), logprob, tuple(piece))
+
+    def _piece(self, token: int) -> bytes:
+        """A token's bytes (part of a character, for some tokens; empty for control tokens)."""
+        buf = ctypes.create_string_buffer(256)
+        size = _llama_cpp().llama_token_to_piece(self.llama._model.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(size, 0)]
 
 
 class _StopCutter:
@@ -341,6 +473,11 @@ class _Outcome:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    stop_reason: str = ""
+
+
+Emit = Callable[[str, tuple[TokenLogprob, ...]], None]
 
 
 class _Cancelled(Exception):
@@ -357,12 +494,26 @@ class LocalModel(Model):
     """A chat GGUF run by llama.cpp in this process (see the module docstring)."""
 
     provider = "local"
+    supports_logprobs = True
 
-    def __init__(self, model_id: str = SMOLLM2, *, context_window: int | None = None, threads: int = THREADS) -> None:
+    def __init__(
+        self,
+        model_id: str = SMOLLM2,
+        *,
+        context_window: int | None = None,
+        threads: int = THREADS,
+        batch_threads: int = BATCH_THREADS,
+        max_output_tokens: int | None = DEFAULT_MAX_OUTPUT_TOKENS,
+        stop_repetition: bool = True,
+    ) -> None:
         super().__init__(model_id, context_window=context_window or DEFAULT_CONTEXT_WINDOW)
-        if threads < 1:
-            raise ConfigError("threads must be at least 1")
-        self.threads = threads
+        if threads < 1 or batch_threads < 1:
+            raise ConfigError("threads and batch_threads must be at least 1")
+        if max_output_tokens is not None and max_output_tokens < 1:
+            raise ConfigError("max_output_tokens must be at least 1")
+        self.threads, self.batch_threads = threads, batch_threads
+        self.max_output_tokens = max_output_tokens
+        self.stop_repetition = stop_repetition
         self._requested_ctx = self.context_window or DEFAULT_CONTEXT_WINDOW
         self._path: Path | None = None
 
@@ -380,7 +531,7 @@ class LocalModel(Model):
     def _engine(self) -> tuple[_Vocab, _Engine]:
         vocab = self._vocab()
         n_ctx = min(self._requested_ctx, vocab.n_ctx_train) if vocab.n_ctx_train else self._requested_ctx
-        engine = _load_engine(self.path(), n_ctx, self.threads, vocab.chat_format)
+        engine = _load_engine(self.path(), n_ctx, (self.threads, self.batch_threads), vocab.chat_format)
         self.context_window = engine.n_ctx
         return vocab, engine
 
@@ -395,7 +546,7 @@ class LocalModel(Model):
 
         Loads the tokenizer (about 0.2 s, blocking) the first time it is needed.
         """
-        plan = _plan(request)
+        plan = _plan(request, self.max_output_tokens)
         return len(self._vocab().prompt_tokens(plan.messages))
 
     @property
@@ -404,9 +555,7 @@ class LocalModel(Model):
 
     # --- generation
 
-    def _generate(
-        self, plan: _Plan, emit: Callable[[str], None], cancel: threading.Event, deadline: float | None
-    ) -> _Outcome:
+    def _generate(self, plan: _Plan, emit: Emit, cancel: threading.Event, deadline: float | None) -> _Outcome:
         vocab, engine = self._engine()
         prompt_tokens = len(vocab.prompt_tokens(plan.messages))
         if prompt_tokens >= engine.n_ctx:
@@ -437,26 +586,25 @@ class LocalModel(Model):
         plan: _Plan,
         grammar: Any,
         prompt_tokens: int,
-        emit: Callable[[str], None],
+        emit: Emit,
         cancel: threading.Event,
         deadline: float | None,
     ) -> _Outcome:
-        llama_cpp = _llama_cpp()
-        sampled = 0
+        guard = _LoopGuard() if self.stop_repetition else None
+        recorder = engine.llama.recorder = _Recorder(engine.llama, plan.logprobs, guard)
+        sent = 0  # log-probabilities already attached to an emitted piece
 
-        def count_samples(input_ids: Any, scores: Any) -> Any:
-            nonlocal sampled  # runs once per sampled token, end-of-turn included
-            sampled += 1
-            return scores
+        def send(text: str) -> None:
+            nonlocal sent
+            parts.append(text)
+            emit(text, tuple(recorder.logprobs[sent:]))
+            sent = len(recorder.logprobs)
 
         chunks = engine.llama.create_chat_completion(
-            messages=plan.messages,
-            stream=True,
-            grammar=grammar,
-            logits_processor=llama_cpp.LogitsProcessorList([count_samples]),
-            **plan.sampling,
+            messages=plan.messages, stream=True, grammar=grammar, **plan.sampling
         )
-        cutter, parts, finish = _StopCutter(plan.stops), [], "length"
+        parts: list[str] = []
+        cutter, finish, stop_reason = _StopCutter(plan.stops), "length", ""
         try:
             for piece, reason in _pieces(chunks):
                 if cancel.is_set():
@@ -465,20 +613,29 @@ class LocalModel(Model):
                     raise self._timeout()
                 text = cutter.feed(piece)
                 if text:
-                    parts.append(text)
-                    emit(text)
+                    send(text)
                 if cutter.hit:
-                    return _Outcome("".join(parts), "stop", prompt_tokens, sampled)
+                    return self._outcome(parts, "stop", prompt_tokens, recorder, recorder.count)
                 finish = reason or finish
+                if recorder.looping and reason is None:  # stopped, as if by max_tokens, and said why
+                    finish, stop_reason = "length", "repetition"
+                    break
         finally:
             chunks.close()  # ends llama.cpp's generator while we still hold the lock
-        rest = cutter.flush()
-        if rest:
-            parts.append(rest)
-            emit(rest)
+            engine.llama.recorder = None
         # "stop" from llama.cpp means the model sampled its end-of-turn token, which is not output.
-        completion = sampled - 1 if finish == "stop" and sampled else sampled
-        return _Outcome("".join(parts), finish, prompt_tokens, completion)
+        completion = recorder.count - 1 if finish == "stop" and recorder.count else recorder.count
+        rest = cutter.flush()
+        if rest or len(recorder.logprobs[:completion]) > sent:
+            send(rest)
+        return self._outcome(parts, finish, prompt_tokens, recorder, completion, stop_reason)
+
+    @staticmethod
+    def _outcome(
+        parts: list[str], finish: str, prompt: int, recorder: _Recorder, completion: int, stop_reason: str = ""
+    ) -> _Outcome:
+        logprobs = tuple(recorder.logprobs[:completion]) if recorder.top is not None else None
+        return _Outcome("".join(parts), finish, prompt, completion, logprobs, stop_reason)
 
     def _timeout(self) -> ProviderTimeout:
         message = "the local model did not finish within the timeout"
@@ -495,7 +652,10 @@ class LocalModel(Model):
                 text, finish = "", "tool_calls"
             except (ValueError, KeyError, TypeError):
                 pass  # a stop sequence cut the call short: return the text as it is
-        return ModelResponse(text, calls, finish, usage, self.model_id, self.provider)
+        return ModelResponse(
+            text, calls, finish, usage, self.model_id, self.provider,
+            logprobs=outcome.logprobs, stop_reason=outcome.stop_reason,
+        )  # fmt: skip
 
     @staticmethod
     def _deadline(request: ChatRequest) -> float | None:
@@ -503,25 +663,25 @@ class LocalModel(Model):
         return None if timeout is None else time.monotonic() + timeout
 
     async def complete(self, request: ChatRequest) -> ModelResponse:
-        plan = _plan(request)
+        plan = _plan(request, self.max_output_tokens)
         cancel = threading.Event()
         try:
-            outcome = await asyncio.to_thread(self._generate, plan, lambda _: None, cancel, self._deadline(request))
+            outcome = await asyncio.to_thread(self._generate, plan, lambda *_: None, cancel, self._deadline(request))
         except asyncio.CancelledError:
             cancel.set()  # the worker stops at the next token and frees the model
             raise
         return self._response(plan, outcome)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
-        plan = _plan(request)
+        plan = _plan(request, self.max_output_tokens)
         if plan.forced_tools:  # a tool call is only useful whole: send it as one piece
             response = await self.complete(request)
             for i, call in enumerate(response.tool_calls):
                 yield StreamDelta(
                     tool_call_index=i, tool_call_id=call.id, tool_name=call.name, tool_arguments=call.arguments
                 )
-            if response.text:
-                yield StreamDelta(text=response.text)
+            if response.text or response.logprobs:
+                yield StreamDelta(text=response.text, logprobs=response.logprobs or ())
             yield response
             return
         async for item in self._stream_text(request, plan):
@@ -529,26 +689,27 @@ class LocalModel(Model):
 
     async def _stream_text(self, request: ChatRequest, plan: _Plan) -> AsyncIterator[StreamItem]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue: asyncio.Queue[StreamDelta | None] = asyncio.Queue()
         cancel = threading.Event()
 
-        def emit(text: str | None) -> None:
+        def put(item: StreamDelta | None) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, text)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop closed: nobody is listening any more
                 cancel.set()
 
         def run() -> _Outcome:
             try:
+                emit: Emit = lambda text, logprobs: put(StreamDelta(text=text, logprobs=logprobs))  # noqa: E731
                 return self._generate(plan, emit, cancel, self._deadline(request))
             finally:
-                emit(None)
+                put(None)
 
         worker = asyncio.ensure_future(asyncio.to_thread(run))
         worker.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if abandoned
         try:
-            while (text := await queue.get()) is not None:
-                yield StreamDelta(text=text)
+            while (delta := await queue.get()) is not None:
+                yield delta
             outcome = await worker
         finally:
             cancel.set()  # a consumer that stops early frees the model at the next token

@@ -30,7 +30,16 @@ from keel import tokens
 from keel.errors import ContextWindowExceeded, MalformedResponse, ProviderError, error_for_status
 from keel.models._http import connection_error, malformed_error, parse_retry_after, status_error, timeout_error
 from keel.models.base import Model, StreamItem, usage_or_estimate
-from keel.types import ChatRequest, EmbeddingResult, ModelResponse, StreamDelta, ToolCall, Usage
+from keel.types import (
+    ChatRequest,
+    EmbeddingResult,
+    ModelResponse,
+    StreamDelta,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
 
 __all__ = ["OpenAIModel", "request_body", "translate_error"]
 
@@ -53,6 +62,8 @@ def request_body(request: ChatRequest) -> dict[str, Any]:
         "stop": list(o.stop) or None,
         "tools": [t.to_openai() for t in o.tools] or None,
         "tool_choice": _tool_choice(o.tool_choice),
+        "logprobs": o.logprobs or None,
+        "top_logprobs": o.top_logprobs if o.logprobs else None,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if o.response_format is not None:
@@ -66,6 +77,28 @@ def request_body(request: ChatRequest) -> dict[str, Any]:
 
 def _field(raw: Any, name: str) -> Any:
     return raw.get(name) if isinstance(raw, dict) else getattr(raw, name, None)
+
+
+def _token_bytes(raw: Any) -> tuple[int, ...] | None:
+    return tuple(int(b) for b in raw) if isinstance(raw, list) else None
+
+
+def logprobs_from_openai(raw: Any) -> tuple[TokenLogprob, ...] | None:
+    """`choices[i].logprobs` of an OpenAI answer (a dict, or the SDK's object) as keel values; None when absent."""
+    if raw is None:
+        return None
+    content = raw.get("content") if isinstance(raw, dict) else getattr(raw, "content", None)
+    if content is None:
+        return None
+    out = []
+    for item in content:
+        entry = item if isinstance(item, dict) else item.model_dump()
+        tops = tuple(
+            TopLogprob(t["token"], float(t["logprob"]), _token_bytes(t.get("bytes")))
+            for t in entry.get("top_logprobs") or []
+        )
+        out.append(TokenLogprob(entry["token"], float(entry["logprob"]), _token_bytes(entry.get("bytes")), tops))
+    return tuple(out)
 
 
 def _count(value: Any) -> int | None:
@@ -169,6 +202,7 @@ def _is_event_stream(response: Any) -> bool:
 
 class OpenAIModel(Model):
     provider = "openai"
+    supports_logprobs = True  # passed through; an upstream that gives none answers without them
 
     def __init__(
         self,
@@ -230,6 +264,7 @@ class OpenAIModel(Model):
             usage=_usage(self, request, raw.get("usage"), text, calls, self._encoding),
             model=raw.get("model") or "",
             provider=self.provider,
+            logprobs=logprobs_from_openai(choice.get("logprobs")),
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
@@ -282,6 +317,7 @@ class OpenAIModel(Model):
         usage: Any = None
         finish: str | None = None
         model = ""
+        logprobs: list[TokenLogprob] | None = None
         async for chunk in stream:
             model = chunk.model or model
             if chunk.usage is not None:
@@ -289,9 +325,13 @@ class OpenAIModel(Model):
             for choice in chunk.choices:
                 finish = choice.finish_reason or finish
                 delta = choice.delta
-                if delta.content:
-                    text.append(delta.content)
-                    yield StreamDelta(text=delta.content)
+                pieces = logprobs_from_openai(choice.logprobs) or ()
+                if pieces:
+                    logprobs = logprobs or []
+                    logprobs.extend(pieces)
+                if delta.content or pieces:
+                    text.append(delta.content or "")
+                    yield StreamDelta(text=delta.content or "", logprobs=pieces)
                 for piece in delta.tool_calls or []:
                     call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
                     fn = piece.function
@@ -314,7 +354,8 @@ class OpenAIModel(Model):
         tool_calls = tuple(ToolCall(c["id"], c["name"], c["arguments"] or "{}") for _, c in sorted(calls.items()))
         answer = "".join(text)
         usage_out = _usage(self, request, usage, answer, tool_calls, self._encoding)
-        yield ModelResponse(answer, tool_calls, finish, usage_out, model, self.provider)
+        lps = None if logprobs is None else tuple(logprobs)
+        yield ModelResponse(answer, tool_calls, finish, usage_out, model, self.provider, logprobs=lps)
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         try:

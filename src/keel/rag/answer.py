@@ -28,6 +28,8 @@ from keel.rag.words import coverage
 from keel.types import Message
 
 __all__ = [
+    "LOCAL_ANSWER_MAX_TOKENS",
+    "LOCAL_CONTEXT_TOKENS",
     "NOT_IN_DOCUMENTS",
     "Answer",
     "CheckedSentence",
@@ -48,6 +50,13 @@ SYSTEM = (
 )
 
 AnswerKind = Literal["generated", "extractive", "abstained"]
+
+# The local model's share, unless the caller or rag.context_tokens / rag.answer_max_tokens say otherwise.
+# On CPU its prompt evaluation dominates an answer: 2,517 prompt tokens took 43 s of a 50 s `rag ask` on
+# the shared 2-core machine, and attention makes each token dearer the longer the prompt. A 135M model
+# also loses track of long prompts, so three passages serve it better than eight (docs/benchmarks.md).
+LOCAL_CONTEXT_TOKENS = 1000
+LOCAL_ANSWER_MAX_TOKENS = 200
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from keel.errors import ConfigError, InputError, ModelNotAllowed, UnknownModel
 from keel.gateway import Gateway
 from keel.gateway.pipeline import CallContext
 from keel.rag.answer import (
+    LOCAL_ANSWER_MAX_TOKENS,
+    LOCAL_CONTEXT_TOKENS,
     NOT_IN_DOCUMENTS,
     Answer,
     CheckedSentence,
@@ -351,8 +353,8 @@ class RAG:
         mode = mode or self.config.answer_mode
         if mode not in ("auto", "generate", "extractive"):
             raise InputError(f"mode must be auto, generate or extractive, not {mode!r}")
-        budget = context_tokens or self.config.context_tokens
         model_name = self.gateway.resolve(model or self.config.answer_model)
+        budget, max_tokens = self.answer_budget(model_name, context_tokens, max_tokens)
         started = time.perf_counter()
         with self.gateway.tracer.span(f"rag.ask {collection}") as span:
             span.set(gen_ai__operation__name="rag", keel__rag__collection=collection, keel__rag__mode=mode)
@@ -386,9 +388,19 @@ class RAG:
             }  # fmt: skip
             return answer
 
+    def answer_budget(self, model: str, context_tokens: int | None, max_tokens: int | None) -> tuple[int, int]:
+        """Context tokens and answer tokens for `model`: the caller's, else the configured ones; the
+        small local model gets less of both unless rag.context_tokens / rag.answer_max_tokens are set."""
+        c = self.config
+        local = self.gateway._model_config(model).provider == "local"  # the config: building it could fail here
+        chosen = c.model_fields_set
+        budget = c.context_tokens if "context_tokens" in chosen or not local else LOCAL_CONTEXT_TOKENS
+        answer = c.answer_max_tokens if "answer_max_tokens" in chosen or not local else LOCAL_ANSWER_MAX_TOKENS
+        return context_tokens or budget, max_tokens or answer
+
     async def _answer(
         self, question: str, hits: list[Hit], embedder: Embedder, mode: str, model: str, budget: int,
-        max_tokens: int | None, key: str | None,
+        max_tokens: int, key: str | None,
     ) -> Answer:  # fmt: skip
         query_vector = await embedder.query(question, key=key)
         support = await self._support(query_vector, hits, embedder)
@@ -407,7 +419,7 @@ class RAG:
             return self._extractive(question, packed, query_vector, sources, source_vectors, support, "")
         result = await self.gateway.chat(
             build_messages(question, packed), model, temperature=0.0,
-            max_tokens=max_tokens or self.config.answer_max_tokens, key=key, metadata={"purpose": "rag.answer"},
+            max_tokens=max_tokens, key=key, metadata={"purpose": "rag.answer"},
         )  # fmt: skip
         usage = {"input_tokens": result.usage.input_tokens, "output_tokens": result.usage.output_tokens}
         generated = result.text.strip()

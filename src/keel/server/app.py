@@ -31,7 +31,7 @@ from keel.gateway import ChatStream, Gateway
 from keel.server import admin
 from keel.server.auth import KeyRing, caller, require_admin
 from keel.server.bodies import JSONBodyRoute
-from keel.server.calls import attribution, guarded
+from keel.server.calls import attribution, guarded, logprobs_body
 from keel.server.dashboard import dashboard_router
 from keel.server.errors import (
     error_body,
@@ -104,13 +104,18 @@ def _message(result: ChatResult) -> dict[str, Any]:
     return message
 
 
+def _choice(result: ChatResult) -> dict[str, Any]:
+    logprobs = logprobs_body(result.logprobs)
+    return {"index": 0, "message": _message(result), "finish_reason": result.finish_reason, "logprobs": logprobs}
+
+
 def completion_body(result: ChatResult, created: int) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{result.span_id}",
         "object": "chat.completion",
         "created": created,
         "model": result.model,
-        "choices": [{"index": 0, "message": _message(result), "finish_reason": result.finish_reason, "logprobs": None}],
+        "choices": [_choice(result)],
         "usage": _usage(result),
     }
 
@@ -164,6 +169,8 @@ def _call_kwargs(body: ChatCompletionRequest, request: Request) -> dict[str, Any
         "seed": body.seed,
         "tools": body.tools,
         "tool_choice": _tool_choice(body.tool_choice),
+        "logprobs": bool(body.logprobs),
+        "top_logprobs": body.top_logprobs,
         "context": attribution(request, caller(request).key, body.user, body.metadata),
     }
 
@@ -187,10 +194,13 @@ def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+def _chunk(
+    cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     return {
         "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
     }  # fmt: skip
 
 
@@ -235,14 +245,14 @@ async def _stream_events(
     try:
         yield _sse(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
         for delta in first:
-            yield _sse(_chunk(cid, created, model, _delta_body(delta)))
+            yield _sse(_chunk(cid, created, model, _delta_body(delta), logprobs=logprobs_body(delta.logprobs or None)))
         while True:
             try:
                 with Deadline(deadline, "request timeout"):
                     delta = await anext(deltas)
             except StopAsyncIteration:
                 break
-            yield _sse(_chunk(cid, created, model, _delta_body(delta)))
+            yield _sse(_chunk(cid, created, model, _delta_body(delta), logprobs=logprobs_body(delta.logprobs or None)))
         result = stream.result
         assert result is not None
         yield _sse(_chunk(cid, created, result.model, {}, result.finish_reason))

@@ -4,15 +4,16 @@ when the client leaves."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
 
 from keel.errors import KeelError, ProviderTimeout
 from keel.gateway.pipeline import CallContext
+from keel.types import TokenLogprob
 
-__all__ = ["ClientDisconnected", "attribution", "guarded"]
+__all__ = ["ClientDisconnected", "attribution", "guarded", "logprobs_body"]
 
 T = TypeVar("T")
 
@@ -77,3 +78,10 @@ def attribution(
 
 def _header(value: str | None) -> str | None:
     return value[:256] if value else None
+
+
+def logprobs_body(logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's `choices[0].logprobs`: {"content": [{token, logprob, bytes, top_logprobs}, ...], "refusal": None}."""
+    if logprobs is None:
+        return None
+    return {"content": [t.to_openai() for t in logprobs], "refusal": None}

@@ -64,12 +64,12 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = Field(default=None, ge=1, le=1)
     user: str | None = None
     metadata: dict[str, str] | None = None
+    logprobs: bool | None = None  # refused with 400 by models that cannot give them
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # accepted for compatibility, not acted on
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     service_tier: str | None = None
