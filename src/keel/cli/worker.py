@@ -36,7 +36,8 @@ def worker(
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)-8s %(name)s: %(message)s")
     config = load_config()
-    import_kinds(tuple(imports or ()))
+    # keel's own kinds (rag.ingest: `keel rag ingest --job`), then the user's
+    import_kinds(("keel.rag.jobs", *(imports or ())))
     running = Worker(config, worker_id=worker_id or default_worker_id()).start()
     err.print(f"worker {running.worker_id} running; store {config.store_url}")
     stop = threading.Event()
