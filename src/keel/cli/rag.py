@@ -120,13 +120,37 @@ def ingest(
     reembed: Annotated[
         bool, typer.Option("--reembed", help="Rebuild the collection with the given model or chunking first.")
     ] = False,
+    job: Annotated[
+        str | None,
+        typer.Option("--job", help="Run as durable job NAME, one item per file, spread over `keel worker`s."),
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="With --job: submit and return; `keel worker` processes do the work.")
+    ] = False,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=1000, help="With --job: files ingested at once, across all workers.")
+    ] = 4,
     as_json: JsonOption = False,
 ) -> None:
     """Ingest files into a collection; re-running skips unchanged documents, replaces changed ones and removes
-    deleted ones. A killed run resumes where it stopped.
+    deleted ones. A killed run resumes where it stopped. With --job, the files are items of a durable job
+    that any number of workers share; the same command resumes it.
 
     Example: keel rag ingest ../shared/data/scifact/corpus.jsonl --collection scifact
+    Example: keel rag ingest ./docs -c handbook --job handbook-1 --detach
     """
+    if job is None and detach:
+        raise InputError("--detach needs --job NAME: only a job goes on without this command")
+    if job is not None:
+        if reembed:
+            raise InputError("--reembed rebuilds the collection in this process: run it without --job first")
+        settings_args = {"embedding_model": embedding_model, "strategy": chunker, "size": chunk_size,
+                         "overlap": overlap}  # fmt: skip
+        from keel.cli import rag_job  # loads DBOS: only for --job
+
+        rag_job.run(path, collection, job, settings_args, _meta(meta), detach=detach, concurrency=concurrency,
+                       as_json=as_json)  # fmt: skip
+        return
     with Gateway() as gw:
         rag = RAG(gw)
         custom = any(v is not None for v in (embedding_model, chunker, chunk_size, overlap))

@@ -37,7 +37,8 @@ def worker(
     config = load_config()
     from keel.jobs.worker import Worker, default_worker_id, import_kinds  # DBOS: loaded by this command only
 
-    import_kinds(tuple(imports or ()))
+    # keel's own kinds (rag.ingest: `keel rag ingest --job`), then the user's
+    import_kinds(("keel.rag.jobs", *(imports or ())))
     running = Worker(config, worker_id=worker_id or default_worker_id()).start()
     err.print(f"worker {running.worker_id} running; store {config.store_url}")
     stop = threading.Event()

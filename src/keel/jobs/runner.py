@@ -25,7 +25,7 @@ from keel.jobs.kinds import get_kind
 from keel.jobs.records import ItemRow, JobRow
 from keel.store import Store, open_store
 
-__all__ = ["JobRunner", "JobStatus"]
+__all__ = ["JobRunner", "JobStatus", "check_job_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]{0,199}$")
 _migrated: set[str] = set()  # system databases this process has created or checked
@@ -40,7 +40,8 @@ class JobStatus:
     errors: list[ItemRow]
 
 
-def _check_name(name: str) -> str:
+def check_job_name(name: str) -> str:
+    """The name, if a job may have it (a command checks it before doing work for the job); else InputError."""
     if not _NAME.match(name):
         raise InputError(
             f"job name {name[:60]!r} must be 1-200 characters of letters, digits and . _ - / : @, starting with a"
@@ -138,7 +139,7 @@ class JobRunner:
         limits. Submitting an existing name with the same inputs resumes it;
         with other inputs it is refused (JobConflict).
         """
-        _check_name(name)
+        check_job_name(name)
         handler = get_kind(kind)
         pairs = _keyed(items)
         queue_name = self._pick_queue(name, queue or handler.queue, concurrency, rpm)

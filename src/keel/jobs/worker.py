@@ -62,9 +62,16 @@ class Worker:
     """
 
     def __init__(
-        self, config: Config | None = None, *, worker_id: str | None = None, store: Store | None = None
+        self,
+        config: Config | None = None,
+        *,
+        worker_id: str | None = None,
+        store: Store | None = None,
+        queues: list[str] | None = None,
     ) -> None:
         self.config = config or load_config()
+        # None: every queue in the system database; else only these (a command that runs its own job's items)
+        self.queues = queues
         self.worker_id = worker_id or default_worker_id()
         if not self.worker_id.strip() or len(self.worker_id) > 200:
             raise ConfigError(f"worker id {self.worker_id[:40]!r} must be 1-200 characters")
@@ -88,6 +95,8 @@ class Worker:
         try:
             set_executor(ItemExecutor(self.store))
             DBOS(config=self._dbos_config())
+            if self.queues is not None:
+                DBOS.listen_queues(self.queues)
             DBOS.launch()
             for name, limits in {jobs.default_queue: JobQueueConfig(), **jobs.queues}.items():
                 DBOS.register_queue(
@@ -143,6 +152,8 @@ class Worker:
             if time.monotonic() - self._lost_store_at < self.config.jobs.dead_after_s:
                 return []
             self._lost_store_at = None
+        if self.queues is not None:
+            return []  # a worker of some queues only could not run a dead worker's other items: full workers do
         dead = heartbeats.claim_dead(self.store, self.worker_id, self.config.jobs.dead_after_s)
         if dead:
             handles = DBOS._recover_pending_workflows(dead)

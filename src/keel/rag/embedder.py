@@ -74,6 +74,7 @@ class Embedder:
         self.index = index
         self.computed = 0  # texts embedded by the model in this embedder's life
         self.cached = 0  # texts served from the cache
+        self.cost_usd = 0.0  # what this embedder's model calls cost (a job item reports it)
         self._store_call: StoreCall = asyncio.to_thread
 
     def with_store_call(self, store_call: StoreCall) -> Embedder:
@@ -106,6 +107,7 @@ class Embedder:
 
     async def _embed(self, texts: list[str], *, key: str | None) -> np.ndarray:
         result = await self.gateway.embed(texts, self.space.name, key=key, metadata={"purpose": "rag"})
+        self.cost_usd += result.cost_usd or 0.0
         matrix = np.asarray(result.vectors, dtype=np.float32)
         if matrix.ndim != 2 or matrix.shape[0] != len(texts):
             raise ConfigError(f"embedding model {self.space.name!r} returned {matrix.shape} for {len(texts)} texts")

@@ -138,7 +138,7 @@ class RAG:
 
     async def ingest(
         self,
-        source: str | Path | Iterable[Document],
+        source: str | Path | Source | Iterable[Document],
         collection: str,
         *,
         settings: CollectionSettings | None = None,
@@ -147,13 +147,16 @@ class RAG:
         progress: IngestProgress | None = None,
         key: str | None = None,
     ) -> IngestReport:
-        """Ingest a file, a folder, or documents into a collection (created on first use).
+        """Ingest a file, a folder, a `Source` (e.g. `file_source`: one file of a folder), or documents into a
+        collection (created on first use).
 
         `settings` apply to a new collection; for an existing one they must match what it was built with,
         unless `reembed` asks to rebuild it with them (re-chunking and re-embedding the stored documents).
         """
         check_name(collection)
-        if isinstance(source, (str, Path)):
+        if isinstance(source, Source):
+            src = source
+        elif isinstance(source, (str, Path)):
             src = path_source(Path(source), max_bytes=self.config.max_file_bytes, metadata=dict(metadata or {}))
         else:
             src = documents_source(source)
@@ -174,6 +177,20 @@ class RAG:
             span.set(keel__rag__documents=report.documents, keel__rag__chunks=report.chunks)
             span.output = report.to_json()
             return report
+
+    async def ensure_collection(self, name: str, settings: CollectionSettings) -> CollectionInfo:
+        """The collection, created with `settings` if missing; SettingsMismatch if it was built with others
+        (a job fixes a collection's settings before its workers ingest into it)."""
+        check_name(name)
+        info = self.index.collection(name)
+        if info is None:
+            return await self.create(name, settings)
+        if difference := self._difference(info, settings):
+            raise SettingsMismatch(
+                f"collection {name!r} was built with {difference}; rebuild it first (keel rag ingest --reembed),"
+                " or use another collection"
+            )
+        return info
 
     def settings(
         self,
@@ -505,7 +522,9 @@ class RAG:
 
     # --- sync twins ------------------------------------------------------------------------------------
 
-    def ingest_sync(self, source: str | Path | Iterable[Document], collection: str, **kwargs: Any) -> IngestReport:
+    def ingest_sync(
+        self, source: str | Path | Source | Iterable[Document], collection: str, **kwargs: Any
+    ) -> IngestReport:
         return self.gateway._loop().run(self.ingest(source, collection, **kwargs))
 
     def search_sync(self, query: str, collection: str, **kwargs: Any) -> Retrieval:

@@ -46,7 +46,8 @@ from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex
 from keel.rag.tokenize import TokenCounter
 
 __all__ = [
-    "IngestProgress", "IngestReport", "StoreUnavailable", "count_documents", "run_ingest", "store_call_with_retries",
+    "IngestProgress", "IngestReport", "StoreUnavailable", "count_documents", "file_source", "run_ingest",
+    "store_call_with_retries",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -82,6 +83,7 @@ class IngestReport:
     chunks: int = 0
     embedded: int = 0  # chunk texts the model embedded
     cached: int = 0  # chunk texts whose vector came from the cache
+    cost_usd: float = 0.0  # what the embedding calls cost (0 for a local model)
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
     read_s: float = 0.0  # time spent reading and chunking (in a worker thread)
@@ -102,7 +104,7 @@ class IngestReport:
         return {
             "collection": self.collection, "added": self.added, "updated": self.updated,
             "unchanged": self.unchanged, "deleted": self.deleted, "chunks": self.chunks, "embedded": self.embedded,
-            "cached": self.cached,
+            "cached": self.cached, "cost_usd": round(self.cost_usd, 8),
             "problems": [{"source": p.source, "line": p.line, "reason": p.reason, "skipped": p.skipped}
                          for p in self.problems],
             "seconds": round(self.seconds, 3), "read_s": round(self.read_s, 3), "embed_s": round(self.embed_s, 3),
@@ -148,6 +150,18 @@ def count_documents(file: Path) -> int:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b"")) or 1
     except OSError:
         return 1
+
+
+def file_source(
+    file: Path, source: str, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES, metadata: dict[str, Any] | None = None
+) -> Source:
+    """One file of a folder, named as a whole-folder ingest names it (`source`, e.g. "docs/guide/setup.md"):
+    a job ingests a folder file by file, and its documents must be the ones a plain ingest would write.
+    Its scope is the file, so a .jsonl line removed since the last run is removed from the collection."""
+    if not file.is_file():
+        raise InputError(f"{file}: no such file")
+    return Source(lambda: load_file(file, source, max_bytes=max_bytes, metadata=metadata), source,
+                  count_documents(file))  # fmt: skip
 
 
 def documents_source(documents: Iterable[Document], *, scope: str | None = None) -> Source:
@@ -266,11 +280,12 @@ async def run_ingest(
         while (prepared := await to_embed.get()) is not None:
             texts = [c.indexed_text for _, pieces in prepared.documents for c in pieces]
             t0 = time.perf_counter()
-            computed, cached = embedder.computed, embedder.cached
+            computed, cached, cost = embedder.computed, embedder.cached, embedder.cost_usd
             vectors = await _embed_in_batches(embedder, texts, batch, key, progress)
             report.embed_s += time.perf_counter() - t0
             report.embedded += embedder.computed - computed
             report.cached += embedder.cached - cached
+            report.cost_usd += embedder.cost_usd - cost
             writes, row = [], 0
             for document, pieces in prepared.documents:
                 writes.append(DocumentWrite(document, pieces, vectors[row : row + len(pieces)]))

@@ -2,7 +2,8 @@
 
 The page is plain HTML, CSS and JavaScript shipped in `keel/server/static/`
 (no build step, nothing fetched from a CDN); it draws its charts as SVG from
-`/api/overview` and lists traces from `/api/traces`. The page itself is public:
+`/api/overview`, lists traces from `/api/traces` and jobs from `/api/jobs` (read
+through keel.jobs, from keel's store). The page itself is public:
 it holds no data. Every `/api/` route needs the admin key (open mode on
 localhost counts as admin); on a 401 or 403 the page asks for the key.
 """
@@ -13,7 +14,7 @@ import asyncio
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
@@ -23,6 +24,9 @@ from keel.errors import InputError, KeelError
 from keel.server.auth import require_admin
 from keel.store import SpanFilter, Store, analytics
 from keel.trace import Span
+
+if TYPE_CHECKING:
+    from keel.jobs import ItemRow, JobRow, JobRunner
 
 __all__ = ["dashboard_router"]
 
@@ -163,7 +167,63 @@ def _api_router() -> APIRouter:
         found = await asyncio.to_thread(analytics.facets, _store(request), known_models=_known_models(request))
         return asdict(found)
 
+    @api.get("/jobs")
+    async def jobs(
+        request: Request,
+        status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    ) -> dict[str, Any]:
+        """Durable jobs, most recently active first: kind, status, progress (done, failed, total) and cost."""
+        found = await asyncio.to_thread(_job_runner(request).jobs, status=status, limit=limit)
+        return {"jobs": [job_json(j) for j in found]}
+
+    @api.get("/jobs/{name}")
+    async def job(
+        request: Request,
+        name: Annotated[str, PathParam(min_length=1, max_length=200, pattern=NO_NUL)],
+        limit: Annotated[int, Query(ge=1, le=1000, description="Items listed, in submission order.")] = 100,
+    ) -> dict[str, Any]:
+        """One job: its items by status, its failed items with their errors, and its first items, each with the
+        trace of its last run."""
+        return await asyncio.to_thread(_job_detail, _job_runner(request), name, limit)
+
     return api
+
+
+JobState = Literal["running", "done", "failed", "cancelled"]
+
+
+def _job_runner(request: Request) -> JobRunner:
+    """A runner over the server's store: it only reads keel's job rows here (no DBOS client is opened)."""
+    from keel.jobs import JobRunner  # imported at the first jobs request: DBOS adds a second to the server's start
+
+    gateway = request.app.state.gateway
+    return JobRunner(gateway.config, store=_store(request))
+
+
+def job_json(job: JobRow) -> dict[str, Any]:
+    return {
+        "name": job.name, "kind": job.kind, "queue": job.queue, "status": job.status, "total": job.total,
+        "done": job.done, "failed": job.failed, "remaining": job.remaining, "cost_usd": job.cost_usd,
+        "created_at": job.created_at, "updated_at": job.updated_at,
+    }  # fmt: skip
+
+
+def item_json(item: ItemRow) -> dict[str, Any]:
+    return {
+        "key": item.key, "position": item.position, "status": item.status, "attempts": item.attempts,
+        "error": item.error, "cost_usd": item.cost_usd, "trace_id": item.trace_id, "updated_at": item.updated_at,
+    }  # fmt: skip
+
+
+def _job_detail(runner: JobRunner, name: str, limit: int) -> dict[str, Any]:
+    status = runner.status(name, errors=limit)
+    items = runner.items(name, limit=limit)
+    counts = {state: status.counts.get(state, 0) for state in ("pending", "running", "done", "failed")}
+    return {
+        "job": job_json(status.job), "counts": counts, "failed_items": [item_json(i) for i in status.errors],
+        "items": [item_json(i) for i in items], "items_shown": len(items),
+    }  # fmt: skip
 
 
 def dashboard_router() -> APIRouter:

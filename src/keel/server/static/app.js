@@ -1,5 +1,6 @@
 // keel dashboard: plain JavaScript, no build step, no dependencies.
-// Reads /api/overview, /api/traces, /api/traces/{id} and /api/facets; draws its charts as SVG.
+// Reads /api/overview, /api/traces, /api/traces/{id}, /api/facets, /api/jobs and /api/jobs/{name};
+// draws its charts as SVG.
 // The filters live in the page's query string (?session=sess-42&sort=cost), so a view can be linked.
 // Every value from the store reaches the page through textContent, never as HTML.
 "use strict";
@@ -32,6 +33,7 @@
     overview: null,
     trace: null,
     selected: null,
+    returnTo: null, // the job page a trace was opened from (its back button goes there)
   };
 
   const $ = (selector) => document.querySelector(selector);
@@ -306,7 +308,7 @@
       markRange();
       reloadAll();
     });
-    $("#refresh").addEventListener("click", () => (state.trace ? openTrace(state.trace.trace_id) : reloadAll()));
+    $("#refresh").addEventListener("click", route); // the current page, whichever it is
     $("#signout").addEventListener("click", () => {
       localStorage.removeItem(KEY_STORAGE);
       $("#signout").hidden = true;
@@ -1000,27 +1002,190 @@
     }
   }
 
+  // --- jobs ---------------------------------------------------------------------------------
+
+  const JOB_REFRESH_MS = 2000; // a page showing a running job reloads it this often
+  let jobTimer = null;
+  let jobRequest = 0;
+
+  function jobBadge(status) {
+    const cls = { running: "running", done: "ok", failed: "error", cancelled: "cancelled" }[status] || "cancelled";
+    return h("span", { class: "badge " + cls, text: status });
+  }
+
+  /** done (green) and failed (red) shares of a job's items, over a grey track. */
+  function progressBar(job, big) {
+    const total = Math.max(job.total, 1);
+    const bar = h("div", { class: "progress" + (big ? " big" : ""), role: "progressbar",
+      "aria-valuemin": 0, "aria-valuemax": job.total, "aria-valuenow": job.done + job.failed },
+      h("span", { class: "p-done", style: `width:${(job.done / total) * 100}%` }),
+      h("span", { class: "p-failed", style: `width:${(job.failed / total) * 100}%` }));
+    withTip(bar, [job.name, ["done", fmtInt(job.done)], ["failed", fmtInt(job.failed)], ["left", fmtInt(job.remaining)], ["total", fmtInt(job.total)]]);
+    return bar;
+  }
+
+  function fmtShare(job) {
+    return fmtPercent(job.total ? (job.done + job.failed) / job.total : 0);
+  }
+
+  function stopJobRefresh() {
+    clearTimeout(jobTimer);
+    jobTimer = null;
+  }
+
+  /** Reload the page in a moment while something on it still runs. */
+  function refreshWhile(running, reload) {
+    stopJobRefresh();
+    if (running) jobTimer = setTimeout(reload, JOB_REFRESH_MS);
+  }
+
+  function jobRow(job) {
+    const open = () => { location.hash = "#/jobs/" + encodeURIComponent(job.name); };
+    const row = h("tr", { class: "job-row", "data-job": job.name, tabindex: 0 },
+      h("td", null, h("a", { class: "job-link", href: "#/jobs/" + encodeURIComponent(job.name), text: job.name })),
+      h("td", null, h("span", { class: "tag", text: job.kind })),
+      h("td", null, jobBadge(job.status)),
+      h("td", { class: "progress-col" }, h("div", { class: "progress-cell" }, progressBar(job), h("span", { class: "share", text: fmtShare(job) }))),
+      h("td", { class: "num", text: fmtInt(job.done) + " / " + fmtInt(job.total) }),
+      h("td", { class: "num" + (job.failed ? " bad" : ""), text: fmtInt(job.failed) }),
+      h("td", { class: "num", text: fmtCost(job.cost_usd) }),
+      h("td", { class: "muted", text: fmtDateTime(job.updated_at) }));
+    row.addEventListener("click", (e) => { if (!e.target.closest("a")) open(); });
+    row.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
+    return row;
+  }
+
+  async function loadJobs() {
+    const mine = ++jobRequest;
+    clearError();
+    try {
+      const body = await api("jobs", { status: $("#job-status").value, limit: 200 });
+      if (mine !== jobRequest) return;
+      const jobs = body.jobs;
+      const tbody = $("#jobs tbody");
+      if (!jobs.length) {
+        const none = $("#job-status").value ? "No " + $("#job-status").value + " jobs." : "No jobs yet: keel rag ingest PATH -c NAME --job JOB starts one.";
+        tbody.replaceChildren(h("tr", { class: "empty-row" }, h("td", { colspan: 8, text: none })));
+      } else {
+        tbody.replaceChildren(...jobs.map(jobRow));
+      }
+      const running = jobs.filter((j) => j.status === "running").length;
+      $("#job-count").textContent = `${fmtInt(jobs.length)} job${jobs.length === 1 ? "" : "s"}` + (running ? ` · ${running} running` : "");
+      markUpdated();
+      refreshWhile(running > 0, loadJobs);
+    } catch (error) {
+      showError(error);
+    }
+  }
+
+  function traceLink(traceId, returnTo) {
+    if (!traceId) return h("span", { class: "muted", text: "–" });
+    const link = h("a", { class: "trace-link", href: "#/trace/" + encodeURIComponent(traceId), text: shortId(traceId), title: "Open the trace of this item's last run" });
+    link.addEventListener("click", () => { state.returnTo = returnTo; });
+    return link;
+  }
+
+  function itemBadge(status) {
+    const cls = { pending: "pending", running: "running", done: "ok", failed: "error" }[status] || "pending";
+    return h("span", { class: "badge " + cls, text: status });
+  }
+
+  function renderJob(body) {
+    const job = body.job;
+    const here = "#/jobs/" + encodeURIComponent(job.name);
+    replace($("#job-name"), job.name, " ", jobBadge(job.status));
+    $("#job-meta").textContent = `kind ${job.kind} · queue ${job.queue}`;
+    const stat = (label, value) => h("div", null, h("dt", { text: label }), h("dd", { text: value }));
+    replace($("#job-stats"),
+      stat("Items", fmtInt(job.total)), stat("Cost so far", fmtCost(job.cost_usd)),
+      stat("Created", fmtDateTime(job.created_at)), stat("Updated", fmtDateTime(job.updated_at)));
+    replace($("#job-progress"), progressBar(job, true));
+    $("#job-progress-text").textContent = `${fmtInt(job.done + job.failed)} of ${fmtInt(job.total)} finished · ${fmtShare(job)}`;
+    const c = body.counts;
+    const count = (label, n, cls) => h("div", { class: "job-count " + cls + (n ? "" : " zero") }, h("span", { class: "n", text: fmtInt(n) }), h("span", { class: "label", text: label }));
+    replace($("#job-counts"), count("pending", c.pending, "pending"), count("running", c.running, "running"),
+      count("done", c.done, "ok"), count("failed", c.failed, "error"));
+
+    const failed = body.failed_items;
+    $("#job-failed-card").hidden = !failed.length;
+    $("#job-failed-hint").textContent = failed.length
+      ? (failed.length < c.failed ? `first ${fmtInt(failed.length)} of ${fmtInt(c.failed)} · ` : "") + "rerun them with: keel jobs retry " + job.name
+      : "";
+    $("#job-failed tbody").replaceChildren(...failed.map((item) => h("tr", { class: "failed-row" },
+      h("td", { class: "item-key", title: item.key, text: clip(item.key, 60) }),
+      h("td", { class: "num", text: fmtInt(item.attempts) }),
+      h("td", { class: "error-cell", text: item.error || "–" }),
+      h("td", { class: "muted", text: fmtDateTime(item.updated_at) }),
+      h("td", null, traceLink(item.trace_id, here)))));
+
+    const items = body.items;
+    $("#job-items-hint").textContent = items.length < job.total ? `first ${fmtInt(items.length)} of ${fmtInt(job.total)}` : `${fmtInt(items.length)} items`;
+    $("#job-items tbody").replaceChildren(...items.map((item) => h("tr", { class: "item-row" },
+      h("td", { class: "num muted", text: fmtInt(item.position + 1) }),
+      h("td", { class: "item-key", title: item.key, text: clip(item.key, 70) }),
+      h("td", null, itemBadge(item.status)),
+      h("td", { class: "num", text: item.attempts ? fmtInt(item.attempts) : "–" }),
+      h("td", { class: "num", text: fmtCost(item.cost_usd) }),
+      h("td", { class: "muted", text: fmtDateTime(item.updated_at) }),
+      h("td", null, traceLink(item.trace_id, here)))));
+  }
+
+  async function openJob(name) {
+    const mine = ++jobRequest;
+    clearError();
+    try {
+      const body = await api("jobs/" + encodeURIComponent(name), { limit: 100 });
+      if (mine !== jobRequest) return;
+      renderJob(body);
+      markUpdated();
+      refreshWhile(body.job.status === "running", () => openJob(name));
+    } catch (error) {
+      showError(error);
+    }
+  }
+
+  function markUpdated() {
+    $("#updated").textContent = "Updated " + new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+
   // --- routing ----------------------------------------------------------------------------
 
+  const VIEWS = ["overview-view", "trace-view", "jobs-view", "job-view"];
+
+  /** Show one view; the filter bar and the range buttons belong to the overview only. */
+  function showView(id) {
+    for (const view of VIEWS) $("#" + view).hidden = view !== id;
+    $("#filters").hidden = id !== "overview-view";
+    $("#ranges").hidden = id !== "overview-view";
+    const section = id.startsWith("job") ? "jobs" : "overview";
+    for (const link of document.querySelectorAll("#nav a")) link.classList.toggle("active", link.dataset.view === section);
+  }
+
   function route() {
-    const match = location.hash.match(/^#\/trace\/(.+)$/);
+    const trace = location.hash.match(/^#\/trace\/(.+)$/);
+    const job = location.hash.match(/^#\/jobs\/(.+)$/);
     tooltip().hidden = true;
-    if (match) {
-      $("#overview-view").hidden = true;
-      $("#trace-view").hidden = false;
-      $("#filters").hidden = true;
-      $("#ranges").hidden = true;
+    stopJobRefresh();
+    jobRequest++; // an answer still on its way belongs to the page we left
+    if (trace) {
+      showView("trace-view");
+      $("#trace-back").textContent = state.returnTo ? "← Job" : "← Traces";
       window.scrollTo(0, 0);
-      openTrace(decodeURIComponent(match[1]));
+      openTrace(decodeURIComponent(trace[1]));
+    } else if (job) {
+      showView("job-view");
+      window.scrollTo(0, 0);
+      openJob(decodeURIComponent(job[1]));
+    } else if (location.hash === "#/jobs") {
+      showView("jobs-view");
+      loadJobs();
     } else {
       state.trace = null;
       state.selected = null;
-      $("#trace-view").hidden = true;
-      $("#overview-view").hidden = false;
-      $("#filters").hidden = false;
-      $("#ranges").hidden = false;
+      showView("overview-view");
       reloadAll();
     }
+    if (!trace) state.returnTo = null;
   }
 
   function start() {
@@ -1028,7 +1193,9 @@
     markRange();
     bindFilters();
     $("#signout").hidden = !localStorage.getItem(KEY_STORAGE);
-    $("#trace-back").addEventListener("click", () => { location.hash = "#/"; });
+    $("#trace-back").addEventListener("click", () => { location.hash = state.returnTo || "#/"; });
+    $("#job-back").addEventListener("click", () => { location.hash = "#/jobs"; });
+    $("#job-status").addEventListener("change", loadJobs);
     window.addEventListener("hashchange", route);
     route();
   }
