@@ -23,6 +23,7 @@ from keel.jobs import records
 from keel.jobs.engine import APP_NAME, APP_VERSION, ITEM_WORKFLOW, system_database_url, workflow_id
 from keel.jobs.kinds import get_kind
 from keel.jobs.records import ItemRow, JobRow
+from keel.jobs.schema import ensure_tables
 from keel.store import Store, open_store
 
 __all__ = ["JobRunner", "JobStatus"]
@@ -76,6 +77,7 @@ class JobRunner:
         self.config = config or load_config()
         self._own_store = store is None
         self.store = store or open_store(self.config.store_url)
+        ensure_tables(self.store)
         self.system_database_url = system_database_url(self.config)
         self._client: DBOSClient | None = None
 
