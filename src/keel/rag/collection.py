@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from keel.config import RagConfig
 from keel.errors import InputError
 from keel.rag.chunking import ChunkSettings
+from keel.rag.settings import RagConfig
 
 __all__ = ["CollectionSettings", "auto_chunk_size", "check_name", "settings_from_config"]
 
