@@ -105,3 +105,66 @@ def test_locate_finds_nested_keys() -> None:
     assert locate(text, ("models", "y", "provider")) == 5
     assert locate(text, ("models", "x")) == 2
     assert locate(text, ("nothing",)) is None
+
+
+# --- each app owns its section ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "message"),
+    [
+        ("[rag]\ntop_k = 0\n", 2, "rag.top_k", "greater than 0"),
+        ("[rag]\ntopk = 3\n", 2, "rag.topk", "unknown field"),
+        ('[rag]\nembedding_model = "ghost"\n', 2, "rag.embedding_model", "unknown model 'ghost'"),
+        ("[jobs]\nheartbeat_s = 20\n", 1, "jobs", "dead_after_s must exceed"),
+        ("[jobs.queues.slow]\nconcurrency = -1\n", 2, "jobs.queues.slow.concurrency", "greater than 0"),
+        ("[nothing]\nx = 1\n", 1, "nothing", "unknown field"),
+    ],
+)
+def test_app_sections_are_checked_with_file_line_and_field(
+    tmp_path: Path, text: str, line: int, field: str, message: str
+) -> None:
+    path = write_config(tmp_path, "timeout = 5\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    error = caught.value
+    assert (error.line, error.field) == (line + 1, field) and message in str(error)
+
+
+def test_rag_and_jobs_sections_are_defined_by_their_apps(tmp_path: Path) -> None:
+    import keel.config
+
+    path = write_config(tmp_path, "[rag]\ntop_k = 3\n[jobs.queues.slow]\nrpm = 6\n")
+    config = load_config(path, environ={"KEEL_RAG__CANDIDATES": "50"})
+    assert (config.rag.top_k, config.rag.candidates, config.jobs.queues["slow"].rpm) == (3, 50, 6)
+    assert type(config.rag).__module__ == "keel.rag.settings" and type(config.jobs).__module__ == "keel.jobs.settings"
+    assert not hasattr(keel.config, "RagConfig") and not hasattr(keel.config, "JobsConfig")
+    assert load_config(write_config(tmp_path, "timeout = 5\n"), environ={}).rag.top_k == 8  # no [rag]: defaults
+
+
+def test_an_app_registers_its_own_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import BaseModel, ConfigDict, Field
+
+    import keel.config
+
+    class NotesConfig(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        size: int = Field(default=1, gt=0)
+        model: str = "local"
+
+    def check(config: keel.config.Config, notes: NotesConfig) -> None:
+        if config.resolve_name(notes.model) is None:
+            raise keel.config.FieldProblem(("notes", "model"), f"notes.model names unknown model {notes.model!r}")
+
+    monkeypatch.setattr(keel.config, "_SECTIONS", dict(keel.config._SECTIONS))
+    keel.config.register_section("notes", NotesConfig, check=check)
+    config = load_config(write_config(tmp_path, "[notes]\nsize = 3\n"), environ={})
+    assert config.section("notes") == NotesConfig(size=3)
+    assert load_config(write_config(tmp_path, "timeout = 5\n"), environ={}).section("notes") == NotesConfig()
+    for text, field, message in (("[notes]\nsize = 0\n", "notes.size", "greater than 0"),
+                                 ('[notes]\nmodel = "ghost"\n', "notes.model", "unknown model 'ghost'")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message) as caught:
+            load_config(write_config(tmp_path, text), environ={})
+        assert (caught.value.line, caught.value.field) == (2, field)
+    with pytest.raises(ConfigError, match="core field"):
+        keel.config.register_section("models", NotesConfig)

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from keel.errors import CollectionExists, InvalidFilter
 from keel.rag.chunking import Chunk
 from keel.rag.documents import Document, Section
-from keel.rag.filters import InvalidFilter, parse_filter
-from keel.rag.index import CollectionExists, CollectionInfo, DocumentWrite, RagIndex, open_index
+from keel.rag.filters import parse_filter
+from keel.rag.index import CollectionInfo, DocumentWrite, RagIndex, open_index
 from keel.store import Store, open_store
 
 DIMS = 8
@@ -368,3 +369,24 @@ def test_sqlite_drops_the_fts5_tables_of_older_stores(tmp_path: object) -> None:
     assert len(index.keyword(info, "alpha", 10)) == 1
     index.close()
     store.close()
+
+
+def test_a_store_with_rag_tables_from_before_namespaces_is_not_migrated_again(store: Store, store_url: str) -> None:
+    """RAG's tables were recorded as `rag_0001_collections`; now RAG's namespace records them as `rag/...`."""
+    from keel.rag.schema import RAG_MIGRATIONS
+
+    index = open_index(store)
+    info = index.create_collection("kept", embedding_model="m", embedding_id="test:m", dimensions=DIMS, settings={})
+    write(index, info, [(*doc("cats", ["Cats purr."]), [unit(1)])])
+    index.close()
+    with store.transaction() as cur:  # how a store of the older version records the same tables
+        cur.execute("UPDATE keel_migrations SET name = 'rag_0001_collections' WHERE name = 'rag/0001_collections'")
+    older = open_store(store_url)
+    try:
+        reopened = open_index(older)  # would fail creating rag_collections a second time
+        assert [c.name for c in reopened.collections()] == ["kept"]
+        assert {"rag_0001_collections", "rag/0001_collections"} <= set(older.applied_migrations())
+        assert RAG_MIGRATIONS[0].replaces == "rag_0001_collections"
+        reopened.close()
+    finally:
+        older.close()

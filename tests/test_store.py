@@ -16,7 +16,10 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from keel.store import SpanFilter, StatsRow, Store, open_store
+from keel.errors import InputError
+from keel.jobs.schema import JOBS_MIGRATIONS
+from keel.jobs.schema import ensure_tables as ensure_job_tables
+from keel.store import Migration, SpanFilter, StatsRow, Store, open_store
 from keel.store.migrations import MIGRATIONS
 from keel.store.postgres import PostgresStore
 from keel.trace import Span, SpanWriter, Tracer
@@ -418,3 +421,74 @@ def test_postgres_pool_is_bounded(pg_database_url: str) -> None:
         assert store.list_spans() == []  # the slot came back
     finally:
         store.close()
+
+
+# --- apps' own tables: namespaced migrations and the public query API ------------------
+
+NOTES = (
+    Migration("0001_notes", ("CREATE TABLE app_notes (id TEXT PRIMARY KEY, body {json}, score {real})",)),
+    Migration("0002_tag", ("ALTER TABLE app_notes ADD COLUMN tag TEXT",)),
+)
+
+
+def test_an_app_migration_is_recorded_in_its_namespace_and_runs_once(store: Store, store_url: str) -> None:
+    assert store.migrate(NOTES[:1], namespace="notes") == ["notes/0001_notes"]
+    assert store.migrate(NOTES, namespace="notes") == ["notes/0002_tag"]  # the list grows by appending
+    assert store.migrate(NOTES, namespace="notes") == []
+    other = open_store(store_url, migrate=False)  # another process finds both recorded
+    try:
+        assert other.migrate(NOTES, namespace="notes") == []
+    finally:
+        other.close()
+    assert store.applied_migrations() == sorted([*ALL_MIGRATIONS, "notes/0001_notes", "notes/0002_tag"])
+
+
+def test_the_public_query_api_takes_question_marks_on_both_backends(store: Store) -> None:
+    store.migrate(NOTES, namespace="notes")
+    insert = "INSERT INTO app_notes (id, body, score, tag) VALUES (?, ?, ?, ?)"
+    assert store.execute(insert, ["a", store.json_param('{"k": 1}'), 0.5, "50%"]) == 1
+    with store.transaction() as cur:
+        cur.executemany(insert, [("b", None, 1.5, "x?"), ("c", None, 2.5, None)])
+        cur.execute("UPDATE app_notes SET score = score + ? WHERE tag LIKE ? ESCAPE '\\' OR id = 'c'", [1, "%\\%%"])
+        assert cur.rowcount == 2
+    assert store.query("SELECT id, score, tag FROM app_notes WHERE tag = '50%' OR tag = ? ORDER BY id", ["x?"]) == [
+        ("a", 1.5, "50%"), ("b", 1.5, "x?"),
+    ]  # fmt: skip
+    with pytest.raises(RuntimeError), store.transaction() as cur:
+        cur.execute("DELETE FROM app_notes WHERE id = ?", ["a"])
+        raise RuntimeError("rolled back")
+    assert [r[0] for r in store.query("SELECT id FROM app_notes ORDER BY id")] == ["a", "b", "c"]
+
+
+def test_an_app_s_migrations_need_a_valid_namespace(unmigrated_store: Store) -> None:
+    with pytest.raises(InputError, match="namespace"):
+        unmigrated_store.migrate(NOTES)
+    with pytest.raises(InputError, match="namespace"):
+        unmigrated_store.migrate(NOTES, namespace="My/App")
+    with pytest.raises(InputError, match="repeat"):
+        unmigrated_store.migrate((NOTES[0], NOTES[0]), namespace="notes")
+
+
+def test_a_store_with_the_old_core_jobs_migration_upgrades_without_running_it_again(unmigrated_store: Store) -> None:
+    """Stores made before the jobs app owned its tables have them as core migration `0005_jobs`."""
+    store = unmigrated_store
+    store.migrate()
+    with store.transaction() as cur:  # what such a store holds: the tables, a job, the old record
+        for statement in JOBS_MIGRATIONS[0].for_dialect(store.dialect):
+            cur.execute(statement.format(**store.types))
+        cur.execute("INSERT INTO keel_migrations (name, applied_at) VALUES ('0005_jobs', '2026-12-01')")
+        cur.execute(
+            "INSERT INTO keel_jobs (name, kind, queue, inputs_hash, status, total, done, failed, cost_usd,"
+            " created_at, updated_at) VALUES ('old', 'k', 'default', 'h', 'done', 1, 1, 0, 0.0, 1.0, 1.0)"
+        )
+    assert "0005_jobs" not in ALL_MIGRATIONS  # the core list no longer has it
+    assert store.migrate(JOBS_MIGRATIONS, namespace="jobs") == []  # recorded under its new name, not re-run
+    assert "jobs/0001_jobs" in store.applied_migrations() and "0005_jobs" in store.applied_migrations()
+    assert store.query("SELECT name FROM keel_jobs") == [("old",)]
+
+
+def test_a_new_store_gets_the_jobs_tables_from_the_jobs_app(store: Store) -> None:
+    assert not any(name.startswith(("0005", "jobs/")) for name in store.applied_migrations())
+    ensure_job_tables(store)
+    assert "jobs/0001_jobs" in store.applied_migrations()
+    assert store.query("SELECT COUNT(*) FROM keel_workers") == [(0,)]

@@ -17,39 +17,61 @@ Environment overrides, applied last:
                          (the standard OpenTelemetry variables; the second is a base URL)
 
 Validation errors name the file, the line and the field.
+
+The apps' sections (`[rag]`, `[jobs]`, later `[evals]`) are not defined here:
+each app registers its pydantic model with `register_section` (see
+keel/rag/settings.py), and `Config` validates `[name]` against it; a section
+nobody registered is an unknown field, as before. `config.rag` and
+`config.jobs` stay typed accessors.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from keel.errors import ConfigError, UnknownModel
+
+if TYPE_CHECKING:  # the apps define these; the core names them only for the type checker
+    from keel.jobs.settings import JobsConfig
+    from keel.rag.settings import RagConfig
 
 __all__ = [
     "AlertRule",
     "AlertingConfig",
     "CircuitConfig",
     "Config",
-    "JobQueueConfig",
-    "JobsConfig",
+    "FieldProblem",
     "KeyConfig",
     "ModelConfig",
     "OtlpConfig",
     "PriceConfig",
-    "RagConfig",
     "StoreConfig",
     "TracingConfig",
     "default_store_path",
     "load_config",
+    "register_section",
 ]
 
 Provider = Literal["openai", "anthropic", "gemini", "local", "test", "onnx"]
@@ -142,33 +164,6 @@ class TracingConfig(_Strict):
         return self
 
 
-class RagConfig(_Strict):
-    """Defaults of `keel rag`: new collections take the first group, every query the second."""
-
-    embedding_model: str = "bge-small"  # a model of kind "embedding" (or an alias)
-    chunk_strategy: Literal["tokens", "structure", "sentences"] = "structure"
-    # tokens of the embedding model's tokenizer; None: fill its window less room for the heading path, at most 512
-    chunk_size: int | None = Field(default=None, ge=16, le=8192)
-    chunk_overlap: int = Field(default=32, ge=0)
-    max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0)  # larger files are skipped and reported
-    embed_batch: int = Field(default=128, gt=0)  # chunks per embedding call during ingest
-
-    retriever: Literal["bm25", "dense", "hybrid"] = "hybrid"
-    fusion: Literal["rrf", "weighted"] = "rrf"
-    rrf_k: float = Field(default=60.0, gt=0)
-    dense_weight: float = Field(default=0.5, ge=0, le=1)  # weighted fusion: share of the dense score
-    candidates: int = Field(default=100, gt=0, le=10_000)  # per retriever, before fusion
-    top_k: int = Field(default=8, gt=0, le=1000)  # chunks that may go into the answer
-    reranker: str | None = None  # "llm:MODEL" (a chat model through the gateway) or None
-    rerank_candidates: int = Field(default=30, gt=0, le=1000)
-    context_tokens: int = Field(default=3000, ge=64)  # the most context tokens sent with a question
-    answer_model: str | None = None  # default: default_model
-    answer_max_tokens: int = Field(default=400, gt=0)
-    answer_mode: Literal["auto", "generate", "extractive"] = "auto"
-    min_support: float = Field(default=0.55, ge=0, le=1)  # below: abstain ("not in the documents")
-    grounding_threshold: float = Field(default=0.6, ge=0, le=1)  # a sentence below it is unsupported
-
-
 class CircuitConfig(_Strict):
     failures: int = Field(default=5, gt=0)  # consecutive failures that open the circuit
     cooldown_s: float = Field(default=30.0, gt=0)
@@ -183,39 +178,6 @@ class ServerConfig(_Strict):
     key_refresh_s: float = Field(default=2.0, gt=0)  # how soon keys created or revoked elsewhere are seen
     log_format: Literal["text", "json"] = "text"
     drain_s: float = Field(default=30.0, ge=0)  # on shutdown, how long in-flight requests may finish
-
-
-class JobQueueConfig(_Strict):
-    """A queue of job items: how many run at once and how often they may start."""
-
-    concurrency: int | None = Field(default=None, gt=0)  # across every worker
-    worker_concurrency: int | None = Field(default=None, gt=0)  # in one worker process
-    rpm: int | None = Field(default=None, gt=0)  # items started per minute, across every worker
-
-    @model_validator(mode="after")
-    def _worker_within_global(self) -> JobQueueConfig:
-        if self.concurrency and self.worker_concurrency and self.worker_concurrency > self.concurrency:
-            raise ValueError("worker_concurrency cannot exceed concurrency")
-        return self
-
-
-class JobsConfig(_Strict):
-    """`keel.jobs` and `keel worker`: durable batch jobs on DBOS (see docs/jobs.md)."""
-
-    # DBOS's system database; empty: `sqlite:///` beside a SQLite store, the store's own database on PostgreSQL
-    system_database_url: str = ""
-    default_queue: str = Field(default="default", min_length=1)
-    queues: dict[str, JobQueueConfig] = {"default": JobQueueConfig(worker_concurrency=16)}
-    poll_s: float = Field(default=0.2, gt=0, le=60)  # how often a worker looks for queued items
-    heartbeat_s: float = Field(default=5.0, gt=0)  # how often a worker says it is alive
-    dead_after_s: float = Field(default=30.0, gt=0)  # a heartbeat older than this: the worker is dead
-    imports: tuple[str, ...] = ()  # modules `keel worker` imports so their job kinds are registered
-
-    @model_validator(mode="after")
-    def _timeouts_make_sense(self) -> JobsConfig:
-        if self.dead_after_s <= 2 * self.heartbeat_s:
-            raise ValueError("dead_after_s must exceed twice heartbeat_s, or live workers would be taken for dead")
-        return self
 
 
 _WINDOW = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
@@ -339,9 +301,43 @@ class Config(_Strict):
     keys: dict[str, KeyConfig] = {}
     alerting: AlertingConfig = AlertingConfig()
     alerts: dict[str, AlertRule] = {}
-    rag: RagConfig = RagConfig()
-    jobs: JobsConfig = JobsConfig()
     source: str | None = Field(default=None, exclude=True)
+    #: The apps' sections ([rag], [jobs], ...) as configured; see register_section.
+    _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _app_sections(cls, data: Any, handler: ModelWrapValidatorHandler[Config]) -> Config:
+        """Validate each app's section against the model its app registered, the rest as the core fields.
+
+        Their problems are reported together, each at its own path, as if the sections were fields.
+        """
+        if not isinstance(data, Mapping):
+            return handler(data)
+        core: dict[str, Any] = {}
+        sections: dict[str, BaseModel] = {}
+        problems: list[InitErrorDetails] = []
+        for name, value in data.items():
+            section = None if name in cls.model_fields else app_section(name)
+            if section is None:
+                core[name] = value  # a core field, or an unknown one the core validation refuses
+                continue
+            try:
+                sections[name] = section.model.model_validate(value)
+            except ValidationError as exc:
+                problems += _details(exc, (name,))
+        try:
+            config = handler(core)
+        except ValidationError as exc:
+            raise ValidationError.from_exception_data(cls.__name__, _details(exc) + problems) from None
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        config._sections = sections
+        for name, value in sections.items():
+            check = _SECTIONS[name].check
+            if check is not None:
+                check(config, value)
+        return config
 
     @model_validator(mode="after")
     def _references_exist(self) -> Config:
@@ -364,9 +360,6 @@ class Config(_Strict):
                     raise _Ref(("keys", key, "models"), f"key {key!r} allows unknown model {target!r}")
         for field, kind in (("default_model", "chat"), ("default_embedding_model", "embedding")):
             self._check_default(field, kind)
-        if self.resolve_name(self.rag.embedding_model) is None:
-            message = f"rag.embedding_model names unknown model {self.rag.embedding_model!r}"
-            raise _Ref(("rag", "embedding_model"), message)
         for name, rule in self.alerts.items():
             if rule.model is not None and self.resolve_name(rule.model) is None:
                 raise _Ref(("alerts", name, "model"), f"alert {name!r} watches unknown model {rule.model!r}")
@@ -408,13 +401,84 @@ class Config(_Strict):
     def store_url(self) -> str:
         return self.store.url or str(default_store_path())
 
+    def section(self, name: str) -> Any:
+        """An app's section: as configured, else its model's defaults."""
+        if name not in self._sections:
+            section = app_section(name)
+            if section is None:
+                raise ConfigError(f"no app registered a configuration section [{name}]")
+            self._sections[name] = section.model()
+        return self._sections[name]
 
-class _Ref(ValueError):
-    """A reference error with the path of the field it concerns."""
+    @property
+    def rag(self) -> RagConfig:
+        """`[rag]`, defined by keel.rag.settings."""
+        return cast("RagConfig", self.section("rag"))
+
+    @property
+    def jobs(self) -> JobsConfig:
+        """`[jobs]`, defined by keel.jobs.settings."""
+        return cast("JobsConfig", self.section("jobs"))
+
+
+class FieldProblem(ValueError):
+    """A problem a cross-check found (an unknown model named, say), with the path of the field it concerns.
+
+    A section's `check` raises it; `keel config check` reports it with the file, line and field.
+    """
 
     def __init__(self, loc: tuple[str, ...], message: str) -> None:
         super().__init__(message)
         self.loc = loc
+
+
+_Ref = FieldProblem  # the core's own cross-checks
+
+
+# --- the apps' sections ----------------------------------------------------------------
+
+SectionModel = TypeVar("SectionModel", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class AppSection:
+    name: str
+    model: type[BaseModel]
+    #: Cross-checks against the whole configuration (models named, say); raises FieldProblem.
+    check: Callable[[Config, Any], None] | None = None
+
+
+_SECTIONS: dict[str, AppSection] = {}
+#: The built-in apps' sections and the module that registers each. It is imported when its section
+#: is configured or read, so a process that uses neither never imports the app (nor DBOS, for jobs).
+BUILTIN_SECTIONS: dict[str, str] = {"rag": "keel.rag.settings", "jobs": "keel.jobs.settings"}
+
+
+def register_section(
+    name: str, model: type[SectionModel], *, check: Callable[[Config, SectionModel], None] | None = None
+) -> None:
+    """Make `[name]` of keel.toml an app's section, validated by `model` (and `check`, after the whole file).
+
+    Call it at import of the app's settings module, before the configuration is loaded.
+    """
+    if name in Config.model_fields:
+        raise ConfigError(f"[{name}] is a core field of the configuration, not an app's section")
+    _SECTIONS[name] = AppSection(name, model, check)
+
+
+def app_section(name: str) -> AppSection | None:
+    """The registered section `name` (a built-in app's is registered on first use), or None."""
+    if name not in _SECTIONS and name in BUILTIN_SECTIONS:
+        importlib.import_module(BUILTIN_SECTIONS[name])
+    return _SECTIONS.get(name)
+
+
+def _details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[InitErrorDetails]:
+    """The errors of `exc`, their paths under `prefix`, to re-raise as one ValidationError."""
+    return [
+        InitErrorDetails(type=e["type"], loc=(*prefix, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+        for e in exc.errors()
+    ]
 
 
 def default_store_path() -> Path:

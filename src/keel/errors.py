@@ -8,14 +8,27 @@ code can catch "anything I did wrong" apart from "anything upstream did":
     │   └── MissingAPIKey           names the environment variable to set
     ├── InputError                  the request itself is wrong
     │   ├── UnknownModel
+    │   ├── NoSuchModel             GET /v1/models/{id}: not configured or not this key's (one answer for both)
     │   ├── InvalidMessages
     │   ├── InvalidSchema
     │   ├── ModelNotAllowed         the caller's key may not use this model
     │   ├── ContextWindowExceeded   prompt larger than every usable context window
+    │   ├── Unauthorized            401: a missing, unknown or revoked key
+    │   ├── Forbidden               403: a key that may not use this endpoint or collection
+    │   ├── NotFound                404: no such trace or dashboard file
+    │   ├── BodyError               an HTTP body refused before validation (`param` names the field)
+    │   ├── BodyTooLarge            413: an HTTP body over server.max_body_bytes
     │   ├── UnknownJob              no job of that name
     │   ├── UnknownJobKind          no handler registered for a job's kind
     │   ├── JobConflict             a job name reused with other inputs, or an action its state forbids
-    │   └── WorkerIdInUse           a live `keel worker` already has that id
+    │   ├── WorkerIdInUse           a live `keel worker` already has that id
+    │   ├── UnknownCollection       404: no RAG collection of that name
+    │   ├── CollectionExists        409: a RAG collection of that name exists already
+    │   ├── SettingsMismatch        409: other settings than the collection was built with (rebuild: --reembed)
+    │   ├── InvalidFilter           a metadata filter that does not parse
+    │   ├── QueryTooLong            a question larger than the answer's context budget
+    │   ├── DatasetError            an eval dataset that cannot be read or lacks a column (file, row, column)
+    │   └── UnknownRun              no eval run of that id
     ├── LimitError                  refused by keel before anything was sent
     │   ├── RateLimited             requests or tokens per minute (retry_after)
     │   ├── BudgetExceeded          daily or monthly budget of a key
@@ -30,6 +43,9 @@ code can catch "anything I did wrong" apart from "anything upstream did":
     │   ├── ServerError             5xx
     │   ├── ProviderConnectionError connection refused or reset
     │   └── MalformedResponse       the provider's answer could not be understood
+    ├── StoreUnavailable            503: the store does not answer (what was committed stays; rerun resumes)
+    ├── StoreDisabled               503: the gateway runs without a store (Gateway(store=False))
+    ├── ClientDisconnected          499: the HTTP client went away; its model call was cancelled
     ├── StructuredOutputError       no valid instance after the re-ask limit
     └── AllModelsFailed             every model of a fallback chain failed
 
@@ -49,11 +65,18 @@ __all__ = [
     "AllModelsFailed",
     "AuthenticationFailed",
     "BadRequest",
+    "BodyError",
+    "BodyTooLarge",
     "BudgetExceeded",
     "CircuitOpen",
+    "ClientDisconnected",
+    "CollectionExists",
     "ConfigError",
     "ContextWindowExceeded",
+    "DatasetError",
+    "Forbidden",
     "InputError",
+    "InvalidFilter",
     "InvalidMessages",
     "InvalidSchema",
     "JobConflict",
@@ -63,17 +86,26 @@ __all__ = [
     "MissingAPIKey",
     "ModelNotAllowed",
     "ModelNotFound",
+    "NoSuchModel",
+    "NotFound",
     "PermissionDenied",
     "ProviderConnectionError",
     "ProviderError",
     "ProviderRateLimited",
     "ProviderTimeout",
+    "QueryTooLong",
     "RateLimited",
     "ServerError",
+    "SettingsMismatch",
+    "StoreDisabled",
+    "StoreUnavailable",
     "StructuredOutputError",
+    "Unauthorized",
+    "UnknownCollection",
     "UnknownJob",
     "UnknownJobKind",
     "UnknownModel",
+    "UnknownRun",
     "WorkerIdInUse",
     "error_for_status",
 ]
@@ -193,6 +225,95 @@ class WorkerIdInUse(InputError):
     code = "worker_id_in_use"
 
 
+# --- the HTTP caller's mistakes (the server) ---------------------------------
+
+
+class Unauthorized(InputError):
+    """A missing, unknown or revoked key."""
+
+    http_status = 401
+    code = "invalid_api_key"
+
+
+class Forbidden(InputError):
+    """A key that may not use this endpoint (or read or write this collection)."""
+
+    http_status = 403
+    code = "forbidden"
+
+
+class NotFound(InputError):
+    """A trace or dashboard file that does not exist."""
+
+    http_status = 404
+    code = "not_found"
+
+
+class NoSuchModel(InputError):
+    """GET /v1/models/{id} of a model that is not configured or not allowed: one answer for both, so a
+    restricted key learns nothing about models it may not use (UnknownModel lists the configured ones)."""
+
+    http_status = 404
+    code = "model_not_found"
+
+
+class BodyError(InputError):
+    """A request body keel refuses before validating it; `param` names the field."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(f"{param}: {message}" if param else message)
+        self.param = param
+
+
+class BodyTooLarge(InputError):
+    http_status = 413
+    code = "request_too_large"
+
+
+# --- RAG: collections and queries ------------------------------------------------
+
+
+class UnknownCollection(InputError):
+    http_status = 404
+    code = "collection_not_found"
+
+
+class CollectionExists(InputError):
+    http_status = 409
+    code = "collection_exists"
+
+
+class SettingsMismatch(InputError):
+    """Other settings than the collection was built with; a rebuild (--reembed) applies them."""
+
+    http_status = 409
+    code = "collection_settings_mismatch"
+
+
+class InvalidFilter(InputError):
+    code = "invalid_filter"
+
+
+class QueryTooLong(InputError):
+    code = "query_too_long"
+
+
+# --- evaluation ------------------------------------------------------------------
+
+
+class DatasetError(InputError):
+    """A dataset that cannot be read or lacks what the suite needs: names the file, row and column."""
+
+    code = "invalid_dataset"
+
+
+class UnknownRun(InputError):
+    http_status = 404
+    code = "unknown_eval_run"
+
+
 # --- refused by keel before sending -------------------------------------------
 
 
@@ -294,6 +415,33 @@ class ProviderConnectionError(ProviderError):
 class MalformedResponse(ProviderError):
     http_status = 502
     code = "malformed_response"
+
+
+# --- the store and the HTTP connection ---------------------------------------------
+
+
+class StoreUnavailable(KeelError):
+    """The store does not answer: a key cannot be checked, or a write failed after its retries.
+
+    What was committed stays; running the same command again resumes.
+    """
+
+    http_status = 503
+    code = "store_unavailable"
+
+
+class StoreDisabled(KeelError):
+    """The gateway runs without a store (Gateway(store=False)): nothing to read or keep."""
+
+    http_status = 503
+    code = "store_disabled"
+
+
+class ClientDisconnected(KeelError):
+    """The client went away before the answer: the model call was cancelled."""
+
+    http_status = 499
+    code = "client_disconnected"
 
 
 # --- composite failures -------------------------------------------------------

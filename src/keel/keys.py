@@ -131,7 +131,7 @@ def create_key(
     try:
         with store.transaction() as cur:
             cur.execute(
-                store._sql(sql),
+                sql,
                 [
                     record.key_id, name, record.prefix, record.created_at, None, limits.rpm, limits.tpm,
                     limits.daily_budget_usd, limits.monthly_budget_usd,
@@ -189,7 +189,7 @@ def keys_by_hash(store: Store) -> dict[str, KeyRecord]:
 def key_by_hash(store: Store, key_hash: str) -> KeyRecord | None:
     """The record of a presented key (by its hash), revoked or not; None when unknown."""
     with store.transaction() as cur:
-        cur.execute(store._sql(f"SELECT {_COLUMNS} FROM keel_keys WHERE key_hash = ?"), [key_hash])
+        cur.execute(f"SELECT {_COLUMNS} FROM keel_keys WHERE key_hash = ?", [key_hash])
         row = cur.fetchone()
     return _record(row) if row is not None else None
 
@@ -200,10 +200,7 @@ def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
         raise InputError("a key name or id has at most 128 characters and no NUL")
     with store.transaction() as cur:
         cur.execute(
-            store._sql(
-                f"SELECT {_COLUMNS} FROM keel_keys"
-                " WHERE revoked_at IS NULL AND (name = ? OR key_id = ? OR key_prefix = ?)"
-            ),
+            f"SELECT {_COLUMNS} FROM keel_keys WHERE revoked_at IS NULL AND (name = ? OR key_id = ? OR key_prefix = ?)",
             [name_or_id, name_or_id, name_or_id],
         )
         rows = cur.fetchall()
@@ -214,9 +211,7 @@ def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
     now = time.time()
     # the write in a transaction of its own, one statement: a concurrent revoke of the same key finds it done
     with store.transaction() as cur:
-        cur.execute(
-            store._sql("UPDATE keel_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL"), [now, rows[0][0]]
-        )
+        cur.execute("UPDATE keel_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", [now, rows[0][0]])
         if cur.rowcount == 0:
             raise InputError(f"the key {name_or_id!r} was revoked just now by someone else")
     record = _record(rows[0])

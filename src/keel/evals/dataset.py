@@ -16,18 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keel.errors import InputError
+from keel.errors import DatasetError
 
 __all__ = ["Case", "DatasetError", "cases_from_rows", "load_rows"]
 
 #: The roles a dataset column can play; only `input` is required.
 ROLES = ("id", "input", "expected", "gold_docs", "gold_spans", "tags")
-
-
-class DatasetError(InputError):
-    """A dataset that cannot be read or lacks what the suite needs: names the file, row and column."""
-
-    code = "invalid_dataset"
 
 
 @dataclass(frozen=True)

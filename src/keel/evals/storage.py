@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from keel.errors import InputError
+from keel.errors import UnknownRun
 from keel.evals.results import CaseResult, RunResult, ScorerError
 from keel.store.base import Store
 from keel.store.migrations import Migration
@@ -89,13 +89,9 @@ EVAL_MIGRATIONS: tuple[Migration, ...] = (
 _migrated: set[int] = set()
 
 
-class UnknownRun(InputError):
-    code = "unknown_eval_run"
-
-
 def migrate(store: Store) -> None:
     if id(store) not in _migrated:
-        store.migrate(EVAL_MIGRATIONS)
+        store.migrate(EVAL_MIGRATIONS, namespace="evals")
         _migrated.add(id(store))
 
 
@@ -123,19 +119,19 @@ def create_run(store: Store, row: Mapping[str, Any]) -> None:
     marks = ", ".join("?" for _ in RUN_COLUMNS)
     sql = f"INSERT INTO keel_eval_runs ({', '.join(RUN_COLUMNS)}) VALUES ({marks}) ON CONFLICT (run_id) DO NOTHING"
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), values)
+        cur.execute(sql, values)
 
 
 def update_thresholds(store: Store, run_id: str, thresholds: Mapping[str, float]) -> None:
     with store.transaction() as cur:
-        cur.execute(store._sql("UPDATE keel_eval_runs SET thresholds = ? WHERE run_id = ?"),
+        cur.execute("UPDATE keel_eval_runs SET thresholds = ? WHERE run_id = ?",
                     [store.json_param(_dumps(dict(thresholds))), run_id])  # fmt: skip
 
 
 def get_run_row(store: Store, run_id: str) -> dict[str, Any]:
     migrate(store)
     with store.transaction() as cur:
-        cur.execute(store._sql(f"SELECT {', '.join(RUN_COLUMNS)} FROM keel_eval_runs WHERE run_id = ?"), [run_id])
+        cur.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM keel_eval_runs WHERE run_id = ?", [run_id])
         row = cur.fetchone()
     if row is None:
         raise UnknownRun(f"no evaluation run {run_id!r} (see `keel eval list`)")
@@ -157,7 +153,7 @@ def list_runs(store: Store, *, job: str | None = None, limit: int = 50) -> list[
         " ORDER BY r.created_at DESC, r.variant_index LIMIT ?"
     )
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [*([job] if job else []), limit])
+        cur.execute(sql, [*([job] if job else []), limit])
         rows = cur.fetchall()
     names = ("run_id", "job", "suite", "variant", "variant_index", "total", "created_at", "recorded", "passed",
              "cost_usd")  # fmt: skip
@@ -188,7 +184,7 @@ def write_case(
         " ON CONFLICT (run_id, case_id, repeat) DO NOTHING"
     )
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), values)
+        cur.execute(sql, values)
         return bool(cur.rowcount == 1)
 
 
@@ -200,7 +196,7 @@ def update_scores(store: Store, run_id: str, case: CaseResult) -> None:
     passed = None if case.passed is None else int(case.passed)
     errors = _dumps([asdict(e) for e in case.scorer_errors])
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [store.json_param(_dumps(dict(case.scores))), passed, store.json_param(errors),
+        cur.execute(sql, [store.json_param(_dumps(dict(case.scores))), passed, store.json_param(errors),
                                       time.time(), run_id, case.case_id, case.repeat])  # fmt: skip
 
 
@@ -221,7 +217,7 @@ def case_rows(store: Store, run_id: str) -> list[tuple[CaseResult, dict[str, Any
     """The recorded cases of a run in dataset order, each with the dataset's case."""
     sql = f"SELECT {', '.join(CASE_COLUMNS)} FROM keel_eval_cases WHERE run_id = ? ORDER BY position, repeat"
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [run_id])
+        cur.execute(sql, [run_id])
         return [(_case(r), _loads(r[CASE_COLUMNS.index("case_data")])) for r in cur.fetchall()]
 
 
@@ -242,7 +238,7 @@ def load_run(store: Store, run_id: str) -> RunResult:
 def cache_get(store: Store, key: str) -> Any:
     migrate(store)
     with store.transaction() as cur:
-        cur.execute(store._sql("SELECT value FROM keel_eval_cache WHERE key = ?"), [key])
+        cur.execute("SELECT value FROM keel_eval_cache WHERE key = ?", [key])
         row = cur.fetchone()
     return None if row is None else _loads(row[0])
 
@@ -250,4 +246,4 @@ def cache_get(store: Store, key: str) -> Any:
 def cache_put(store: Store, key: str, value: Any) -> None:
     sql = "INSERT INTO keel_eval_cache (key, value, created_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING"
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [key, store.json_param(_dumps(value)), time.time()])
+        cur.execute(sql, [key, store.json_param(_dumps(value)), time.time()])

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keel.errors import WorkerIdInUse
+from keel.jobs.schema import ensure_tables
 from keel.store.base import Store
 
 __all__ = ["WorkerRow", "beat", "claim_dead", "db_now", "leave", "list_workers", "register"]
@@ -74,6 +75,7 @@ def register(store: Store, worker_id: str, dead_after_s: float) -> str:
     A row of the same id whose heartbeat is stale (a crashed worker restarting)
     is taken over: DBOS then recovers that executor's workflows in this process.
     """
+    ensure_tables(store)  # a worker's first write: the jobs tables may not exist yet
     incarnation = uuid.uuid4().hex
     now = now_sql(store)
     host, pid = socket.gethostname(), os.getpid()
@@ -82,7 +84,7 @@ def register(store: Store, worker_id: str, dead_after_s: float) -> str:
             f"INSERT INTO keel_workers ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, {now}, {now}, NULL)"
             " ON CONFLICT (worker_id) DO NOTHING"
         )
-        cur.execute(store._sql(insert), [worker_id, host, pid, incarnation, ALIVE])
+        cur.execute(insert, [worker_id, host, pid, incarnation, ALIVE])
         if cur.rowcount == 1:
             return incarnation
         take_over = (
@@ -90,11 +92,11 @@ def register(store: Store, worker_id: str, dead_after_s: float) -> str:
             f" heartbeat_at = {now}, recovered_by = NULL WHERE worker_id = ?"
             f" AND (state <> ? OR heartbeat_at < {now} - ?)"
         )
-        cur.execute(store._sql(take_over), [host, pid, incarnation, ALIVE, worker_id, ALIVE, dead_after_s])
+        cur.execute(take_over, [host, pid, incarnation, ALIVE, worker_id, ALIVE, dead_after_s])
         if cur.rowcount == 1:
             return incarnation
         cur.execute(
-            store._sql(f"SELECT host, pid, incarnation, {now} - heartbeat_at FROM keel_workers WHERE worker_id = ?"),
+            f"SELECT host, pid, incarnation, {now} - heartbeat_at FROM keel_workers WHERE worker_id = ?",
             [worker_id],
         )
         other_host, other_pid, other_incarnation, age = cur.fetchone()
@@ -104,7 +106,7 @@ def register(store: Store, worker_id: str, dead_after_s: float) -> str:
                 f"UPDATE keel_workers SET pid = ?, incarnation = ?, state = ?, heartbeat_at = {now}"
                 " WHERE worker_id = ? AND incarnation = ?"
             )
-            cur.execute(store._sql(mine), [pid, incarnation, ALIVE, worker_id, other_incarnation])
+            cur.execute(mine, [pid, incarnation, ALIVE, worker_id, other_incarnation])
             if cur.rowcount == 1:
                 return incarnation
     raise WorkerIdInUse(
@@ -131,7 +133,7 @@ def beat(store: Store, worker_id: str, incarnation: str) -> bool:
         f"UPDATE keel_workers SET heartbeat_at = {now_sql(store)} WHERE worker_id = ? AND incarnation = ? AND state = ?"
     )
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [worker_id, incarnation, ALIVE])
+        cur.execute(sql, [worker_id, incarnation, ALIVE])
         return bool(cur.rowcount == 1)
 
 
@@ -139,7 +141,7 @@ def leave(store: Store, worker_id: str, incarnation: str) -> None:
     """A clean stop: the row says stopped, so a live worker recovers whatever this one left unfinished at once."""
     sql = "UPDATE keel_workers SET state = ? WHERE worker_id = ? AND incarnation = ? AND state = ?"
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [STOPPED, worker_id, incarnation, ALIVE])
+        cur.execute(sql, [STOPPED, worker_id, incarnation, ALIVE])
 
 
 def claim_dead(store: Store, me: str, dead_after_s: float) -> list[str]:
@@ -159,11 +161,11 @@ def claim_dead(store: Store, me: str, dead_after_s: float) -> list[str]:
     )
     claimed: list[str] = []
     with store.transaction() as cur:
-        cur.execute(store._sql(find), [me, ALIVE, dead_after_s, STOPPED])
+        cur.execute(find, [me, ALIVE, dead_after_s, STOPPED])
         candidates = cur.fetchall()
     for worker_id, incarnation in candidates:
         with store.transaction() as cur:
-            cur.execute(store._sql(claim), [DEAD, me, worker_id, incarnation, ALIVE, STOPPED])
+            cur.execute(claim, [DEAD, me, worker_id, incarnation, ALIVE, STOPPED])
             if cur.rowcount == 1:
                 claimed.append(worker_id)
     return claimed

@@ -125,7 +125,7 @@ def create_job(store: Store, name: str, kind: str, queue: str, items: Sequence[t
             f"INSERT INTO keel_jobs ({', '.join(JOB_COLUMNS)}) VALUES ({', '.join('?' for _ in JOB_COLUMNS)})"
             " ON CONFLICT (name) DO NOTHING"
         )
-        cur.execute(store._sql(insert), [name, kind, queue, digest, RUNNING, len(items), 0, 0, 0.0, now, now])
+        cur.execute(insert, [name, kind, queue, digest, RUNNING, len(items), 0, 0, 0.0, now, now])
         if cur.rowcount == 1:
             marks = ", ".join("?" for _ in range(8))
             sql = (
@@ -134,9 +134,9 @@ def create_job(store: Store, name: str, kind: str, queue: str, items: Sequence[t
             )
             rows = ((name, key, i, store.json_param(json.dumps(value)), PENDING, 0, 0, now)
                     for i, (key, value) in enumerate(items))  # fmt: skip
-            cur.executemany(store._sql(sql), rows)
+            cur.executemany(sql, rows)
             return True
-        cur.execute(store._sql("SELECT kind, inputs_hash FROM keel_jobs WHERE name = ?"), [name])
+        cur.execute("SELECT kind, inputs_hash FROM keel_jobs WHERE name = ?", [name])
         old_kind, old_hash = cur.fetchone()
     if old_kind != kind:
         raise JobConflict(f"job {name!r} exists with kind {old_kind!r}, not {kind!r}: choose another name")
@@ -150,7 +150,7 @@ def create_job(store: Store, name: str, kind: str, queue: str, items: Sequence[t
 
 def get_job(store: Store, name: str) -> JobRow:
     with store.transaction() as cur:
-        cur.execute(store._sql(f"SELECT {', '.join(JOB_COLUMNS)} FROM keel_jobs WHERE name = ?"), [name])
+        cur.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM keel_jobs WHERE name = ?", [name])
         row = cur.fetchone()
     if row is None:
         raise UnknownJob(f"no job named {name!r} (see `keel jobs list`)")
@@ -162,7 +162,7 @@ def list_jobs(store: Store, *, status: str | None = None, limit: int = 50) -> li
     where = " WHERE status = ?" if status else ""
     sql = f"SELECT {', '.join(JOB_COLUMNS)} FROM keel_jobs{where} ORDER BY updated_at DESC LIMIT ?"
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [*([status] if status else []), limit])
+        cur.execute(sql, [*([status] if status else []), limit])
         return [_job(r) for r in cur.fetchall()]
 
 
@@ -177,7 +177,7 @@ def list_items(
         sql += " LIMIT ?"
         params.append(limit)
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), params)
+        cur.execute(sql, params)
         return [_item(r) for r in cur.fetchall()]
 
 
@@ -185,7 +185,7 @@ def item_counts(store: Store, job: str) -> dict[str, int]:
     """Items of a job by status (running ones included, which the job row does not count)."""
     sql = "SELECT status, COUNT(*) FROM keel_job_items WHERE job = ? GROUP BY status"
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [job])
+        cur.execute(sql, [job])
         return {status: int(n) for status, n in cur.fetchall()}
 
 
@@ -202,13 +202,11 @@ def start_item(store: Store, job: str, key: str, run: int, trace_id: str) -> Ite
         " AND EXISTS (SELECT 1 FROM keel_jobs WHERE name = ? AND status = ?)"
     )
     with store.transaction() as cur:
-        cur.execute(
-            store._sql(sql), [ITEM_RUNNING, trace_id, time.time(), job, key, run, PENDING, ITEM_RUNNING, job, RUNNING]
-        )
+        cur.execute(sql, [ITEM_RUNNING, trace_id, time.time(), job, key, run, PENDING, ITEM_RUNNING, job, RUNNING])
         if cur.rowcount != 1:
             return None
         select = f"SELECT {', '.join(ITEM_COLUMNS)} FROM keel_job_items WHERE job = ? AND idempotency_key = ?"
-        cur.execute(store._sql(select), [job, key])
+        cur.execute(select, [job, key])
         return _item(cur.fetchone())
 
 
@@ -235,10 +233,10 @@ def finish_item(
     )
     encoded = None if error is not None else store.json_param(json.dumps(result))
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [status, encoded, error, cost_usd, now, job, key, run, PENDING, ITEM_RUNNING])
+        cur.execute(sql, [status, encoded, error, cost_usd, now, job, key, run, PENDING, ITEM_RUNNING])
         if cur.rowcount != 1:
             return False
-        cur.execute(store._sql(job_sql), [cost_usd, now, RUNNING, int(error is not None), FAILED, DONE, job])
+        cur.execute(job_sql, [cost_usd, now, RUNNING, int(error is not None), FAILED, DONE, job])
     return True
 
 
@@ -249,7 +247,7 @@ def set_job_status(store: Store, name: str, status: str, *, only_from: Sequence[
         f" AND status IN ({', '.join('?' for _ in only_from)})"
     )
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [status, time.time(), name, *only_from])
+        cur.execute(sql, [status, time.time(), name, *only_from])
         return bool(cur.rowcount == 1)
 
 
@@ -263,23 +261,19 @@ def renew_items(store: Store, job: str, statuses: Sequence[str]) -> list[ItemRow
     marks = ", ".join("?" for _ in statuses)
     now = time.time()
     with store.transaction() as cur:
-        cur.execute(store._sql("SELECT COUNT(*) FROM keel_job_items WHERE job = ? AND status = ?"), [job, ITEM_FAILED])
+        cur.execute("SELECT COUNT(*) FROM keel_job_items WHERE job = ? AND status = ?", [job, ITEM_FAILED])
         failed_before = int(cur.fetchone()[0]) if ITEM_FAILED in statuses else 0
         cur.execute(
-            store._sql(
-                f"UPDATE keel_job_items SET status = ?, run = run + 1, error = NULL, updated_at = ?"
-                f" WHERE job = ? AND status IN ({marks})"
-            ),
+            f"UPDATE keel_job_items SET status = ?, run = run + 1, error = NULL, updated_at = ?"
+            f" WHERE job = ? AND status IN ({marks})",
             [PENDING, now, job, *statuses],
         )
         cur.execute(
-            store._sql("UPDATE keel_jobs SET failed = failed - ?, status = ?, updated_at = ? WHERE name = ?"),
+            "UPDATE keel_jobs SET failed = failed - ?, status = ?, updated_at = ? WHERE name = ?",
             [failed_before, RUNNING, now, job],
         )
         cur.execute(
-            store._sql(
-                f"SELECT {', '.join(ITEM_COLUMNS)} FROM keel_job_items WHERE job = ? AND status = ? ORDER BY position"
-            ),
+            f"SELECT {', '.join(ITEM_COLUMNS)} FROM keel_job_items WHERE job = ? AND status = ? ORDER BY position",
             [job, PENDING],
         )
         return [_item(r) for r in cur.fetchall()]

@@ -17,12 +17,14 @@ from typing import Any
 
 from dbos import DBOS, DBOSClient, EnqueueOptions
 
-from keel.config import Config, JobQueueConfig, load_config
+from keel.config import Config, load_config
 from keel.errors import InputError, JobConflict
 from keel.jobs import records
 from keel.jobs.engine import APP_NAME, APP_VERSION, ITEM_WORKFLOW, system_database_url, workflow_id
 from keel.jobs.kinds import get_kind
 from keel.jobs.records import ItemRow, JobRow
+from keel.jobs.schema import ensure_tables
+from keel.jobs.settings import JobQueueConfig
 from keel.store import Store, open_store
 
 __all__ = ["JobRunner", "JobStatus", "check_job_name"]
@@ -77,6 +79,7 @@ class JobRunner:
         self.config = config or load_config()
         self._own_store = store is None
         self.store = store or open_store(self.config.store_url)
+        ensure_tables(self.store)
         self.system_database_url = system_database_url(self.config)
         self._client: DBOSClient | None = None
 

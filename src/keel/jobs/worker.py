@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from dbos import DBOS, DBOSConfig
 
-from keel.config import Config, JobQueueConfig, load_config
+from keel.config import Config, load_config
 from keel.errors import ConfigError
 from keel.jobs import heartbeats
 from keel.jobs.engine import (
@@ -32,6 +32,7 @@ from keel.jobs.engine import (
     sqlite_system_engine,
     system_database_url,
 )
+from keel.jobs.settings import JobQueueConfig
 from keel.store import Store, open_store
 
 __all__ = ["Worker", "default_worker_id"]

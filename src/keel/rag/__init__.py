@@ -12,14 +12,21 @@ The backend follows the gateway's store: SQLite (with a tantivy BM25 folder and 
 or PostgreSQL (full-text search and pgvector). See docs/rag.md.
 """
 
+from keel.errors import (  # RAG's errors, from the one tree, re-exported where RAG's users look for them
+    CollectionExists,
+    InvalidFilter,
+    QueryTooLong,
+    SettingsMismatch,
+    StoreUnavailable,
+    UnknownCollection,
+)
 from keel.rag.answer import Answer, CheckedSentence, Citation, Quote
 from keel.rag.chunking import Chunk, ChunkSettings
-from keel.rag.collection import CollectionSettings, SettingsMismatch
+from keel.rag.collection import CollectionSettings
 from keel.rag.documents import Document, Problem, Section
-from keel.rag.engine import RAG, QueryTooLong
-from keel.rag.filters import InvalidFilter
-from keel.rag.index import CollectionExists, CollectionInfo, UnknownCollection
-from keel.rag.ingest import IngestReport, StoreUnavailable
+from keel.rag.engine import RAG
+from keel.rag.index import CollectionInfo
+from keel.rag.ingest import IngestReport
 from keel.rag.retrieve import Hit, Retrieval, RetrievalOptions
 
 __all__ = [

@@ -14,21 +14,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from keel.config import RagConfig
 from keel.errors import InputError
 from keel.rag.chunking import ChunkSettings
+from keel.rag.settings import RagConfig
 
-__all__ = ["CollectionSettings", "SettingsMismatch", "auto_chunk_size", "check_name", "settings_from_config"]
+__all__ = ["CollectionSettings", "auto_chunk_size", "check_name", "settings_from_config"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 REBUILD_PREFIX = "~rebuild~"
-
-
-class SettingsMismatch(InputError):
-    """Other settings than the collection was built with; a rebuild (--reembed) applies them."""
-
-    http_status = 409
-    code = "collection_settings_mismatch"
 
 
 class CollectionSettings(BaseModel):

@@ -24,7 +24,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from keel.errors import ConfigError, InputError, ModelNotAllowed, UnknownModel
+from keel.errors import (
+    ConfigError,
+    InputError,
+    ModelNotAllowed,
+    QueryTooLong,
+    SettingsMismatch,
+    UnknownCollection,
+    UnknownModel,
+)
 from keel.gateway import Gateway
 from keel.gateway.pipeline import CallContext
 from keel.rag.answer import (
@@ -43,23 +51,19 @@ from keel.rag.answer import (
     parse_answer,
     source_sentences,
 )
-from keel.rag.collection import REBUILD_PREFIX, CollectionSettings, SettingsMismatch, check_name, settings_from_config
+from keel.rag.collection import REBUILD_PREFIX, CollectionSettings, check_name, settings_from_config
 from keel.rag.documents import Document, storable
 from keel.rag.embedder import Embedder, EmbeddingSpace
 from keel.rag.filters import parse_filter
 from keel.rag.grounding import rescale_cosine
-from keel.rag.index import CollectionInfo, RagIndex, UnknownCollection, open_index
+from keel.rag.index import CollectionInfo, RagIndex, open_index
 from keel.rag.ingest import IngestProgress, IngestReport, Source, documents_source, path_source, run_ingest
 from keel.rag.rerank import Reranker, make_reranker
 from keel.rag.retrieve import Hit, Retrieval, RetrievalOptions, Retriever
 
-__all__ = ["RAG", "QueryTooLong"]
+__all__ = ["RAG"]
 
 AnswerMode = Literal["auto", "generate", "extractive"]
-
-
-class QueryTooLong(InputError):
-    code = "query_too_long"
 
 
 class RAG:

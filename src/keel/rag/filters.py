@@ -23,17 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from keel.errors import InputError
+from keel.errors import InvalidFilter
 
-__all__ = ["Condition", "InvalidFilter", "parse_filter", "sql_filter"]
+__all__ = ["Condition", "parse_filter", "sql_filter"]
 
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 _OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")
 _SQL_OPS = {"$eq": "=", "$ne": "<>", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
-
-
-class InvalidFilter(InputError):
-    code = "invalid_filter"
 
 
 @dataclass(frozen=True, slots=True)

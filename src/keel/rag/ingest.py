@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from keel.errors import InputError, KeelError
+from keel.errors import InputError, StoreUnavailable
 from keel.rag.chunking import Chunk, ChunkSettings, chunk_document
 from keel.rag.documents import (
     DEFAULT_MAX_FILE_BYTES,
@@ -46,8 +46,7 @@ from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex
 from keel.rag.tokenize import TokenCounter
 
 __all__ = [
-    "IngestProgress", "IngestReport", "StoreUnavailable", "count_documents", "file_source", "run_ingest",
-    "store_call_with_retries",
+    "IngestProgress", "IngestReport", "count_documents", "file_source", "run_ingest", "store_call_with_retries",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -55,13 +54,6 @@ T = TypeVar("T")
 log = logging.getLogger("keel.rag")
 
 WRITE_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # seconds between attempts of a failed write
-
-
-class StoreUnavailable(KeelError):
-    """The store could not be written; what was committed stays, and re-running resumes."""
-
-    http_status = 503
-    code = "store_unavailable"
 
 
 class IngestProgress(Protocol):

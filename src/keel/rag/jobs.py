@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from keel import jobs
-from keel.errors import InputError
+from keel.errors import InputError, SettingsMismatch
 from keel.gateway import Gateway
 from keel.rag.chunking import ChunkSettings
-from keel.rag.collection import CollectionSettings, SettingsMismatch, check_name
+from keel.rag.collection import CollectionSettings, check_name
 from keel.rag.documents import iter_files
 from keel.rag.engine import RAG
 from keel.rag.index import CollectionInfo

@@ -1,4 +1,4 @@
-"""RAG's tables, applied to the store the first time RAG is used.
+"""RAG's tables, applied to the store the first time RAG is used (namespace "rag").
 
 - `rag_collections`: one row per collection: its settings (chunking, the
   embedding model and the vector space it defines) and two counters that
@@ -34,7 +34,7 @@ __all__ = ["RAG_MIGRATIONS"]
 
 RAG_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
-        "rag_0001_collections",
+        "0001_collections",
         (
             """
             CREATE TABLE rag_collections (
@@ -126,5 +126,6 @@ RAG_MIGRATIONS: tuple[Migration, ...] = (
             )
             """,
         ),
+        replaces="rag_0001_collections",  # its name before apps had namespaces
     ),
 )

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from keel.alerts import start_alerts
 from keel.config import Config, load_config
-from keel.errors import InputError, KeelError, ProviderTimeout
+from keel.errors import InputError, KeelError, NoSuchModel, ProviderTimeout
 from keel.gateway import ChatStream, Gateway
 from keel.server import admin
 from keel.server.auth import KeyRing, caller, require_admin
@@ -266,14 +266,6 @@ async def _stream_events(
         log.exception("stream failed")
         yield _sse(error_body("internal error", "api_error", "internal"))
     yield b"data: [DONE]\n\n"
-
-
-class NoSuchModel(InputError):
-    """GET /v1/models/{id} of a model that is not configured or not allowed: one answer for both, so a
-    restricted key learns nothing about models it may not use."""
-
-    http_status = 404
-    code = "model_not_found"
 
 
 def _visible_models(request: Request) -> list[str]:

@@ -28,37 +28,18 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from keel.errors import KeelError
+from keel.errors import Forbidden, StoreUnavailable, Unauthorized
 from keel.gateway import Gateway
 from keel.keys import KeyRecord, hash_key, key_by_hash, keys_by_hash
 
 __all__ = [
-    "Caller", "Forbidden", "KeyRing", "Presented", "StoreUnavailable", "Unauthorized", "caller", "is_loopback",
+    "Caller", "KeyRing", "Presented", "caller", "is_loopback",
     "is_proxy_header", "require_admin",
 ]  # fmt: skip
 
 log = logging.getLogger("keel.server")
 
 MAX_UNKNOWN = 100_000  # unknown keys remembered until the next reload (a bound against floods)
-
-
-class Unauthorized(KeelError):
-    """A missing, unknown or revoked key."""
-
-    http_status = 401
-    code = "invalid_api_key"
-
-
-class StoreUnavailable(KeelError):
-    http_status = 503
-    code = "store_unavailable"
-
-
-class Forbidden(KeelError):
-    """A key that may not use this endpoint."""
-
-    http_status = 403
-    code = "forbidden"
 
 
 @dataclass(frozen=True)

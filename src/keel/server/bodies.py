@@ -26,24 +26,14 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from keel.errors import InputError
+from keel.errors import BodyError
 from keel.server.middleware import trace_refusal
 
-__all__ = ["MAX_DEPTH", "MAX_ITEMS", "BodyError", "JSONBodyRoute", "check_json", "parse_json"]
+__all__ = ["MAX_DEPTH", "MAX_ITEMS", "JSONBodyRoute", "check_json", "parse_json"]
 
 MAX_DEPTH = 64  # deeper JSON than any tool schema or metadata needs
 MAX_ITEMS = 10_000  # entries of one JSON array or object (RAG takes 10,000 documents per request)
 OFF_LOOP_BYTES = 64 * 1024  # smaller bodies parse in well under a millisecond: not worth a thread
-
-
-class BodyError(InputError):
-    """A request body keel refuses before validating it; `param` names the field."""
-
-    code = "invalid_request"
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(f"{param}: {message}" if param else message)
-        self.param = param
 
 
 def _where(path: list[str | int]) -> str:

@@ -9,20 +9,13 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from keel.errors import KeelError, ProviderTimeout
+from keel.errors import ClientDisconnected, ProviderTimeout
 from keel.gateway.pipeline import CallContext
 from keel.types import TokenLogprob
 
-__all__ = ["ClientDisconnected", "attribution", "guarded", "logprobs_body"]
+__all__ = ["attribution", "guarded", "logprobs_body"]
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(KeelError):
-    """The client went away before the answer: the model call was cancelled."""
-
-    http_status = 499
-    code = "client_disconnected"
 
 
 async def guarded(request: Request, call: Awaitable[T], timeout_s: float) -> T:

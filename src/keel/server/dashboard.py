@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
-from keel.errors import InputError, KeelError
+from keel.errors import InputError, NotFound, StoreDisabled
 from keel.server.auth import require_admin
 from keel.store import SpanFilter, Store, analytics
 from keel.trace import Span
@@ -48,16 +48,6 @@ Tag = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL, d
 Cursor = Annotated[
     str | None, Query(min_length=3, max_length=400, pattern=NO_NUL, description="The next_cursor of the last page.")
 ]
-
-
-class StoreDisabled(KeelError):
-    http_status = 503
-    code = "store_disabled"
-
-
-class NotFound(KeelError):
-    http_status = 404
-    code = "not_found"
 
 
 def _store(request: Request) -> Store:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keel.errors import InputError, KeelError
+from keel.errors import BodyTooLarge, InputError, KeelError
 from keel.gateway import Gateway
 from keel.server.auth import KeyRing, Presented, is_proxy_header
 from keel.server.errors import keel_error_response
@@ -27,11 +27,6 @@ access_log = logging.getLogger("keel.access")
 PUBLIC = frozenset({"/", "/healthz", "/readyz", "/favicon.ico", "/openapi.json", "/docs"})
 QUIET = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: access-logged at debug only
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/embeddings"})
-
-
-class BodyTooLarge(InputError):
-    http_status = 413
-    code = "request_too_large"
 
 
 def trace_refusal(gateway: Gateway, path: str, error: KeelError, key: str | None, model: str | None = None) -> None:

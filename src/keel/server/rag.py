@@ -21,8 +21,9 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.config import KeyConfig
+from keel.errors import Forbidden
 from keel.rag import RAG, Document
-from keel.server.auth import Forbidden, caller, require_admin
+from keel.server.auth import caller, require_admin
 from keel.server.bodies import JSONBodyRoute
 from keel.server.calls import attribution, guarded
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from keel.errors import ConfigError
-from keel.store.base import SpanFilter, StatsRow, Store
+from keel.store.base import Cursor, SpanFilter, StatsRow, Store
+from keel.store.migrations import Migration
 
-__all__ = ["SpanFilter", "StatsRow", "Store", "open_store"]
+__all__ = ["Cursor", "Migration", "SpanFilter", "StatsRow", "Store", "open_store"]
 
 
 def open_store(url: str, *, migrate: bool = True) -> Store:

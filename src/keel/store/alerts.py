@@ -93,14 +93,14 @@ def measure(store: Store, window: CallWindow) -> CallStats:
         f" COALESCE(SUM(cost_usd), 0), {overrun} FROM spans{where}"
     )
     with store.transaction() as cur:
-        cur.execute(store._sql(totals), params)
+        cur.execute(totals, params)
         calls, errors, cost, overran = cur.fetchone()
         latency = None
         if window.percentile is not None and calls:
             # Nearest rank, as `Store.stats` computes it: the smallest duration whose rank is at least p·n.
             rank = max(1, math.ceil(window.percentile * int(calls) - 1e-9))
             cur.execute(
-                store._sql(f"SELECT duration_ms FROM spans{where} ORDER BY duration_ms LIMIT 1 OFFSET ?"),
+                f"SELECT duration_ms FROM spans{where} ORDER BY duration_ms LIMIT 1 OFFSET ?",
                 [*params, rank - 1],
             )
             latency = float(cur.fetchone()[0])
@@ -131,11 +131,11 @@ def save(store: Store, row: AlertRow, previous: AlertRow | None) -> AlertRow | N
         if previous is None:
             marks = ", ".join("?" for _ in ALERT_COLUMNS)
             sql = f"INSERT INTO keel_alerts ({', '.join(ALERT_COLUMNS)}) VALUES ({marks}) ON CONFLICT (name) DO NOTHING"
-            cur.execute(store._sql(sql), values)
+            cur.execute(sql, values)
         else:
             assignments = ", ".join(f"{c} = ?" for c in ALERT_COLUMNS[1:])
             sql = f"UPDATE keel_alerts SET {assignments} WHERE name = ? AND revision = ?"
-            cur.execute(store._sql(sql), [*values[1:], new.name, previous.revision])
+            cur.execute(sql, [*values[1:], new.name, previous.revision])
         return new if cur.rowcount == 1 else None
 
 
@@ -150,7 +150,7 @@ def claim_delivery(store: Store, row: AlertRow) -> bool:
         " WHERE name = ? AND state = ? AND notified <> state AND delivery_attempts = ?"
     )
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [row.name, row.state, row.delivery_attempts])
+        cur.execute(sql, [row.name, row.state, row.delivery_attempts])
         return bool(cur.rowcount == 1)
 
 
@@ -161,4 +161,4 @@ def mark_notified(store: Store, name: str, state: str) -> None:
         " WHERE name = ? AND state = ?"
     )
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), [state, name, state])
+        cur.execute(sql, [state, name, state])

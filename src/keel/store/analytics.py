@@ -161,7 +161,7 @@ def _calls_where(store: Store, f: SpanFilter) -> tuple[str, list[Any]]:
 
 def _query(store: Store, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
     with store.transaction() as cur:
-        cur.execute(store._sql(sql), params)
+        cur.execute(sql, params)
         return [tuple(row) for row in cur.fetchall()]
 
 
@@ -362,7 +362,7 @@ def facets(store: Store, limit: int = 500, known_models: frozenset[str] | None =
             ("error_type", "error_type", "error_type"),
         ):  # fmt: skip
             sql = f"SELECT DISTINCT {column} FROM spans WHERE {present} IS NOT NULL ORDER BY 1 LIMIT ?"
-            cur.execute(store._sql(sql), [limit])
+            cur.execute(sql, [limit])
             values[name] = [str(r[0]) for r in cur.fetchall()]
     return Facets(values["model"], values["api_key"], values["error_type"])
 

@@ -3,21 +3,33 @@
 A backend supplies connections and its dialect (placeholder style, column
 types); queries are written once here. Writes happen in one transaction per
 batch, so a crash leaves either the whole span or nothing.
+
+Apps (RAG, jobs, evals...) keep their own tables in the same store through the
+public part of this interface, never through its private helpers: namespaced
+migrations (`migrate(namespace=..., migrations=...)`), `transaction()` (a
+cursor that takes `?` placeholders on both backends), `query()` and `execute()`,
+`json_param()` for JSON columns, `dialect` and `integrity_errors`. See
+docs/architecture.md, "Apps' own tables".
 """
 
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from keel.errors import InputError
 from keel.store.migrations import MIGRATIONS, Migration
 from keel.trace import Span, dumps
 
-__all__ = ["UNKNOWN_MODEL", "SpanFilter", "StatsRow", "Store", "model_expr"]
+__all__ = ["UNKNOWN_MODEL", "Cursor", "SpanFilter", "StatsRow", "Store", "model_expr"]
+
+#: An app's migration namespace: a short lower-case name ("rag", "jobs", "evals").
+_NAMESPACE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 SPAN_COLUMNS = (
     "span_id", "trace_id", "parent_id", "name", "operation", "start_time", "end_time", "duration_ms", "day",
@@ -129,6 +141,43 @@ def span_from_row(row: Sequence[Any]) -> Span:
     )  # fmt: skip
 
 
+class Cursor:
+    """The cursor `Store.transaction()` yields: `?` placeholders on every backend.
+
+    SQL with parameters has its `?` turned into the backend's placeholder (outside
+    quoted literals); SQL without parameters goes to the driver as written. `raw`
+    is the driver's own cursor (sqlite3 or psycopg, with its own placeholders), for
+    what only one backend has.
+    """
+
+    __slots__ = ("_translate", "raw")
+
+    def __init__(self, raw: Any, translate: Callable[[str], str]) -> None:
+        self.raw = raw
+        self._translate = translate
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
+        if params is None:
+            self.raw.execute(sql)
+        else:
+            self.raw.execute(self._translate(sql), params)
+        return self
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.raw.executemany(self._translate(sql), rows)
+
+    def fetchone(self) -> Any:
+        return self.raw.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self.raw.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the last statement changed (or -1 when the driver cannot tell)."""
+        return int(self.raw.rowcount)
+
+
 class Store(ABC):
     """Where spans (and later: keys, jobs, collections) live."""
 
@@ -145,13 +194,17 @@ class Store(ABC):
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._migrated: set[tuple[str, tuple[str, ...]]] = set()  # migration lists applied through this object
 
     # --- what a backend provides --------------------------------------------
 
     @abstractmethod
-    @contextmanager
-    def transaction(self) -> Iterator[Any]:
-        """A cursor inside one transaction: committed on success, rolled back on error."""
+    def _transaction(self, *, immediate: bool = False) -> AbstractContextManager[Any]:
+        """The driver's cursor inside one transaction: committed on success, rolled back on error.
+
+        `immediate`: take the write lock at BEGIN (SQLite, under its busy timeout);
+        PostgreSQL locks rows as it writes and ignores it.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
@@ -160,38 +213,75 @@ class Store(ABC):
         """How a JSON text is passed as a parameter (PostgreSQL wraps it)."""
         return value
 
+    # --- the public query API (apps' own tables) --------------------------------
+
+    @contextmanager
+    def transaction(self, *, immediate: bool = False) -> Iterator[Cursor]:
+        """A `Cursor` (`?` placeholders) inside one transaction: committed on success, rolled back on error.
+
+        `immediate`: this transaction will write; take the write lock now, waiting
+        for it under the busy timeout, rather than fail when a read turns into a
+        write (SQLite; PostgreSQL locks rows as it writes and ignores it).
+        """
+        with self._transaction(immediate=immediate) as raw:
+            yield Cursor(raw, self._sql)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one SELECT (`?` placeholders), in a transaction of its own."""
+        with self.transaction() as cur:
+            return cur.execute(sql, params).fetchall()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement (`?` placeholders) in a transaction of its own; the rows it changed."""
+        with self.transaction() as cur:
+            return cur.execute(sql, params).rowcount
+
     # --- migrations -----------------------------------------------------------
 
-    def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
-        """Apply pending migrations (the core schema unless told otherwise); returns the names applied now.
+    def migrate(self, migrations: Sequence[Migration] = MIGRATIONS, *, namespace: str = "") -> list[str]:
+        """Apply pending migrations; returns the names recorded now.
 
-        Safe when several processes start at once: each step holds the
-        backend's migration lock and re-reads what is applied under it.
+        Without a namespace: keel's core schema. An app passes its own `namespace`
+        and list: each migration is recorded as `namespace/name`, once, so an app's
+        list grows by appending, like the core one. A migration that moved out of the
+        core list says so with `replaces`: a store that has the old name counts it
+        as applied (and records the new name), so an old database is never migrated twice.
+
+        Safe when several processes start at once: each step holds the backend's
+        migration lock and re-reads what is applied under it. Repeated calls with
+        the same list on the same store object cost nothing after the first.
         """
-        with self.transaction() as cur:
+        names = _recorded_names(migrations, namespace)
+        memo = (namespace, tuple(names))
+        if memo in self._migrated:
+            return []
+        with self._transaction() as cur:
             self._lock_migrations(cur)
             cur.execute("CREATE TABLE IF NOT EXISTS keel_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
         done = set(self.applied_migrations())
         applied_now: list[str] = []
-        for migration in migrations:
-            if migration.name not in done and self._apply_migration(migration):
-                applied_now.append(migration.name)
+        for name, migration in zip(names, migrations, strict=True):
+            if name not in done and self._apply_migration(name, migration):
+                applied_now.append(name)
+        self._migrated.add(memo)
         return applied_now
 
-    def _apply_migration(self, migration: Migration) -> bool:
-        """Apply one migration unless another process just did; True when applied here."""
-        with self.transaction() as cur:
-            self._lock_migrations(cur)
-            cur.execute(self._sql("SELECT 1 FROM keel_migrations WHERE name = ?"), (migration.name,))
-            if cur.fetchone() is not None:
-                return False
-            for statement in migration.for_dialect(self.dialect):
-                cur.execute(statement.format(**self.types))
+    def _apply_migration(self, name: str, migration: Migration) -> bool:
+        """Apply one migration unless another process just did (or it was applied under its old name)."""
+        with self._transaction() as raw:
+            self._lock_migrations(raw)
+            cur = Cursor(raw, self._sql)
             cur.execute(
-                self._sql("INSERT INTO keel_migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)"),
-                (migration.name,),
+                "SELECT name FROM keel_migrations WHERE name = ? OR name = ?", [name, migration.replaces or name]
             )
-        return True
+            found = {row[0] for row in cur.fetchall()}
+            if name in found:
+                return False
+            if not found:  # neither name: the tables are not there yet
+                for statement in migration.for_dialect(self.dialect):
+                    raw.execute(statement.format(**self.types))
+            cur.execute("INSERT INTO keel_migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)", [name])
+        return not found
 
     def _lock_migrations(self, cur: Any) -> None:  # noqa: B027 - optional
         """Hold a lock that serialises migrate() across processes until the transaction ends.
@@ -206,6 +296,7 @@ class Store(ABC):
             cur.fetchone()
 
     def applied_migrations(self) -> list[str]:
+        """The names recorded in `keel_migrations` (an app's as `namespace/name`), sorted."""
         with self.transaction() as cur:
             cur.execute("SELECT name FROM keel_migrations ORDER BY name")
             return [row[0] for row in cur.fetchall()]
@@ -219,7 +310,7 @@ class Store(ABC):
         if not spans:
             return
         marks = ", ".join("?" for _ in SPAN_COLUMNS)
-        sql = self._sql(f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) VALUES ({marks})")
+        sql = f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) VALUES ({marks})"
         with self.transaction() as cur:
             # A generator, not a list: the driver releases the GIL for every row it inserts, so the
             # JSON encoding of a large batch never holds the request path's event loop for long.
@@ -294,14 +385,14 @@ class Store(ABC):
         where, params = self._where(f)
         sql = f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans{where} ORDER BY start_time DESC LIMIT ?"
         with self.transaction() as cur:
-            cur.execute(self._sql(sql), [*params, f.limit])
+            cur.execute(sql, [*params, f.limit])
             return [span_from_row(r) for r in cur.fetchall()]
 
     def get_trace(self, trace_id: str) -> list[Span]:
         """All spans of a trace, oldest first."""
         sql = f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans WHERE trace_id = ? ORDER BY start_time"
         with self.transaction() as cur:
-            cur.execute(self._sql(sql), [trace_id])
+            cur.execute(sql, [trace_id])
             return [span_from_row(r) for r in cur.fetchall()]
 
     def find_trace_ids(self, fragment: str, limit: int = 5) -> list[str]:
@@ -312,7 +403,7 @@ class Store(ABC):
         """
         sql = "SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE ? OR trace_id LIKE ? OR span_id LIKE ? LIMIT ?"
         with self.transaction() as cur:
-            cur.execute(self._sql(sql), [f"{fragment}%", f"%{fragment}", f"{fragment}%", limit])
+            cur.execute(sql, [f"{fragment}%", f"%{fragment}", f"{fragment}%", limit])
             return [r[0] for r in cur.fetchall()]
 
     def stats(self, *, since: float | None = None, operation: str | None = "chat") -> list[StatsRow]:
@@ -335,7 +426,7 @@ class Store(ABC):
             FROM r GROUP BY m, day ORDER BY day DESC, m
         """
         with self.transaction() as cur:
-            cur.execute(self._sql(sql), params)
+            cur.execute(sql, params)
             return [
                 StatsRow(
                     r[0], r[1], int(r[2]), int(r[3]), _float(r[4]), _float(r[5]), int(r[6]), int(r[7]), _float(r[8])
@@ -354,8 +445,22 @@ class Store(ABC):
             " AND operation IN ('chat', 'embeddings')"
         )
         with self.transaction() as cur:
-            cur.execute(self._sql(sql), [api_key, since])
+            cur.execute(sql, [api_key, since])
             return float(cur.fetchone()[0])
+
+
+def _recorded_names(migrations: Sequence[Migration], namespace: str) -> list[str]:
+    """The names `migrations` are recorded under; an app's list without a namespace, or names twice, are refused."""
+    if namespace and not _NAMESPACE.match(namespace):
+        raise InputError(f"migration namespace {namespace!r} must be 1 to 32 lower-case letters, digits or '_'")
+    if not namespace and migrations is not MIGRATIONS:
+        raise InputError("an app's migrations need a namespace: store.migrate(migrations, namespace='myapp')")
+    names = [f"{namespace}/{m.name}" if namespace else m.name for m in migrations]
+    if any(not m.name or "/" in m.name for m in migrations):
+        raise InputError("a migration needs a name without '/'")
+    if len(set(names)) != len(names):
+        raise InputError(f"migration names repeat in namespace {namespace!r}")
+    return names
 
 
 def _float(value: Any) -> float | None:

@@ -12,9 +12,13 @@ SQLite, JSONB on PostgreSQL), `{real}` (REAL / DOUBLE PRECISION), `{serial}`
 one dialect has (PostgreSQL's full-text search and pgvector, say) goes in
 `sqlite` or `postgres`, applied after the shared statements.
 
-An application layer that owns tables (RAG) keeps its own migration list and
-applies it with `store.migrate(ITS_MIGRATIONS)` when it is first used, so a
-gateway-only deployment never needs, say, the pgvector extension.
+An app that owns tables (RAG, jobs) keeps its own list and applies it with
+`store.migrate(ITS_MIGRATIONS, namespace="app")` when it is first used, so a
+gateway-only deployment never needs, say, the pgvector extension. Its
+migrations are recorded as `app/name`. One that used to live here names its
+old record in `replaces` (`0005_jobs` is now `jobs/0001_jobs`): a store that
+has the old name is not migrated again. Core names stay unique for ever: the
+next core migration is `0006_...`, never a reused `0005`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ class Migration:
     statements: tuple[str, ...]
     sqlite: tuple[str, ...] = ()  # only on SQLite, after `statements`
     postgres: tuple[str, ...] = ()  # only on PostgreSQL, after `statements`
+    #: The name it was recorded under before it moved to an app's namespace: a store that has it
+    #: counts this migration as applied (and records the new name) instead of running it again.
+    replaces: str | None = None
 
     def for_dialect(self, dialect: str) -> tuple[str, ...]:
         return self.statements + (self.sqlite if dialect == "sqlite" else self.postgres)
@@ -127,64 +134,6 @@ MIGRATIONS: tuple[Migration, ...] = (
             # Which RAG collections a key may read and write (JSON lists; NULL: read all, write none).
             "ALTER TABLE keel_keys ADD COLUMN collections {json}",
             "ALTER TABLE keel_keys ADD COLUMN collections_write {json}",
-        ),
-    ),
-    Migration(
-        "0005_jobs",
-        (
-            # A job is a named set of items of one kind; `inputs_hash` lets a resubmission under the same
-            # name be told apart from a resume. The counts and cost are kept on the row, moved in the same
-            # transaction as each item's outcome, so `keel jobs list` reads one row per job.
-            """
-            CREATE TABLE keel_jobs (
-                name TEXT PRIMARY KEY,
-                kind TEXT NOT NULL,
-                queue TEXT NOT NULL,
-                inputs_hash TEXT NOT NULL,
-                status TEXT NOT NULL,
-                total INTEGER NOT NULL,
-                done INTEGER NOT NULL,
-                failed INTEGER NOT NULL,
-                cost_usd {real} NOT NULL,
-                created_at {real} NOT NULL,
-                updated_at {real} NOT NULL
-            )
-            """,
-            # One row per item. `run` is the generation of the durable workflow that owns the item
-            # (retry and resume start a new one); an item's result and its `done` mark are written in
-            # one transaction, conditional on it not being done yet, so a re-run step changes nothing.
-            """
-            CREATE TABLE keel_job_items (
-                job TEXT NOT NULL,
-                idempotency_key TEXT NOT NULL,
-                position INTEGER NOT NULL,
-                input {json},
-                status TEXT NOT NULL,
-                run INTEGER NOT NULL,
-                attempts INTEGER NOT NULL,
-                result {json},
-                error TEXT,
-                cost_usd {real},
-                trace_id TEXT,
-                updated_at {real} NOT NULL,
-                PRIMARY KEY (job, idempotency_key)
-            )
-            """,
-            "CREATE INDEX keel_job_items_status ON keel_job_items (job, status)",
-            # One row per `keel worker`: its id is its DBOS executor id; a heartbeat older than the
-            # configured timeout marks it dead, and one live worker claims its recovery.
-            """
-            CREATE TABLE keel_workers (
-                worker_id TEXT PRIMARY KEY,
-                host TEXT NOT NULL,
-                pid INTEGER NOT NULL,
-                incarnation TEXT NOT NULL,
-                state TEXT NOT NULL,
-                started_at {real} NOT NULL,
-                heartbeat_at {real} NOT NULL,
-                recovered_by TEXT
-            )
-            """,
         ),
     ),
 )

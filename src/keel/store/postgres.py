@@ -108,13 +108,13 @@ class PostgresStore(Store):
         self._pool = _Pool(self._connect, max_connections, pool_timeout)
 
     def _connect(self) -> Connection:
-        # autocommit: transaction() sends BEGIN itself, so a dead connection shows up before the caller's code.
+        # autocommit: _transaction() sends BEGIN itself, so a dead connection shows up before the caller's code.
         conn = psycopg.connect(self._conninfo, autocommit=True)
         conn.adapters.register_loader("jsonb", TextLoader)
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def _transaction(self, *, immediate: bool = False) -> Iterator[Any]:  # row locks: nothing to take at BEGIN
         conn = self._begin()
         try:
             with conn.cursor() as cur:

@@ -57,8 +57,7 @@ class SQLiteStore(Store):
         return conn
 
     @contextmanager
-    def transaction(self, *, immediate: bool = False) -> Iterator[Any]:
-        """`immediate`: take the write lock at BEGIN, under the busy timeout (for a write that must wait its turn)."""
+    def _transaction(self, *, immediate: bool = False) -> Iterator[Any]:
         conn = self._connection()
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -5,20 +5,11 @@ The backend follows the store: one store holds traces, keys and collections.
 
 from __future__ import annotations
 
-from keel.rag.index.base import (
-    CollectionExists,
-    CollectionInfo,
-    DocumentWrite,
-    RagIndex,
-    StoredChunk,
-    StoredDocument,
-    UnknownCollection,
-)
+from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex, StoredChunk, StoredDocument
 from keel.store import Store
 
 __all__ = [
-    "CollectionExists", "CollectionInfo", "DocumentWrite", "RagIndex", "StoredChunk", "StoredDocument",
-    "UnknownCollection", "open_index",
+    "CollectionInfo", "DocumentWrite", "RagIndex", "StoredChunk", "StoredDocument", "open_index",
 ]  # fmt: skip
 
 

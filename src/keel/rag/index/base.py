@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from keel.errors import InputError
+from keel.errors import CollectionExists, UnknownCollection
 from keel.rag.chunking import Chunk
 from keel.rag.documents import Document, Section
 from keel.rag.filters import Condition
@@ -31,8 +31,7 @@ from keel.store.base import Store, like_escape
 from keel.trace import dumps
 
 __all__ = [
-    "CollectionExists", "CollectionInfo", "DocumentWrite", "RagIndex", "StoredChunk", "StoredDocument",
-    "UnknownCollection", "vector_blob",
+    "CollectionInfo", "DocumentWrite", "RagIndex", "StoredChunk", "StoredDocument", "vector_blob",
 ]  # fmt: skip
 
 
@@ -104,25 +103,12 @@ _COLLECTION_COLUMNS = (
 )
 
 
-class CollectionExists(InputError):
-    http_status = 409
-    code = "collection_exists"
-
-
-class UnknownCollection(InputError):
-    http_status = 404
-    code = "collection_not_found"
-
-
 class RagIndex(ABC):
     """The chunks of every collection in one store."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        store.migrate(RAG_MIGRATIONS)
-
-    def _sql(self, sql: str) -> str:
-        return self.store._sql(sql)
+        store.migrate(RAG_MIGRATIONS, namespace="rag")
 
     def close(self) -> None:  # noqa: B027 - only the embedded backend holds files
         """Persist anything held in memory."""
@@ -138,7 +124,7 @@ class RagIndex(ABC):
     def collection(self, name: str) -> CollectionInfo | None:
         sql = f"SELECT {_COLLECTION_COLUMNS} FROM rag_collections WHERE name = ?"
         with self.store.transaction() as cur:
-            cur.execute(self._sql(sql), [name])
+            cur.execute(sql, [name])
             row = cur.fetchone()
         return self._info(row) if row else None
 
@@ -163,11 +149,11 @@ class RagIndex(ABC):
         try:
             with self.store.transaction() as cur:
                 cur.execute(
-                    self._sql(sql),
+                    sql,
                     [name, embedding_model, embedding_id, dimensions, self.store.json_param(dumps(dict(settings))),
                      now, now],
                 )  # fmt: skip
-                cur.execute(self._sql("SELECT collection_id FROM rag_collections WHERE name = ?"), [name])
+                cur.execute("SELECT collection_id FROM rag_collections WHERE name = ?", [name])
                 collection_id = int(cur.fetchone()[0])
                 self._create_objects(cur, collection_id, dimensions)
         except self.store.integrity_errors:
@@ -179,7 +165,7 @@ class RagIndex(ABC):
     def drop_collection(self, info: CollectionInfo) -> None:
         with self.store.transaction() as cur:
             for table in ("rag_chunks", "rag_documents", "rag_collections"):
-                cur.execute(self._sql(f"DELETE FROM {table} WHERE collection_id = ?"), [info.collection_id])
+                cur.execute(f"DELETE FROM {table} WHERE collection_id = ?", [info.collection_id])
             self._drop_objects(cur, info.collection_id)
 
     def rename_collection(
@@ -189,10 +175,10 @@ class RagIndex(ABC):
         with self.store.transaction() as cur:
             if replacing is not None:
                 for table in ("rag_chunks", "rag_documents", "rag_collections"):
-                    cur.execute(self._sql(f"DELETE FROM {table} WHERE collection_id = ?"), [replacing.collection_id])
+                    cur.execute(f"DELETE FROM {table} WHERE collection_id = ?", [replacing.collection_id])
                 self._drop_objects(cur, replacing.collection_id)
             cur.execute(
-                self._sql("UPDATE rag_collections SET name = ?, updated_at = ? WHERE collection_id = ?"),
+                "UPDATE rag_collections SET name = ?, updated_at = ? WHERE collection_id = ?",
                 [new_name, time.time(), info.collection_id],
             )
 
@@ -207,9 +193,7 @@ class RagIndex(ABC):
 
     def document_hashes(self, collection_id: int) -> dict[str, str]:
         with self.store.transaction() as cur:
-            cur.execute(
-                self._sql("SELECT doc_id, content_hash FROM rag_documents WHERE collection_id = ?"), [collection_id]
-            )
+            cur.execute("SELECT doc_id, content_hash FROM rag_documents WHERE collection_id = ?", [collection_id])
             return {r[0]: r[1] for r in cur.fetchall()}
 
     def documents_under(self, collection_id: int, source: str) -> dict[str, str]:
@@ -219,7 +203,7 @@ class RagIndex(ABC):
             " ESCAPE '\\')"
         )
         with self.store.transaction() as cur:
-            cur.execute(self._sql(sql), [collection_id, source, like_escape(source.rstrip("/")) + "/%"])
+            cur.execute(sql, [collection_id, source, like_escape(source.rstrip("/")) + "/%"])
             return {r[0]: r[1] for r in cur.fetchall()}
 
     def document(self, collection_id: int, doc_id: str) -> StoredDocument | None:
@@ -228,7 +212,7 @@ class RagIndex(ABC):
             " WHERE collection_id = ? AND doc_id = ?"
         )
         with self.store.transaction() as cur:
-            cur.execute(self._sql(sql), [collection_id, doc_id])
+            cur.execute(sql, [collection_id, doc_id])
             row = cur.fetchone()
         return StoredDocument(row[0], row[1], row[2], row[3], _json(row[4]), row[5], int(row[6])) if row else None
 
@@ -241,7 +225,7 @@ class RagIndex(ABC):
         )
         while True:
             with self.store.transaction() as cur:
-                cur.execute(self._sql(sql), [collection_id, last, batch])
+                cur.execute(sql, [collection_id, last, batch])
                 rows = cur.fetchall()
             if not rows:
                 return
@@ -252,7 +236,7 @@ class RagIndex(ABC):
     def write(self, info: CollectionInfo, writes: Sequence[DocumentWrite], deletes: Sequence[str] = ()) -> None:
         """Replace the given documents (and remove `deletes`) in one transaction."""
         now = time.time()
-        doc_sql = self._sql(
+        doc_sql = (
             "INSERT INTO rag_documents (collection_id, doc_id, source, content_hash, title, text, metadata, structure,"
             " n_chunks, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
@@ -260,10 +244,8 @@ class RagIndex(ABC):
             # The counter first: it takes the write lock before anything is read (SQLite refuses to upgrade a
             # reading transaction once another process has written), and says which version this write makes.
             cur.execute(
-                self._sql(
-                    "UPDATE rag_collections SET version = version + 1, updated_at = ? WHERE collection_id = ?"
-                    " RETURNING version, deletions"
-                ),
+                "UPDATE rag_collections SET version = version + 1, updated_at = ? WHERE collection_id = ?"
+                " RETURNING version, deletions",
                 [now, info.collection_id],
             )
             row = cur.fetchone()
@@ -276,7 +258,7 @@ class RagIndex(ABC):
                 part = doc_ids[start : start + 500]
                 marks = ", ".join("?" for _ in part)
                 cur.execute(
-                    self._sql(f"DELETE FROM rag_documents WHERE collection_id = ? AND doc_id IN ({marks})"),
+                    f"DELETE FROM rag_documents WHERE collection_id = ? AND doc_id IN ({marks})",
                     [info.collection_id, *part],
                 )
             for w in writes:
@@ -289,10 +271,8 @@ class RagIndex(ABC):
                 )  # fmt: skip
             added, terms = self._insert_chunks(cur, info, writes)
             cur.execute(
-                self._sql(
-                    "UPDATE rag_collections SET deletions = deletions + ?, n_chunks = n_chunks + ?,"
-                    " n_terms = n_terms + ? WHERE collection_id = ?"
-                ),
+                "UPDATE rag_collections SET deletions = deletions + ?, n_chunks = n_chunks + ?,"
+                " n_terms = n_terms + ? WHERE collection_id = ?",
                 [len(removed), len(added) - len(removed), terms, info.collection_id],
             )
         self._written(info, writes, added, removed, version, deletions + len(removed))
@@ -336,7 +316,7 @@ class RagIndex(ABC):
             )  # `+`: SQLite would otherwise pick the (collection_id, doc_id) index and walk the whole collection
             # (170 ms at 1M chunks) instead of looking up the ids by primary key (0.04 ms); PostgreSQL reads +x as x
             with self.store.transaction() as cur:
-                cur.execute(self._sql(sql), [collection_id, *part])
+                cur.execute(sql, [collection_id, *part])
                 for r in cur.fetchall():
                     out[int(r[0])] = StoredChunk(
                         int(r[0]), r[1], int(r[2]), int(r[3]), int(r[4]), r[5], r[6], _json(r[7]), r[8], r[9]
@@ -346,7 +326,7 @@ class RagIndex(ABC):
     def document_chunks(self, collection_id: int, doc_id: str) -> list[StoredChunk]:
         with self.store.transaction() as cur:
             cur.execute(
-                self._sql("SELECT chunk_id FROM rag_chunks WHERE collection_id = ? AND doc_id = ? ORDER BY ordinal"),
+                "SELECT chunk_id FROM rag_chunks WHERE collection_id = ? AND doc_id = ? ORDER BY ordinal",
                 [collection_id, doc_id],
             )
             ids = [int(r[0]) for r in cur.fetchall()]
@@ -377,7 +357,7 @@ class RagIndex(ABC):
             marks = ", ".join("?" for _ in part)
             sql = f"SELECT text_hash, vector FROM rag_embedding_cache WHERE model = ? AND text_hash IN ({marks})"
             with self.store.transaction() as cur:
-                cur.execute(self._sql(sql), [model, *part])
+                cur.execute(sql, [model, *part])
                 for text_hash, blob in cur.fetchall():
                     found[text_hash] = np.frombuffer(bytes(blob), dtype="<f4")
         return found
@@ -385,7 +365,7 @@ class RagIndex(ABC):
     def cache_vectors(self, model: str, vectors: Mapping[str, np.ndarray]) -> None:
         if not vectors:
             return
-        sql = self._sql(
+        sql = (
             "INSERT INTO rag_embedding_cache (model, text_hash, vector) VALUES (?, ?, ?)"
             " ON CONFLICT (model, text_hash) DO NOTHING"
         )

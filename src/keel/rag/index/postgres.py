@@ -46,6 +46,7 @@ class PostgresRagIndex(RagIndex):
     # --- collection objects -------------------------------------------------------------
 
     def _create_objects(self, cur: Any, collection_id: int, dimensions: int) -> None:
+        cur = cur.raw  # psycopg's own cursor: this backend's SQL is PostgreSQL's (%s, executemany returning)
         cid, dims = int(collection_id), int(dimensions)
         cur.execute(
             f"CREATE INDEX rag_chunks_hnsw_{cid} ON rag_chunks USING hnsw ((embedding::vector({dims}))"
@@ -53,6 +54,7 @@ class PostgresRagIndex(RagIndex):
         )
 
     def _drop_objects(self, cur: Any, collection_id: int) -> None:
+        cur = cur.raw
         cid = int(collection_id)
         cur.execute(f"DROP INDEX IF EXISTS rag_chunks_hnsw_{cid}")
         cur.execute("DELETE FROM rag_terms WHERE collection_id = %s", [cid])
@@ -60,6 +62,7 @@ class PostgresRagIndex(RagIndex):
     # --- writes ------------------------------------------------------------------------
 
     def _delete_chunks(self, cur: Any, info: CollectionInfo, doc_ids: Sequence[str]) -> list[int]:
+        cur = cur.raw
         if not doc_ids:
             return []
         cid = info.collection_id
@@ -89,6 +92,7 @@ class PostgresRagIndex(RagIndex):
         return ids
 
     def _insert_chunks(self, cur: Any, info: CollectionInfo, writes: Sequence[DocumentWrite]) -> tuple[list[int], int]:
+        cur = cur.raw
         from keel.trace import dumps
 
         rows = [
@@ -138,7 +142,8 @@ class PostgresRagIndex(RagIndex):
         if k <= 0 or not query.strip():
             return []
         cid = info.collection_id
-        with self.store.transaction() as cur:
+        with self.store.transaction() as tx:
+            cur = tx.raw
             cur.execute("SELECT tsvector_to_array(to_tsvector('english', %s))", [query])
             lexemes = list(dict.fromkeys(cur.fetchone()[0] or []))[:MAX_QUERY_LEXEMES]
             if not lexemes:
@@ -183,7 +188,8 @@ class PostgresRagIndex(RagIndex):
             f"{where.replace('?', '%s')} ORDER BY {distance} LIMIT %s"
         )
         text = vector_text(vector)
-        with self.store.transaction() as cur:
+        with self.store.transaction() as tx:
+            cur = tx.raw
             cur.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, 2 * k) if not conditions else 400}")
             cur.execute(sql, [text, *params, text, k])
             rows = cur.fetchall()

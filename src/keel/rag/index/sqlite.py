@@ -151,7 +151,7 @@ class SQLiteRagIndex(RagIndex):
                     [info.collection_id, w.document.doc_id, chunk.ordinal, chunk.start, chunk.end, chunk.context,
                      chunk.text, dumps(metadata), chunk.n_tokens, vector_blob(vector)],
                 )  # fmt: skip
-                ids.append(int(cur.lastrowid))
+                ids.append(int(cur.raw.lastrowid))
         return ids, 0
 
     def _written(
