@@ -158,6 +158,7 @@ class Gateway:
         self._deployments: dict[str, Deployment] = {}
         self._routers: dict[str, FallbackModel] = {}
         self._key_limiters: dict[str, KeyLimiter] = {}
+        self._ledger_store: PostgresStore | None = None
         #: Limits, budgets and model lists by key name: `[keys.*]` of the configuration, plus the
         #: virtual keys a server registers (`set_key`). The budget tracker reads the same dict.
         self.keys: dict[str, KeyConfig] = dict(self.config.keys)
@@ -256,12 +257,15 @@ class Gateway:
         self.budgets.forget(name)
 
     def _shared_store(self) -> PostgresStore | None:
-        """The store when several processes may share it (PostgreSQL): key limits are then counted there."""
-        if self.store is not None and self.store.dialect == "postgres":
+        """Where key limits are counted when several processes may share the store (PostgreSQL): the
+        same database, on connections of its own (`keel.gateway.shared_limits.ledger_store`)."""
+        if self._ledger_store is None and self.store is not None and self.store.dialect == "postgres":
+            from keel.gateway.shared_limits import ledger_store
             from keel.store.postgres import PostgresStore
 
-            return self.store if isinstance(self.store, PostgresStore) else None
-        return None
+            if isinstance(self.store, PostgresStore):
+                self._ledger_store = ledger_store(self.store)
+        return self._ledger_store
 
     def _budgets(self) -> Budgets:
         shared = self._shared_store()
@@ -532,6 +536,8 @@ class Gateway:
         if self.otlp is not None:
             await asyncio.to_thread(self.otlp.shutdown)
         self.budgets.close()
+        if self._ledger_store is not None:
+            self._ledger_store.close()
         if self.store is not None:
             self.store.close()
 

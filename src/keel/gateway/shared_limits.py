@@ -28,6 +28,15 @@ database, and every admission is one atomic statement there:
   60 s, exactly as in one process; the price is that a slot frees up to one
   bucket (1 s) later than the in-process limiter would free it.
 
+These statements run on connections of their own (`ledger_store`) with
+`synchronous_commit = off`: a commit does not wait for the WAL to reach the
+disk, which took 8 to 10 ms a commit here and made a budget 16 ms and a
+rate limit 10 ms of every call. Atomicity and isolation are untouched; what a
+crash of the PostgreSQL server itself (not of a keel process) can lose is the
+last moments of ledger writes (at most 3 x `wal_writer_delay`, 0.6 s by
+default): the reservations and charges of those, while the spans, written
+durably, keep every call's cost.
+
 The SQLite store serves one process, and keeps the in-process `BudgetTracker`
 and `Limiter`: nothing here runs there. The store's round trips run in the
 loop's default executor; the leases, the tokens learnt after a call and a
@@ -48,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from keel.config import KeyConfig
 from keel.errors import BudgetExceeded, LimitsUnavailable, RateLimited
@@ -56,7 +66,7 @@ from keel.gateway.budget import Reservation, budget_limits, period_starts
 from keel.store.postgres import PostgresStore
 from keel.types import Usage
 
-__all__ = ["LEASE_S", "SharedBudgets", "SharedLimiter", "SharedReservation"]
+__all__ = ["LEASE_S", "SharedBudgets", "SharedLimiter", "SharedReservation", "ledger_store"]
 
 log = logging.getLogger("keel.gateway")
 
@@ -70,6 +80,14 @@ BUCKETS = 60
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"  # the database's clock: one for all machines
 
 T = TypeVar("T")
+
+
+def ledger_store(store: PostgresStore) -> PostgresStore:
+    """Connections to the same database for the ledgers and windows, committing without waiting for the
+    disk (see the module's docstring); the store's own connections keep their durable commits."""
+    options = conninfo_to_dict(store.url).get("options") or ""
+    url = make_conninfo(store.url, options=f"{options} -c synchronous_commit=off".strip())
+    return PostgresStore(url)
 
 
 @dataclass
