@@ -197,3 +197,42 @@ def _wait_for_reservation(url: str, proc: subprocess.Popen[bytes]) -> None:
                 pass
         time.sleep(0.1)
     raise AssertionError("the holder never reserved")
+
+
+async def test_a_shared_window_frees_its_slots_after_the_window(
+    tmp_path: Path, pg_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("keel.gateway.limits.WINDOW_S", 1.5)  # buckets of 25 ms
+    a, b = _gateways(tmp_path, pg_database_url, delay=0.0)
+    for gw in (a, b, a, b, a):
+        await gw.chat("q", key="paced")
+    started = time.monotonic()
+    with pytest.raises(RateLimited, match=r"request limit of 5/1.5 s") as refused:
+        await b.chat("q", key="paced")
+    assert 0 < (refused.value.retry_after or 0) <= 1.5 + 0.025
+    while True:  # never admitted again before the first call is a full window old
+        try:
+            await b.chat("q", key="paced")
+            break
+        except RateLimited:
+            await asyncio.sleep(0.05)
+    assert 1.0 < time.monotonic() - started < 3.0
+    for gw in (a, b):
+        await gw.aclose()
+
+
+async def test_the_store_going_away_refuses_limited_keys_with_503(tmp_path: Path, pg_database_url: str) -> None:
+    from keel.errors import LimitsUnavailable
+    from keel.store.postgres import PostgresStore
+
+    [gw] = _gateways(tmp_path, pg_database_url, 1)
+    gone = PostgresStore("postgresql://keel@127.0.0.1:1/keel", connect_timeout=1)  # nothing listens there
+    gw.budgets.store = gone  # type: ignore[attr-defined]
+    limiter = gw._key_limiter("paced")
+    limiter.store = gone  # type: ignore[union-attr]
+    for key in ("team", "paced"):
+        with pytest.raises(LimitsUnavailable, match="the store does not answer") as caught:
+            await gw.chat("q", key=key, max_tokens=5)
+        assert caught.value.http_status == 503
+    assert (await gw.chat("q")).text  # a key without budget or limits is not held up
+    await gw.aclose()
