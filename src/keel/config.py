@@ -175,7 +175,7 @@ class ServerConfig(_Strict):
     admin_key_env: str = "KEEL_ADMIN_KEY"  # the environment variable holding the admin key
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     request_timeout_s: float = Field(default=600.0, gt=0)  # a whole request, retries and fallbacks included
-    key_refresh_s: float = Field(default=2.0, gt=0)  # how soon keys created or revoked elsewhere are seen
+    key_refresh_s: float = Field(default=0.5, gt=0)  # how soon keys created or revoked elsewhere are seen
     log_format: Literal["text", "json"] = "text"
     drain_s: float = Field(default=30.0, ge=0)  # on shutdown, how long in-flight requests may finish
 

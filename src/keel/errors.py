@@ -32,7 +32,8 @@ code can catch "anything I did wrong" apart from "anything upstream did":
     ├── LimitError                  refused by keel before anything was sent
     │   ├── RateLimited             requests or tokens per minute (retry_after)
     │   ├── BudgetExceeded          daily or monthly budget of a key
-    │   └── CircuitOpen             a deployment is cooling down after failures
+    │   ├── CircuitOpen             a deployment is cooling down after failures
+    │   └── LimitsUnavailable       the shared ledger of budgets and limits (PostgreSQL) does not answer
     ├── ProviderError               the provider failed (status, retryable, retry_after)
     │   ├── BadRequest              400
     │   ├── AuthenticationFailed    401
@@ -82,6 +83,7 @@ __all__ = [
     "JobConflict",
     "KeelError",
     "LimitError",
+    "LimitsUnavailable",
     "MalformedResponse",
     "MissingAPIKey",
     "ModelNotAllowed",
@@ -338,6 +340,14 @@ class BudgetExceeded(LimitError):
 class CircuitOpen(LimitError):
     http_status = 503
     code = "circuit_open"
+
+
+class LimitsUnavailable(LimitError):
+    """Replicas share budgets and rate limits through PostgreSQL: while it does not answer, a key with a
+    budget or a limit is refused rather than let through unlimited."""
+
+    http_status = 503
+    code = "limits_unavailable"
 
 
 # --- the provider's failures ---------------------------------------------------

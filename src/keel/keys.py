@@ -27,7 +27,8 @@ from keel.store.base import Store
 from keel.trace import dumps
 
 __all__ = [
-    "KeyRecord", "create_key", "hash_key", "key_by_hash", "keys_by_hash", "list_keys", "parse_budget", "revoke_key",
+    "KeyRecord", "bump_revision", "create_key", "hash_key", "key_by_hash", "keys_by_hash", "keys_revision", "list_keys",
+    "parse_budget", "revoke_key",
 ]  # fmt: skip
 
 PREFIX = "sk-keel-"
@@ -140,9 +141,31 @@ def create_key(
                     hash_key(secret),
                 ],
             )  # fmt: skip
+            bump_revision(store, cur)
     except store.integrity_errors:
         raise InputError(f"an active key named {name!r} exists; revoke it first (keel keys revoke {name})") from None
     return secret, record
+
+
+#: The `keel_revisions` row that every write to `keel_keys` bumps, in the same transaction.
+REVISION = "keys"
+
+
+def bump_revision(store: Store, cur: Any) -> None:
+    """Mark the keys changed: servers poll this counter and reload their keys when it moves."""
+    cur.execute(
+        "INSERT INTO keel_revisions (name, revision) VALUES (?, 1)"
+        " ON CONFLICT (name) DO UPDATE SET revision = keel_revisions.revision + 1",
+        [REVISION],
+    )
+
+
+def keys_revision(store: Store) -> int:
+    """The keys' change counter (0 before the first change)."""
+    with store.transaction() as cur:
+        cur.execute("SELECT revision FROM keel_revisions WHERE name = ?", [REVISION])
+        row = cur.fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def _json_list(store: Store, names: tuple[str, ...] | None) -> Any:
@@ -214,5 +237,6 @@ def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
         cur.execute("UPDATE keel_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", [now, rows[0][0]])
         if cur.rowcount == 0:
             raise InputError(f"the key {name_or_id!r} was revoked just now by someone else")
+        bump_revision(store, cur)
     record = _record(rows[0])
     return KeyRecord(record.key_id, record.name, record.prefix, record.created_at, now, record.limits, record.metadata)

@@ -14,6 +14,11 @@ spend for the current day and month is read from the store the first time
 the key is seen in that period. A call whose price is unknown cannot be
 priced and is let through while the budget is not exhausted (its cost is
 also unknown).
+
+`BudgetTracker` keeps the ledgers in this process: right for one process
+(the SQLite store). Replicas on one PostgreSQL share them through
+`keel.gateway.shared_limits.SharedBudgets` instead; both satisfy `Budgets`,
+which is all the `KeyBudget` wrapper uses.
 """
 
 from __future__ import annotations
@@ -22,17 +27,27 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 from keel.config import KeyConfig
 from keel.errors import BudgetExceeded
 from keel.store.base import Store
 
-__all__ = ["BudgetTracker", "Reservation"]
+__all__ = ["BudgetTracker", "Budgets", "Reservation", "budget_limits"]
 
 
 def period_starts(now: float) -> dict[str, float]:
     day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     return {"daily": day.timestamp(), "monthly": day.replace(day=1).timestamp()}
+
+
+def budget_limits(keys: dict[str, KeyConfig], key: str) -> dict[str, float]:
+    """A key's budgets by period ("daily", "monthly"), those it has."""
+    config = keys.get(key)
+    if config is None:
+        return {}
+    limits = {"daily": config.daily_budget_usd, "monthly": config.monthly_budget_usd}
+    return {period: value for period, value in limits.items() if value is not None}
 
 
 @dataclass
@@ -50,6 +65,34 @@ class Reservation:
     limits: list[float] = field(default_factory=list)  # each ledger's budget when reserved
 
 
+class Budgets(Protocol):
+    """What the `KeyBudget` wrapper needs of a ledger of key budgets, in-process or shared."""
+
+    def limited(self, key: str) -> bool:
+        """Whether the key has a daily or monthly budget."""
+        ...
+
+    def forget(self, key: str) -> None:
+        """The key's budget changed: drop what is cached of it."""
+        ...
+
+    async def reserve(self, key: str | None, worst_case: float | None) -> Reservation | None:
+        """Reserve the worst case of a call, or raise BudgetExceeded."""
+        ...
+
+    async def charge(self, reservation: Reservation | None, actual: float | None) -> float:
+        """Replace a reservation by what the call cost; return the part beyond the budget (USD)."""
+        ...
+
+    def spent(self, key: str, period: str = "daily") -> float:
+        """What the key spent in the current period."""
+        ...
+
+    def close(self) -> None:
+        """Stop any background work (the gateway is closing)."""
+        ...
+
+
 class BudgetTracker:
     def __init__(self, store: Store | None, keys: dict[str, KeyConfig]) -> None:
         self.store = store
@@ -59,11 +102,7 @@ class BudgetTracker:
         self._now = time.time
 
     def _limits(self, key: str) -> dict[str, float]:
-        config = self.keys.get(key)
-        if config is None:
-            return {}
-        limits = {"daily": config.daily_budget_usd, "monthly": config.monthly_budget_usd}
-        return {period: value for period, value in limits.items() if value is not None}
+        return budget_limits(self.keys, key)
 
     def limited(self, key: str) -> bool:
         """Whether the key has a daily or monthly budget."""
@@ -122,6 +161,13 @@ class BudgetTracker:
             ledger.spent += cost
             overrun = max(overrun, min(cost, ledger.spent - limit))
         return overrun
+
+    async def charge(self, reservation: Reservation | None, actual: float | None) -> float:
+        """`settle`, as `Budgets` has it (a shared ledger writes to the store)."""
+        return self.settle(reservation, actual)
+
+    def close(self) -> None:
+        """Nothing runs in the background here."""
 
     def spent(self, key: str, period: str = "daily") -> float:
         ledger = self._ledgers.get((key, period))

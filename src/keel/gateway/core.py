@@ -20,10 +20,10 @@ from pydantic import BaseModel
 
 from keel.config import Config, KeyConfig, ModelConfig, load_config
 from keel.errors import ConfigError, InputError, MalformedResponse, ModelNotAllowed, UnknownModel
-from keel.gateway.budget import BudgetTracker
+from keel.gateway.budget import Budgets, BudgetTracker
 from keel.gateway.deployment import Deployment
 from keel.gateway.fallback import FallbackModel
-from keel.gateway.limits import Limiter
+from keel.gateway.limits import KeyLimiter, Limiter
 from keel.gateway.pipeline import Call, CallContext, Pipeline, RequestWrapper, final_item, wrappers_from_config
 from keel.gateway.registry import build_adapter, wrap
 from keel.gateway.structured import spec_for
@@ -48,6 +48,7 @@ from keel.types import (
 
 if TYPE_CHECKING:
     from keel.otlp import OtlpExporter
+    from keel.store.postgres import PostgresStore
 
 __all__ = ["ChatArgs", "ChatStream", "EmbedArgs", "Gateway", "SyncChatStream"]
 
@@ -165,11 +166,13 @@ class Gateway:
         self._extra: dict[str, Model] = dict(models or {})
         self._deployments: dict[str, Deployment] = {}
         self._routers: dict[str, FallbackModel] = {}
-        self._key_limiters: dict[str, Limiter] = {}
+        self._key_limiters: dict[str, KeyLimiter] = {}
+        self._ledger_store: PostgresStore | None = None
         #: Limits, budgets and model lists by key name: `[keys.*]` of the configuration, plus the
         #: virtual keys a server registers (`set_key`). The budget tracker reads the same dict.
         self.keys: dict[str, KeyConfig] = dict(self.config.keys)
-        self.budgets = BudgetTracker(self.store, self.keys)
+        #: Key budgets: in this process, or on PostgreSQL shared by every replica and worker (atomically).
+        self.budgets: Budgets = self._budgets()
         # the providers' keys and the server's admin key are never stored nor exported in clear
         secret_envs = {env for m in self.config.models.values() if (env := m.key_env())}
         secret_envs.add(self.config.server.admin_key_env)
@@ -262,13 +265,40 @@ class Gateway:
             self.tracer.writer.flush(timeout=5.0)
         self.budgets.forget(name)
 
-    def _key_limiter(self, key: str) -> Limiter | None:
+    def _shared_store(self) -> PostgresStore | None:
+        """Where key limits are counted when several processes may share the store (PostgreSQL): the
+        same database, on connections of its own (`keel.gateway.shared_limits.ledger_store`)."""
+        if self._ledger_store is None and self.store is not None and self.store.dialect == "postgres":
+            from keel.gateway.shared_limits import ledger_store
+            from keel.store.postgres import PostgresStore
+
+            if isinstance(self.store, PostgresStore):
+                self._ledger_store = ledger_store(self.store)
+        return self._ledger_store
+
+    def _budgets(self) -> Budgets:
+        shared = self._shared_store()
+        if shared is None:
+            return BudgetTracker(self.store, self.keys)
+        from keel.gateway.shared_limits import SharedBudgets
+
+        return SharedBudgets(shared, self.keys)
+
+    def _key_limiter(self, key: str) -> KeyLimiter | None:
         key_config = self.keys.get(key)
         if key_config is None or not (key_config.rpm or key_config.tpm):
             return None
-        if key not in self._key_limiters:
-            self._key_limiters[key] = Limiter(f"key {key}", rpm=key_config.rpm, tpm=key_config.tpm)
-        return self._key_limiters[key]
+        limiter = self._key_limiters.get(key)
+        if limiter is None:
+            subject, shared = f"key {key}", self._shared_store()
+            if shared is None:
+                limiter = Limiter(subject, rpm=key_config.rpm, tpm=key_config.tpm)
+            else:
+                from keel.gateway.shared_limits import SharedLimiter
+
+                limiter = SharedLimiter(shared, subject, rpm=key_config.rpm, tpm=key_config.tpm)
+            self._key_limiters[key] = limiter
+        return limiter
 
     def _check_key_model(self, key: str | None, name: str) -> None:
         allowed = self.keys[key].models if key is not None and key in self.keys else None
@@ -517,6 +547,9 @@ class Gateway:
             await asyncio.to_thread(self.tracer.writer.close)
         if self.otlp is not None:
             await asyncio.to_thread(self.otlp.shutdown)
+        self.budgets.close()
+        if self._ledger_store is not None:
+            self._ledger_store.close()
         if self.store is not None:
             self.store.close()
 

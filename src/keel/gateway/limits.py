@@ -18,6 +18,10 @@ the event loop cannot all pass the same check. A call that would pass a
 limit is refused with `RateLimited` and a Retry-After (when enough of the
 window will have expired), never queued silently: the fallback chain or the
 caller decides what to do.
+
+`Limiter` counts in this process. A key's limits on a PostgreSQL store are
+counted by `keel.gateway.shared_limits.SharedLimiter` instead, so that every
+replica takes from one window; both satisfy `KeyLimiter`.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from keel.errors import RateLimited
 from keel.models.base import Model, StreamItem, WrapperModel
 from keel.tokens import estimate
 from keel.types import ChatRequest, ModelResponse, Usage
 
-__all__ = ["Limiter", "MovingWindow", "RateLimitModel"]
+__all__ = ["KeyLimiter", "Limiter", "MovingWindow", "RateLimitModel", "refusal"]
 
 #: The window of an "N per minute" limit, in seconds (tests shorten it).
 WINDOW_S = 60.0
@@ -76,6 +81,31 @@ class MovingWindow:
         return self.length
 
 
+class KeyLimiter(Protocol):
+    """What the `KeyLimits` wrapper needs of a key's limits, counted in-process or shared."""
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether a TPM limit is set (else the call's tokens need not be estimated)."""
+        ...
+
+    async def acquire(self, tokens: int) -> None:
+        """Count one request and `tokens` input tokens, or raise RateLimited having counted nothing."""
+        ...
+
+    async def settle(self, estimated: int, usage: Usage) -> None:
+        """After a call: charge what the estimate missed, and the output."""
+        ...
+
+
+def refusal(subject: str, what: str, limit: int, length: float, wanted: int, retry_after: float) -> RateLimited:
+    """The RateLimited of a full window (`what`: "request" or "token")."""
+    per = "minute" if length == 60 else f"{length:g} s"
+    needs = f" (this call needs {wanted})" if what == "token" else ""
+    message = f"{subject}: {what} limit of {limit}/{per} reached{needs}"
+    return RateLimited(message, retry_after=round(retry_after, 3) or 0.001)
+
+
 class Limiter:
     """RPM and TPM limits of one subject (a model or a key)."""
 
@@ -98,13 +128,13 @@ class Limiter:
     def active(self) -> bool:
         return self.rpm is not None or self.tpm is not None
 
+    @property
+    def counts_tokens(self) -> bool:
+        return self.tpm is not None
+
     def _refuse(self, window: MovingWindow, now: float, what: str, amount: int, wanted: int) -> RateLimited:
-        per = "minute" if window.length == 60 else f"{window.length:g} s"
-        return RateLimited(
-            f"{self.subject}: {what} limit of {window.limit}/{per} reached"
-            + (f" (this call needs {wanted})" if what == "token" else ""),
-            retry_after=round(window.retry_after(now, amount), 3) or 0.001,
-        )
+        wait = window.retry_after(now, amount)
+        return refusal(self.subject, what, window.limit, window.length, wanted, wait)
 
     async def acquire(self, tokens: int) -> None:
         """Count one request and `tokens` input tokens, or raise RateLimited having counted nothing."""

@@ -25,9 +25,9 @@ from typing import Any, cast
 
 from keel import tokens
 from keel.errors import ConfigError
-from keel.gateway.budget import BudgetTracker, Reservation
+from keel.gateway.budget import Budgets, Reservation
 from keel.gateway.fallback import FallbackModel
-from keel.gateway.limits import Limiter
+from keel.gateway.limits import KeyLimiter
 from keel.gateway.pipeline import Call, Handler, Item, RequestWrapper, final_item
 from keel.gateway.structured import check_streamed, run_structured
 from keel.models.base import Model, StreamItem
@@ -150,7 +150,7 @@ class KeyBudget(RequestWrapper):
 
     slot = "budget"
 
-    def __init__(self, budgets: BudgetTracker, worst_case: Callable[[Call], float | None]) -> None:
+    def __init__(self, budgets: Budgets, worst_case: Callable[[Call], float | None]) -> None:
         self.budgets = budgets
         self.worst_case = worst_case
 
@@ -167,7 +167,7 @@ class KeyBudget(RequestWrapper):
             async with aclosing(next(call)) as items:
                 async for item in items:
                     if isinstance(item, ModelResponse):
-                        item = self._charged(call, reservation, item)
+                        item = await self._charged(call, reservation, item)
                         reservation = None
                     else:
                         streamed = True
@@ -179,19 +179,19 @@ class KeyBudget(RequestWrapper):
                 # generated, which keel cannot see, so the budget keeps the reserved worst case.
                 cost = reservation.amount
                 call.span.set(keel__cost_estimated=True, keel__cost_usd=cost)
-            self._charge(call, reservation, cost)
+            await self._charge(call, reservation, cost)
             raise
 
-    def _charged(self, call: Call, reservation: Reservation | None, response: ModelResponse) -> ModelResponse:
+    async def _charged(self, call: Call, reservation: Reservation | None, response: ModelResponse) -> ModelResponse:
         """Charge a call's response (returned with the cost it was charged) and release its reservation."""
         if response.usage.estimated and response.usage.total_tokens == 0 and reservation is not None:
             # no usage came back and keel could not count it either: the reserved worst case is the charge
             response = replace(response, cost_usd=reservation.amount)
-        self._charge(call, reservation, response.cost_usd)
+        await self._charge(call, reservation, response.cost_usd)
         return response
 
-    def _charge(self, call: Call, reservation: Reservation | None, cost: float | None) -> None:
-        overrun = self.budgets.settle(reservation, cost)
+    async def _charge(self, call: Call, reservation: Reservation | None, cost: float | None) -> None:
+        overrun = await self.budgets.charge(reservation, cost)
         if reservation is not None and overrun > 0:  # charged all the same; the key's next calls are refused
             call.span.set(keel__budget__overrun_usd=overrun)
             log.warning(
@@ -205,7 +205,7 @@ class KeyLimits(RequestWrapper):
 
     slot = "limits"
 
-    def __init__(self, limiter_for: Callable[[str], Limiter | None]) -> None:
+    def __init__(self, limiter_for: Callable[[str], KeyLimiter | None]) -> None:
         self.limiter_for = limiter_for
 
     def __call__(self, call: Call, next: Handler) -> AsyncGenerator[Item, None]:
@@ -214,8 +214,8 @@ class KeyLimits(RequestWrapper):
             return next(call)
         return self._limited(call, limiter, next)
 
-    async def _limited(self, call: Call, limiter: Limiter, next: Handler) -> AsyncGenerator[Item, None]:
-        estimated = tokens.estimate(call.chat_request) if limiter.tpm else 0
+    async def _limited(self, call: Call, limiter: KeyLimiter, next: Handler) -> AsyncGenerator[Item, None]:
+        estimated = tokens.estimate(call.chat_request) if limiter.counts_tokens else 0
         await limiter.acquire(estimated)
         async with aclosing(next(call)) as items:
             async for item in items:

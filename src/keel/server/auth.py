@@ -12,8 +12,10 @@ calls (`/v1/...`) made directly on this machine, and nothing that needs the admi
 key (the admin API, the dashboard's data, `/metrics`): a relay on the same machine
 (a plain TCP forwarder, a proxy, a browser page) is indistinguishable from a local
 tool, so the open mode grants nothing it would regret granting to one. Keys created or
-revoked by another process (`keel keys ...`) are seen within
-`[server] key_refresh_s`; a key not yet seen is looked up at once.
+revoked by another process (`keel keys ...`, another replica's admin API) are seen within
+`[server] key_refresh_s` (0.5 s): every change bumps a revision counter in the store, which each
+replica polls (one indexed row) and reloads its keys when it moved. A key not yet seen is looked
+up at once.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from keel.errors import Forbidden, StoreUnavailable, Unauthorized
 from keel.gateway import Gateway
-from keel.keys import KeyRecord, hash_key, key_by_hash, keys_by_hash
+from keel.keys import KeyRecord, hash_key, key_by_hash, keys_by_hash, keys_revision
+from keel.store import Store
 
 __all__ = [
     "Caller", "KeyRing", "Presented", "caller", "is_loopback",
@@ -40,6 +44,7 @@ __all__ = [
 log = logging.getLogger("keel.server")
 
 MAX_UNKNOWN = 100_000  # unknown keys remembered until the next reload (a bound against floods)
+FULL_RELOAD_S = 60.0  # keys are reloaded this often even if the revision did not move (a change by hand)
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,8 @@ class KeyRing:
         self._registered: set[str] = set()
         self._unknown: set[str] = set()  # hashes looked up and not found since the last reload
         self._loading = asyncio.Lock()  # reloads apply in order: a late, older read never undoes a newer one
+        self._revision = -1  # the keys' revision in the store when they were last loaded
+        self._loaded_at = 0.0
 
     @property
     def has_admin(self) -> bool:
@@ -144,8 +151,18 @@ class KeyRing:
     async def load(self) -> None:
         async with self._loading:
             store = self.gateway.store
-            records = await asyncio.to_thread(keys_by_hash, store) if store is not None else {}
+            revision, records = await asyncio.to_thread(_read_keys, store) if store is not None else (0, {})
             self._apply(records)
+            self._revision, self._loaded_at = revision, time.monotonic()
+
+    async def refresh(self) -> None:
+        """Reload the keys if they changed in the store since they were loaded (one row read)."""
+        store = self.gateway.store
+        if store is None:
+            return
+        stale = time.monotonic() - self._loaded_at > FULL_RELOAD_S
+        if stale or await asyncio.to_thread(keys_revision, store) != self._revision:
+            await self.load()
 
     def _apply(self, records: dict[str, KeyRecord]) -> None:
         self._by_hash = records
@@ -158,11 +175,11 @@ class KeyRing:
         self._registered = set(active)
 
     async def run(self) -> None:
-        """Reload every `refresh_s` (keys revoked or created by `keel keys` in another process)."""
+        """Check every `refresh_s` for keys revoked or created by another process, and reload them."""
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                await self.load()
+                await self.refresh()
             except Exception:  # the store is down: keep the keys we have, try again
                 log.warning("could not reload keys from the store", exc_info=True)
 
@@ -218,6 +235,11 @@ class KeyRing:
                 f" export {env} and restart `keel serve`"
             )
         return f"the admin key is read from ${env} once, when the server starts: restart it after changing the key"
+
+
+def _read_keys(store: Store) -> tuple[int, dict[str, KeyRecord]]:
+    """The keys and their revision, the revision read first: a change in between is seen at the next poll."""
+    return keys_revision(store), keys_by_hash(store)
 
 
 def caller(request: Request) -> Caller:

@@ -136,4 +136,52 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE keel_keys ADD COLUMN collections_write {json}",
         ),
     ),
+    Migration(
+        "0006_shared_limits",
+        (
+            # Budgets shared by every process on one store (used on PostgreSQL; see
+            # keel.gateway.shared_limits). One ledger row per key, period and period start; a
+            # reservation is admitted by one conditional UPDATE of `reserved`, so concurrent replicas
+            # cannot both take the last dollars, and settled by one statement that moves it to `spent`.
+            """
+            CREATE TABLE keel_budget_ledgers (
+                key TEXT NOT NULL,
+                period TEXT NOT NULL,
+                start {real} NOT NULL,
+                spent {real} NOT NULL,
+                reserved {real} NOT NULL,
+                PRIMARY KEY (key, period, start)
+            )
+            """,
+            # The reservations in flight, one row per ledger they hold. A live process renews
+            # `expires_at` (store clock, epoch seconds); one killed with reservations in flight stops
+            # renewing, and any process gives them back to the ledger once they expire.
+            """
+            CREATE TABLE keel_budget_reservations (
+                reservation_id TEXT NOT NULL,
+                period TEXT NOT NULL,
+                key TEXT NOT NULL,
+                start {real} NOT NULL,
+                amount {real} NOT NULL,
+                holder TEXT NOT NULL,
+                expires_at {real} NOT NULL,
+                PRIMARY KEY (reservation_id, period)
+            )
+            """,
+            "CREATE INDEX keel_budget_reservations_key ON keel_budget_reservations (key, expires_at)",
+            # Requests and tokens per key and time bucket (1/60 of the window): the shared moving window.
+            """
+            CREATE TABLE keel_rate_buckets (
+                subject TEXT NOT NULL,
+                bucket BIGINT NOT NULL,
+                requests BIGINT NOT NULL,
+                tokens BIGINT NOT NULL,
+                PRIMARY KEY (subject, bucket)
+            )
+            """,
+            # A counter per kind of shared setting ("keys"), bumped in the transaction of every change:
+            # replicas poll it (one indexed row) and reload only when it moved.
+            "CREATE TABLE keel_revisions (name TEXT PRIMARY KEY, revision BIGINT NOT NULL)",
+        ),
+    ),
 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -141,6 +141,25 @@ class PostgresStore(Store):
             raise
         return conn
 
+    def run(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement as its own transaction and return its rows (none unless it selects or
+        returns): no BEGIN and COMMIT round trips, for the shared limits' hot path, whose statements are
+        each atomic on their own. A pooled connection found dead is replaced once, as `transaction()` does.
+        `sql` is PostgreSQL's own (`%s` placeholders), not passed through `_sql`."""
+        conn = self._pool.get()
+        try:
+            return _rows(conn, sql, params)
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+        finally:
+            self._pool.put(conn)
+        conn = self._pool.get(fresh=True)  # the server had closed that idle one: the statement never ran
+        try:
+            return _rows(conn, sql, params)
+        finally:
+            self._pool.put(conn)
+
     def close(self) -> None:
         self._pool.close()
 
@@ -174,6 +193,11 @@ class PostgresStore(Store):
 
     def _lock_migrations(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+
+
+def _rows(conn: Connection, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    cur = conn.execute(sql, params)
+    return cur.fetchall() if cur.description is not None else []
 
 
 def _as_is(text: Any) -> str:
