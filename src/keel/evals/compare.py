@@ -404,6 +404,8 @@ def compare(
             f"clustered by {prefix!r}: {n_clusters} clusters"
             + (f" ({untagged} case(s) without the tag, each its own cluster)" if untagged else "")
         )
+        notes.append("McNemar's test treats cases as independent; with clustered cases read the pass rate's "
+                     "clustered interval beside it")  # fmt: skip
         if n_clusters < FEW_CLUSTERS:
             notes.append(f"only {n_clusters} clusters: a cluster bootstrap with so few tends to draw intervals "
                          "that are too narrow")  # fmt: skip
