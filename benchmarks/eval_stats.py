@@ -21,6 +21,7 @@ Next to each share, its 95% Clopper-Pearson interval from the number of simulati
     .venv/bin/python benchmarks/eval_stats.py                  # 1,000 simulations per scenario (about 25 min)
     .venv/bin/python benchmarks/eval_stats.py --sims 200       # a quick look
     .venv/bin/python benchmarks/eval_stats.py --markdown       # the table for docs/benchmarks.md
+    .venv/bin/python benchmarks/eval_stats.py --only delta=-0.03 --sims 500   # the power scenarios alone
 
 Exit status 1 when a coverage or false-alarm goal is missed beyond its simulation noise (the goal
 range lies outside the share's 99.9% Clopper-Pearson interval).
@@ -181,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sims", type=int, default=1000, help="run pairs per scenario (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--only", default="", help="only the scenarios whose name contains this, e.g. 'delta=-0.03'")
     args = parser.parse_args(argv)
     if args.sims < 10:
         parser.error("--sims must be at least 10")
     rows, failed = [], []
-    for s in scenarios():
+    for s in (s for s in scenarios() if args.only in s.name):
         cells, ok = row(s, simulate(s, args.sims, args.seed))
         rows.append([*cells, "PASS" if ok else "FAIL"])
         failed += [] if ok else [s.name]
