@@ -306,3 +306,14 @@ def test_a_malformed_run_file_names_the_field() -> None:
     text = '{"run_id": "a", "suite": "s", "variant": "v", "cases": [{"case_id": "x", "scores": {"f1": "high"}}]}'
     with pytest.raises(InputError, match=r"a\.json: cases\.0\.scores\.f1: Input should be a valid number"):
         run_from_json(text, source="a.json")
+
+
+def test_a_single_flip_among_many_cases_gives_a_finite_interval() -> None:
+    # 299 cases unchanged and one pass->fail: BCa's acceleration is near 0/0 here
+    pa = [True] * 300
+    pb = [True] * 299 + [False]
+    passed = compare(make_run("a", passed=pa), make_run("b", passed=pb)).metric("pass")
+    assert passed.ci is not None and all(math.isfinite(v) for v in passed.ci)
+    assert passed.ci[0] <= passed.delta <= passed.ci[1] <= 0  # type: ignore[operator]
+    assert passed.mcnemar is not None and passed.mcnemar.p_value == pytest.approx(1.0)
+    assert passed.change() == "none"
