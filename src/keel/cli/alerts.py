@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from keel.alerts import AlertEvaluator, describe, format_value, measure_rule
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.config import Config, load_config
 from keel.store import Store, open_store
 from keel.store.alerts import AlertRow, read_alerts

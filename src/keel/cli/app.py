@@ -1,22 +1,17 @@
 """`keel`: the command line, a thin client of the library.
 
-One module per command group; this one wires them together and turns keel
-errors into one clear line and an exit code:
-
-  0 ok · 1 provider failed · 2 bad input · 3 bad configuration · 4 refused by a limit or budget
+One module per command group; this one wires them together. How a command
+fails (one clear line, an exit code) is `keel.cli.errors`, which the command
+modules import instead of this one, so that any of them can be imported first.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from keel.errors import ConfigError, InputError, KeelError, LimitError
+from keel.cli.errors import err
 
 app = typer.Typer(
     name="keel",
@@ -28,38 +23,6 @@ app = typer.Typer(
     # "[server]" in a help text as markup (and drop it)
     rich_markup_mode=None,
 )
-err = Console(stderr=True)
-
-EXIT_PROVIDER, EXIT_INPUT, EXIT_CONFIG, EXIT_LIMIT = 1, 2, 3, 4
-
-
-def exit_code(error: KeelError) -> int:
-    if isinstance(error, ConfigError):
-        return EXIT_CONFIG
-    if isinstance(error, InputError):
-        return EXIT_INPUT
-    if isinstance(error, LimitError):
-        return EXIT_LIMIT
-    return EXIT_PROVIDER
-
-
-def fail(error: KeelError) -> typer.Exit:
-    err.print(f"[bold red]error[/] ({error.error_type}): {escape(error.message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(exit_code(error))
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command, turning a KeelError into a message and an exit code."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KeelError as error:
-            raise fail(error) from None
-
-    return wrapper
 
 
 def _register() -> None:

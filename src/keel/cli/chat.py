@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.errors import InvalidSchema, UnknownModel
 from keel.gateway import Gateway
 from keel.types import ChatResult

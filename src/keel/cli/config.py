@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.config import Config, load_config
 
 app = typer.Typer(help="Check the configuration.", no_args_is_help=True, rich_markup_mode=None)

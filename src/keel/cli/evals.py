@@ -13,10 +13,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from keel.cli.app import handle_errors
+from keel.cli import eval_compare
+from keel.cli.errors import handle_errors
 from keel.errors import InputError
 
-app = typer.Typer(help="Evaluation: run suites, show and re-score runs, check judges.", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluation: run suites, show, re-score, compare and report runs, check judges.", no_args_is_help=True
+)
 console = Console(highlight=False)
 
 RunArg = Annotated[str, typer.Argument(help="A run id (see `keel eval list`).")]
@@ -221,3 +224,6 @@ def judge_check(
     for label, row in zip(report.labels, report.confusion, strict=True):
         table.add_row(label, *(str(n) for n in row))
     console.print(table)
+
+
+eval_compare.register(app)  # `keel eval compare` and `keel eval report`

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 
 if TYPE_CHECKING:  # keel.jobs loads DBOS (a second of start-up): only the jobs commands pay for it
     from keel.jobs import JobRow, JobStatus

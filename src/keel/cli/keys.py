@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.config import KeyConfig, load_config
 from keel.errors import InputError
 from keel.gateway.budget import period_starts

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.cli.tables import compact_table
 from keel.config import Config, ModelConfig, load_config
 from keel.errors import InputError

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from keel.cli.app import EXIT_INPUT, handle_errors
+from keel.cli.errors import EXIT_INPUT, handle_errors
 from keel.errors import InputError
 from keel.gateway import Gateway
 from keel.rag import RAG, Answer, Retrieval

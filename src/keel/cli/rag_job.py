@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from keel.cli.app import EXIT_INPUT
+from keel.cli.errors import EXIT_INPUT
 from keel.config import Config, load_config
 from keel.errors import JobConflict
 from keel.jobs import JobRow, JobRunner, Worker

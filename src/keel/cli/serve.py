@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.config import load_config
 from keel.errors import ConfigError
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.cli.tables import compact_table, count, latency, usd
 from keel.config import load_config
 from keel.errors import InputError

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.config import load_config
 
 err = Console(stderr=True, highlight=False)

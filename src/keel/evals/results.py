@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CaseResult", "RunResult", "ScorerError"]
+__all__ = ["CaseResult", "RunResult", "ScorerError", "run_from_json", "run_to_json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +72,33 @@ class RunResult:
         for case in self.cases:
             names.update(dict.fromkeys(case.scores))
         return list(names)
+
+
+# --- a run as a JSON file (`keel eval compare a.json b.json`, `keel eval report a.json`) ---------
+
+
+def _adapter() -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(RunResult)
+
+
+def run_to_json(run: RunResult) -> str:
+    """The run as JSON; outputs that are not JSON values are written as their str(), NaN as null."""
+    return str(_adapter().dump_json(run, fallback=str).decode())
+
+
+def run_from_json(text: str | bytes, *, source: str = "run") -> RunResult:
+    """A run from `run_to_json`'s JSON. Raises InputError naming `source` and the first bad field."""
+    from pydantic import ValidationError
+
+    from keel.errors import InputError
+
+    try:
+        run: RunResult = _adapter().validate_json(text)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise InputError(f"{source}: {where}: {first['msg']}{more}") from None
+    return run
