@@ -87,9 +87,21 @@ def test_traces_list_show_stats(runner: CliRunner) -> None:
     row = next(line for line in stats.stdout.splitlines() if " t " in line)
     cells = row.split()
     assert cells[1:4] == ["t", "1", "0"] and cells[-1] == "$0"
-    nope = next(line for line in stats.stdout.splitlines() if " nope " in line)
-    assert "100.0%" in nope
+    nope = next(line for line in stats.stdout.splitlines() if " unknown " in line)  # not a configured model
+    assert "100.0%" in nope and " nope " not in stats.stdout
     assert runner.invoke(app, ["traces", "list", "--status", "maybe"]).exit_code == 2
+
+
+def test_traces_stats_groups_invented_model_names(runner: CliRunner) -> None:
+    """Any caller can name a model that does not exist: 30 invented names are one row, not 30."""
+    assert runner.invoke(app, ["chat", "hi"]).exit_code == 0
+    for i in range(30):
+        runner.invoke(app, ["chat", "hi", "--model", f"gpt-5-turbo-{i}"])
+    stats = runner.invoke(app, ["traces", "stats"])
+    assert stats.exit_code == 0, stats.output
+    assert "gpt-5-turbo" not in stats.stdout
+    [unknown] = [line for line in stats.stdout.splitlines() if " unknown " in line]
+    assert unknown.split()[2:4] == ["30", "100.0%"]
 
 
 def _fits_80(output: str) -> None:
