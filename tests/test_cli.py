@@ -154,6 +154,10 @@ def test_config_check(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "check", str(ghost)])
     assert result.exit_code == 3 and f"{ghost}:1 [default_model]" in result.stderr
     assert "default_model names unknown model 'gpt-5'" in result.stderr
+    answers = write_config(tmp_path / "answers", '[rag]\nanswer_model = "gpt-5"\n')  # RAG's default chat model
+    result = runner.invoke(app, ["config", "check", str(answers)])
+    assert result.exit_code == 3 and f"{answers} [rag.answer_model]" in result.stderr
+    assert "rag.answer_model names unknown model 'gpt-5'" in result.stderr
     unset = write_config(tmp_path / "unset", 'default_model = "gpt-4o-mini"\n')
     warned = runner.invoke(app, ["config", "check", str(unset)], env={"OPENAI_API_KEY": ""})
     assert warned.exit_code == 0 and "default_model 'gpt-4o-mini' cannot be called: OPENAI_API_KEY is not set" in (
