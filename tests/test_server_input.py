@@ -263,6 +263,18 @@ def test_strict_types_still_take_what_clients_send(served: tuple[Server, Gateway
     assert post_raw(server, "/v1/chat/completions", json.dumps(body).encode()).status_code == 200
 
 
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"logprobs": True, "top_logprobs": 3}, {"top_logprobs": 2}])
+def test_logprobs_are_refused_not_silently_dropped(served: tuple[Server, Gateway], extra: dict[str, Any]) -> None:
+    """Issue 16.12: `logprobs=True` answered `logprobs: null`, which a client reads as a provider that has
+    none; keel returns no log-probabilities, so asking for them is a 400 that says so."""
+    server, _ = served
+    answer = post_raw(server, "/v1/chat/completions", json.dumps({**CHAT, **extra}).encode())
+    error = assert_openai_error(answer, 400)
+    assert error["param"] in ("logprobs", "top_logprobs") and "log-probabilities" in error["message"]
+    quiet = {**CHAT, "logprobs": False, "top_logprobs": 0}  # what some clients send by default
+    assert post_raw(server, "/v1/chat/completions", json.dumps(quiet).encode()).status_code == 200
+
+
 # --- 17.8: a large body does not stall everyone ----------------------------------------------------
 
 

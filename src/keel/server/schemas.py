@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_MESSAGES = 2048  # per chat request: bounds the work one body can cost (see docs/server.md)
 
@@ -68,9 +68,17 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # refused when asked for (issue 16.12): a `logprobs: null` answer reads as a provider that has none
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:  # False, 0 and None ask for nothing
+            raise ValueError("keel does not return log-probabilities yet; leave logprobs and top_logprobs unset")
+        return value
