@@ -275,6 +275,19 @@ def test_logprobs_are_refused_not_silently_dropped(served: tuple[Server, Gateway
     assert post_raw(server, "/v1/chat/completions", json.dumps(quiet).encode()).status_code == 200
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_sent_as_another_type_says_which_type_to_send(
+    served: tuple[Server, Gateway], content_type: str
+) -> None:
+    """`curl -d '{...}'` labels the body a form: it was refused as "body: Input should be a valid
+    dictionary", which says nothing of the header. (Not parsed anyway: a web page may send a form or
+    text/plain to a local server without the browser asking first.)"""
+    server, _ = served
+    body = json.dumps(CHAT).encode()
+    error = assert_openai_error(post_raw(server, "/v1/chat/completions", body, **{"content-type": content_type}), 400)
+    assert "Content-Type: application/json" in error["message"] and content_type in error["message"]
+
+
 # --- 17.8: a large body does not stall everyone ----------------------------------------------------
 
 
