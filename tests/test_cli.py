@@ -88,9 +88,21 @@ def test_traces_list_show_stats(runner: CliRunner) -> None:
     row = next(line for line in stats.stdout.splitlines() if " t " in line)
     cells = row.split()
     assert cells[1:4] == ["t", "1", "0"] and cells[-1] == "$0"
-    nope = next(line for line in stats.stdout.splitlines() if " nope " in line)
-    assert "100.0%" in nope
+    nope = next(line for line in stats.stdout.splitlines() if " unknown " in line)  # not a configured model
+    assert "100.0%" in nope and " nope " not in stats.stdout
     assert runner.invoke(app, ["traces", "list", "--status", "maybe"]).exit_code == 2
+
+
+def test_traces_stats_groups_invented_model_names(runner: CliRunner) -> None:
+    """Any caller can name a model that does not exist: 30 invented names are one row, not 30."""
+    assert runner.invoke(app, ["chat", "hi"]).exit_code == 0
+    for i in range(30):
+        runner.invoke(app, ["chat", "hi", "--model", f"gpt-5-turbo-{i}"])
+    stats = runner.invoke(app, ["traces", "stats"])
+    assert stats.exit_code == 0, stats.output
+    assert "gpt-5-turbo" not in stats.stdout
+    [unknown] = [line for line in stats.stdout.splitlines() if " unknown " in line]
+    assert unknown.split()[2:4] == ["30", "100.0%"]
 
 
 def _fits_80(output: str) -> None:
@@ -143,6 +155,10 @@ def test_config_check(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "check", str(ghost)])
     assert result.exit_code == 3 and f"{ghost}:1 [default_model]" in result.stderr
     assert "default_model names unknown model 'gpt-5'" in result.stderr
+    answers = write_config(tmp_path / "answers", '[rag]\nanswer_model = "gpt-5"\n')  # RAG's default chat model
+    result = runner.invoke(app, ["config", "check", str(answers)])
+    assert result.exit_code == 3 and f"{answers} [rag.answer_model]" in result.stderr
+    assert "rag.answer_model names unknown model 'gpt-5'" in result.stderr
     unset = write_config(tmp_path / "unset", 'default_model = "gpt-4o-mini"\n')
     warned = runner.invoke(app, ["config", "check", str(unset)], env={"OPENAI_API_KEY": ""})
     assert warned.exit_code == 0 and "default_model 'gpt-4o-mini' cannot be called: OPENAI_API_KEY is not set" in (

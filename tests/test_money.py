@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +217,41 @@ async def test_gemini_without_usage(server: StubServer, gemini: GeminiModel) -> 
     server.reply_json(gemini_response(ANSWER, usage={"promptTokenCount": 11, "candidatesTokenCount": 22}))
     reported = await gemini.complete(REQUEST)
     assert not reported.usage.estimated and (reported.usage.input_tokens, reported.usage.output_tokens) == (11, 22)
+
+
+# --- a call cancelled after it was sent (the client left, the request timed out) -------------
+
+
+async def test_a_call_cancelled_in_flight_keeps_the_reserved_worst_case(
+    tmp_path: Path, openai_stub: OpenAIStub
+) -> None:
+    """The provider bills a request it received whether or not keel waits for the answer: a caller who
+    leaves (or times out) before it arrives is charged the reservation, as for a stream cut midway,
+    never nothing (which let a $1 key make unbounded upstream calls)."""
+    gw = gateway(tmp_path, priced(openai_stub.url))
+    await gw.chat("hi", model="m")  # warm up (tokenizer, client) outside the key
+    openai_stub.push(Scripted(body=completion(ANSWER), delay=5))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(gw.chat("hi", model="m", key="team", max_tokens=100), 1.5)
+    assert len(openai_stub.requests) == 2  # it was sent
+    worst = gw.count_tokens("hi", "m") * 1e-5 + 100 * 2e-5
+    assert gw.budgets.spent("team") == pytest.approx(worst)
+    [span] = [s for s in spans(gw) if s.attributes.get("keel.api_key") == "team"]
+    assert span.attributes["keel.cost_usd"] == pytest.approx(worst) and span.attributes["keel.cost_estimated"]
+    await gw.aclose()
+
+
+async def test_a_stream_left_after_its_first_piece_keeps_the_reserved_worst_case(
+    tmp_path: Path, openai_stub: OpenAIStub
+) -> None:
+    gw = gateway(tmp_path, priced(openai_stub.url))
+    openai_stub.push(Scripted(stream=stream_chunks(ANSWER, pieces=5)))
+    stream = gw.stream("hi", model="m", key="team", max_tokens=100)  # held: settling must not wait for the GC
+    async with aclosing(aiter(stream)) as deltas:
+        await anext(deltas)
+    worst = gw.count_tokens("hi", "m") * 1e-5 + 100 * 2e-5
+    assert gw.budgets.spent("team") == pytest.approx(worst)
+    await gw.aclose()
 
 
 # --- 17.12: real usage beyond the reservation ------------------------------------------------

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from helpers import gateway
+from helpers import gateway, spans
 from keel import FunctionModel, Gateway
 from keel.cli.app import app as cli
 from keel.config import KeyConfig
@@ -128,6 +128,21 @@ def test_a_write_only_key_lists_what_it_may_write(server: Server, gw: Gateway) -
         assert [c["name"] for c in http.get("/v1/rag/collections").json()["data"]] == ["secret"]
         assert bm25(http, "secret").status_code == 403
         assert http.post("/v1/rag/secret/documents", json={"documents": DOCS}).json()["unchanged"] == 1
+
+
+def test_a_key_ingests_under_its_own_model_scope(server: Server, gw: Gateway) -> None:
+    """Writing a collection embeds the documents: with the key's models, limits and attribution, so a
+    key allowed one chat model cannot spend on an embedding model (its own choice, even) by ingesting."""
+    fresh = [{"id": "n1", "text": "A document nobody has embedded before, about otters."}]
+    with as_key(server, gw, "writer", KeyConfig(models=("answers",), collections_write=("fresh",))) as http:
+        refused = http.post("/v1/rag/fresh/documents", json={"documents": fresh})
+        assert refused.status_code == 403, refused.text
+        assert "bge-small" in refused.json()["error"]["message"]
+    with as_key(server, gw, "embedder", KeyConfig(models=("bge-small",), collections_write=("fresh",))) as http:
+        added = http.post("/v1/rag/fresh/documents", json={"documents": fresh})
+        assert added.status_code == 200 and added.json()["added"] == 1, added.text
+    keys = {s.attributes.get("keel.api_key") for s in spans(gw) if s.name.startswith("embeddings")}
+    assert "embedder" in keys
 
 
 def test_an_unscoped_key_reads_everything_and_writes_nothing(server: Server, gw: Gateway) -> None:

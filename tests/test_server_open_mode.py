@@ -140,6 +140,7 @@ async def test_every_proxy_header_is_foreign(gw: Gateway, header: str) -> None:
         ("localhost", "http://127.0.0.1:evil.com"),
         ("localhost", "http://localhost.evil.com"),
         ("localhost", "http://localhost/x/../evil"),
+        ("localhost:8000", "null"),  # a sandboxed iframe (or data: page) of any web site sends Origin: null
     ],
 )
 async def test_malformed_host_and_origin_values_are_foreign(gw: Gateway, host: str, origin: str | None) -> None:

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from keel.cli.errors import handle_errors
 from keel.config import Config, load_config
+from keel.errors import ConfigError
 
 app = typer.Typer(help="Check the configuration.", no_args_is_help=True, rich_markup_mode=None)
 console = Console(highlight=False)
@@ -28,6 +29,11 @@ def check(
     Example: keel config check keel.toml
     """
     config = load_config(path)
+    # checked here, not on load: a library Gateway may answer with a model it injects (models={...})
+    answer = config.rag.answer_model
+    if answer is not None and config.resolve_name(answer) is None:
+        message = f"rag.answer_model names unknown model {answer!r}"
+        raise ConfigError(message, file=config.source, field="rag.answer_model")
     chat = [n for n, m in config.models.items() if m.kind == "chat"]
     console.print(f"[green]ok[/]: {escape(config.source or 'embedded defaults (no keel.toml)')}")
     console.print(

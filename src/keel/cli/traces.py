@@ -146,7 +146,10 @@ def stats(days: Annotated[float | None, typer.Option(help="Only the last N days.
 
     Example: keel traces stats --days 7
     """
-    rows = _store().stats(since=_since(days))
+    config = load_config()
+    # names a client made up (any caller can send one) are one "unknown" row, as in the dashboard
+    known = frozenset([*config.models, *config.aliases])
+    rows = open_store(config.store_url).stats(since=_since(days), known_models=known)
     one_year = len({r.day[:4] for r in rows}) <= 1  # then the year goes in the title, not in every row
     year = f", {rows[0].day[:4]}" if rows and one_year else ""
     table = compact_table(f"chat calls by model and day (UTC{year})", "latency p50/p95 · tokens in/out")

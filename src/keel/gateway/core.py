@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
@@ -431,7 +431,7 @@ class Gateway:
 
     async def _stream(
         self, messages: str | Sequence[MessageLike], model: str | None, args: ChatArgs
-    ) -> AsyncIterator[StreamDelta | ChatResult]:
+    ) -> AsyncGenerator[StreamDelta | ChatResult, None]:
         context = self._context(args.get("key"), args.get("metadata"), args.get("context"))
         span = self._start_span("chat", model, context)
         span.set(keel__stream=True)
@@ -608,7 +608,7 @@ def _otlp_exporter(config: Config, redactor: Redactor) -> OtlpExporter | None:
 class ChatStream:
     """Async iterator of `StreamDelta`s; `.result` holds the `ChatResult` at the end."""
 
-    def __init__(self, source: AsyncIterator[StreamDelta | ChatResult]) -> None:
+    def __init__(self, source: AsyncGenerator[StreamDelta | ChatResult, None]) -> None:
         self._source = source
         self.result: ChatResult | None = None
         self.text = ""
@@ -617,12 +617,15 @@ class ChatStream:
         return self._deltas()
 
     async def _deltas(self) -> AsyncIterator[StreamDelta]:
-        async for item in self._source:
-            if isinstance(item, ChatResult):
-                self.result = item
-            else:
-                self.text += item.text
-                yield item
+        # closing the deltas (a caller leaving early) closes the call at once: its budget settles and
+        # its span is finished now, not when the garbage collector finds the source
+        async with aclosing(self._source) as items:
+            async for item in items:
+                if isinstance(item, ChatResult):
+                    self.result = item
+                else:
+                    self.text += item.text
+                    yield item
 
     async def collect(self) -> ChatResult:
         """Read the whole stream and return its result."""
@@ -632,7 +635,7 @@ class ChatStream:
         return self.result
 
     async def aclose(self) -> None:
-        await self._source.aclose()  # type: ignore[attr-defined]
+        await self._source.aclose()
 
 
 class SyncChatStream:

@@ -51,7 +51,7 @@ Item = StreamDelta | ModelResponse | EmbeddingResult
 
 Handler = Callable[["Call"], AsyncGenerator[Item, None]]
 
-SLOTS: tuple[str, ...] = ("trace", "scope", "user", "cache", "limits", "budget", "cascade", "compression", "structured")
+SLOTS: tuple[str, ...] = ("trace", "scope", "user", "cache", "budget", "limits", "cascade", "compression", "structured")
 """The pipeline's positions, outermost first."""
 
 

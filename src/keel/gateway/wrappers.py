@@ -5,7 +5,8 @@
 - `KeyScope` refuses a model the caller's key may not use.
 - `KeyBudget` reserves the worst case against the key's budgets and settles
   the real cost (a failed call is charged what it spent; a stream cut after
-  its first piece keeps the worst case, since the provider bills what it made).
+  its first piece, or a call cancelled while out, keeps the worst case, since
+  the provider bills what it made).
 - `KeyLimits` takes the key's requests- and tokens-per-minute slot.
 - `Structured` validates JSON answers and re-asks with the problem.
 - `route` is the innermost handler: the model's fallback chain.
@@ -16,6 +17,7 @@ and reused on its own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -174,9 +176,11 @@ class KeyBudget(RequestWrapper):
                     yield item
         except BaseException as error:
             cost = getattr(error, "cost_usd", None)
-            if streamed and cost is None and reservation is not None:
-                # The caller left a stream the provider had started answering: it bills what it
-                # generated, which keel cannot see, so the budget keeps the reserved worst case.
+            left = isinstance(error, (asyncio.CancelledError, GeneratorExit))
+            if (streamed or left) and cost is None and reservation is not None:
+                # The provider had started answering a stream, or the caller left (or timed out) while
+                # the request was out: it bills what it generated, which keel cannot see, so the budget
+                # keeps the reserved worst case (releasing it let a key make unbounded upstream calls).
                 cost = reservation.amount
                 call.span.set(keel__cost_estimated=True, keel__cost_usd=cost)
             await self._charge(call, reservation, cost)

@@ -111,7 +111,8 @@ def local_request(r: Presented) -> bool:
         is_loopback(r.client)
         and not r.forwarded
         and is_local_name(r.host)
-        and (r.origin is None or r.origin == "null" or is_local_origin(r.origin))
+        # "null" is not local: a sandboxed iframe or a data: page of any web site sends it
+        and (r.origin is None or is_local_origin(r.origin))
     )
 
 

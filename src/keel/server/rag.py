@@ -175,7 +175,8 @@ def rag_router() -> APIRouter:
             Document(d.id, d.text, title=d.title, source="api", metadata={"source": "api", **d.metadata})
             for d in body.documents
         ]
-        report = await rag.ingest(documents, collection, settings=settings)
+        # embedded under the caller's key: its model scope, limits and attribution (None for the admin key)
+        report = await rag.ingest(documents, collection, settings=settings, key=caller(request).key)
         return {"object": "rag.ingest", **report.to_json()}
 
     @router.delete("/{collection}")

@@ -406,17 +406,21 @@ class Store(ABC):
             cur.execute(sql, [f"{fragment}%", f"%{fragment}", f"{fragment}%", limit])
             return [r[0] for r in cur.fetchall()]
 
-    def stats(self, *, since: float | None = None, operation: str | None = "chat") -> list[StatsRow]:
-        """Calls, error rate, nearest-rank p50/p95 latency, tokens and cost by model and day."""
+    def stats(
+        self, *, since: float | None = None, operation: str | None = "chat", known_models: frozenset[str] | None = None
+    ) -> list[StatsRow]:
+        """Calls, error rate, nearest-rank p50/p95 latency, tokens and cost by model and day. With
+        `known_models`, every other name (one a client made up) is the one row "unknown"."""
         where, params = self._where(SpanFilter(since=since, operation=operation))
+        m = "COALESCE(model, request_model, '?')" if known_models is None else model_expr(known_models)
         sql = f"""
             WITH r AS (
-                SELECT COALESCE(model, request_model, '?') AS m, day, status, duration_ms, input_tokens,
+                SELECT {m} AS m, day, status, duration_ms, input_tokens,
                        output_tokens, cost_usd,
                        ROW_NUMBER() OVER (
-                           PARTITION BY COALESCE(model, request_model, '?'), day ORDER BY duration_ms
+                           PARTITION BY {m}, day ORDER BY duration_ms
                        ) AS rn,
-                       COUNT(*) OVER (PARTITION BY COALESCE(model, request_model, '?'), day) AS n
+                       COUNT(*) OVER (PARTITION BY {m}, day) AS n
                 FROM spans{where}
             )
             SELECT m, day, COUNT(*), SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END),
