@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -64,7 +65,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _stub import NOT_FOUND, OK, StubProtocol  # noqa: E402
+from _stub import OK, StubProtocol  # noqa: E402
 
 HARNESSES = ("keel", "inspect", "promptfoo")
 MODEL = "gpt-4o-mini"
@@ -180,11 +181,12 @@ def cases(n: int) -> list[dict[str, str]]:
 
 def keel_files(work: Path, url: str, rows: list[dict[str, str]], concurrency: int) -> list[str]:
     """keel.toml, the dataset and the suite; the command that runs it."""
+    store = work / "keel.db"
     (work / "keel.toml").write_text(
         f"""default_model = "{MODEL}"
 
 [store]
-url = "{work / 'keel.db'}"
+url = "{store}"
 
 [models.{MODEL}]
 provider = "openai"
@@ -245,8 +247,9 @@ def promptfoo_files(work: Path, url: str, rows: list[dict[str, str]], concurrenc
         "description": "harness-bench",
         "prompts": ["{{question}}"],
         "providers": [{"id": f"openai:chat:{MODEL}", "config": {"apiBaseUrl": url, "apiKey": FAKE_KEY}}],
-        "tests": [{"vars": {"question": r["question"]}, "assert": [{"type": "equals", "value": r["answer"]}]}
-                  for r in rows],  # fmt: skip
+        "tests": [
+            {"vars": {"question": r["question"]}, "assert": [{"type": "equals", "value": r["answer"]}]} for r in rows
+        ],
     }
     (work / "promptfooconfig.yaml").write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
     return ["node", str(promptfoo_bin()), "eval", "-c", str(work / "promptfooconfig.yaml"), "--no-cache",
@@ -345,10 +348,8 @@ def tree_rss(process: Any) -> float:
     except psutil.Error:
         return 0.0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):  # exited between the listing and the read
             total += p.memory_info().rss
-        except psutil.Error:
-            pass  # exited between the listing and the read
     return total / 2**20
 
 
@@ -360,7 +361,7 @@ def measure(name: str, rnd: int, stub: Stub, n: int, latency_ms: float, concurre
     command = files(work, stub.url, cases(n), concurrency)
     env = environment(name, work)
     stub.reset()
-    out, err = open(work / "stdout.txt", "w+"), open(work / "stderr.txt", "w+")
+    out, err = open(work / "stdout.txt", "w+"), open(work / "stderr.txt", "w+")  # noqa: SIM115 - the child writes
     start = time.time()
     proc = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     ps = psutil.Process(proc.pid)
@@ -518,7 +519,8 @@ def main() -> None:
         args.keep.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(f"{args.cases} cases, latency {args.latency_ms:g} ms, concurrency {args.concurrency}, {args.rounds} rounds;"
-          f" {info['date']}, {info['nproc']} CPUs, load {info['load_average']}, git {info['git']}", flush=True)  # fmt: skip
+          f" {info['date']}, {info['nproc']} CPUs, load {info['load_average']}, git {info['git']}",
+          flush=True)  # fmt: skip
     results: list[Result] = []
     stub_process = Stub(args.latency_ms)
     try:
@@ -529,7 +531,8 @@ def main() -> None:
                 results.append(r)
                 print(f"  round {rnd + 1} {name}: wall {r.wall_s:.2f} s, overhead {r.overhead_ms:.2f} ms/case,"
                       f" CPU {r.cpu_ms:.2f} ms/case, peak RSS {r.peak_rss_mb:.0f} MB, calls {r.calls},"
-                      f" max in flight {r.max_in_flight}, passed {r.passed}, exit {r.exit_code}", flush=True)  # fmt: skip
+                      f" max in flight {r.max_in_flight}, passed {r.passed}, exit {r.exit_code}",
+                      flush=True)  # fmt: skip
     finally:
         stub_process.close()
     rows = medians(results)
