@@ -103,6 +103,24 @@ def test_a_failing_task_is_recorded_as_errored() -> None:
         gw.close()
 
 
+def test_a_suite_queue_polls_fast_while_it_runs_and_is_settled_when_it_is_over() -> None:
+    from keel.evals.runner import POLL_S, start_suite
+
+    calls: Counter[str] = Counter()
+    gw = Gateway(models={"fn": _model(calls)})
+    try:
+        # at the jobs default (0.2 s) a worker starts at most `concurrency` cases per poll: 12.5 s for
+        # 1,000 cases at 16 instead of 3.1 s of a 50 ms model
+        handle = start_suite(_suite(repeats=1), gateway=gw, worker=False)
+        queue = handle.runner._dbos().retrieve_queue(f"job:{handle.job}")
+        handle.close()  # not over: the queue keeps its short poll for the run's next worker
+        assert queue is not None and queue.polling_interval_sec == POLL_S < gw.config.jobs.poll_s
+        [run] = run_suite(_suite(repeats=1), gateway=gw)
+        assert run.status == "done" and queue.polling_interval_sec == gw.config.jobs.poll_s
+    finally:
+        gw.close()
+
+
 SUITE_YAML = """\
 name: killed
 dataset: {path: data.jsonl}

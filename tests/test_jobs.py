@@ -124,6 +124,32 @@ def test_bad_submissions_get_a_specific_error(
         runner.submit(name, kind, items)  # type: ignore[arg-type]
 
 
+def test_a_job_queue_of_its_own_polls_at_its_poll_s_until_the_job_is_settled(runner: JobRunner) -> None:
+    # a worker starts items only when it polls: short items want a short poll while their job runs
+    runner.submit("quick", "test.effect", [1, 2, 3], concurrency=2, poll_s=0.01)
+    queue = runner._dbos().retrieve_queue("job:quick")
+    assert queue is not None and queue.polling_interval_sec == 0.01
+    runner.settle("quick")  # still running: left alone
+    assert queue.polling_interval_sec == 0.01
+    with Worker(runner.config, worker_id="settler"):
+        assert runner.wait("quick", timeout=60).status == "done"
+    runner.settle("quick")  # over: back on [jobs] poll_s, which every worker keeps polling
+    assert queue.polling_interval_sec == 0.05
+    runner.submit("shared", "test.effect", [1])
+    runner.settle("shared")  # a shared queue keeps its poll whatever its jobs do
+    assert runner._dbos().retrieve_queue("default").polling_interval_sec == 0.05  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"concurrency": 2, "poll_s": 0}, "poll_s must be in"), ({"concurrency": 2, "poll_s": 61}, "poll_s must be in"),
+     ({"poll_s": 0.01}, "queue of its own")],
+)  # fmt: skip
+def test_a_bad_poll_s_is_refused(runner: JobRunner, options: dict[str, float], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        runner.submit("polled", "test.effect", [1], **options)  # type: ignore[arg-type]
+
+
 def test_unknown_jobs_and_wrong_states_are_refused(runner: JobRunner) -> None:
     for action in (runner.status, runner.cancel, runner.resume, runner.retry_failed):
         with pytest.raises(UnknownJob):

@@ -94,12 +94,12 @@ class JobRunner:
             self._client = DBOSClient(system_database_url=url, application_name=APP_NAME)
         return self._client
 
-    def _queue(self, name: str, limits: JobQueueConfig) -> None:
+    def _queue(self, name: str, limits: JobQueueConfig, poll_s: float | None = None) -> None:
         """Create or update a DBOS queue with these limits (every worker polls every keel queue)."""
         self._dbos().register_queue(
             name, worker_concurrency=limits.worker_concurrency, global_concurrency=limits.concurrency,
             limiter={"limit": limits.rpm, "period": 60.0} if limits.rpm else None,
-            polling_interval_sec=self.config.jobs.poll_s, on_conflict="always_update",
+            polling_interval_sec=poll_s or self.config.jobs.poll_s, on_conflict="always_update",
         )  # fmt: skip
 
     def _enqueue(self, job: JobRow, items: Sequence[ItemRow], *, fresh: bool = True) -> None:
@@ -134,29 +134,42 @@ class JobRunner:
         queue: str | None = None,
         concurrency: int | None = None,
         rpm: int | None = None,
+        poll_s: float | None = None,
     ) -> JobRow:
         """Start job `name`: one item per element of `items` (a mapping's keys become the idempotency keys).
 
         The queue is `queue`, else the kind's, else `[jobs] default_queue`;
         `concurrency` or `rpm` give this job a queue of its own with those
-        limits. Submitting an existing name with the same inputs resumes it;
+        limits, which workers poll every `poll_s` seconds (default `[jobs]
+        poll_s`). Submitting an existing name with the same inputs resumes it;
         with other inputs it is refused (JobConflict).
+
+        A worker starts a queue's items only when it polls, so a queue of C
+        items that each take L seconds runs at most C items per max(L, poll_s):
+        short items (model calls) want a short poll. Call `settle` when the job
+        is over to put its queue back on the default poll.
         """
         check_job_name(name)
+        if poll_s is not None and not (0 < poll_s <= 60):
+            raise InputError(f"poll_s must be in (0, 60] seconds, not {poll_s!r}")
+        if poll_s is not None and concurrency is None and rpm is None:
+            raise InputError("poll_s is for a job with a queue of its own: give concurrency or rpm too")
         handler = get_kind(kind)
         pairs = _keyed(items)
-        queue_name = self._pick_queue(name, queue or handler.queue, concurrency, rpm)
+        queue_name = self._pick_queue(name, queue or handler.queue, concurrency, rpm, poll_s)
         if not records.create_job(self.store, name, kind, queue_name, pairs):
             return self._continue(name)
         job = records.get_job(self.store, name)
         self._enqueue(job, records.list_items(self.store, name))
         return job
 
-    def _pick_queue(self, job: str, queue: str | None, concurrency: int | None, rpm: int | None) -> str:
+    def _pick_queue(
+        self, job: str, queue: str | None, concurrency: int | None, rpm: int | None, poll_s: float | None = None
+    ) -> str:
         jobs = self.config.jobs
         if concurrency is not None or rpm is not None:
             own = f"job:{job}"
-            self._queue(own, JobQueueConfig(concurrency=concurrency, rpm=rpm))
+            self._queue(own, JobQueueConfig(concurrency=concurrency, rpm=rpm), poll_s)
             return own
         name = queue or jobs.default_queue
         limits = jobs.queues.get(name)
@@ -176,6 +189,21 @@ class JobRunner:
             unfinished = records.list_items(self.store, name, status=[records.PENDING, records.ITEM_RUNNING])
             self._enqueue(job, unfinished, fresh=False)
         return job
+
+    def settle(self, name: str) -> None:
+        """Put a job's own queue back on `[jobs] poll_s` once the job is over (done, failed or cancelled).
+
+        Every worker polls every queue for as long as it exists, so the short
+        poll of a job that is over would cost each of them a query every few
+        milliseconds for nothing. A job still running, or on a shared queue, is
+        left alone.
+        """
+        job = records.get_job(self.store, name)
+        if not job.queue.startswith("job:") or not (job.finished or job.status == records.CANCELLED):
+            return
+        found = self._dbos().retrieve_queue(job.queue)
+        if found is not None and found.polling_interval_sec != self.config.jobs.poll_s:
+            found.set_polling_interval_sec(self.config.jobs.poll_s)
 
     def get(self, name: str) -> JobRow:
         return records.get_job(self.store, name)
