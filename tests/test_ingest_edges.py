@@ -116,6 +116,44 @@ def test_a_large_document_reports_chunks_as_they_are_embedded_and_resumes_from_t
     gw.close()
 
 
+class ChunkingRecorder(Recorder):
+    def chunking(self, source: str, done: int, total: int) -> None:
+        self.events.append((f"chunking {source} of {total}", done))
+
+
+def test_a_large_document_reports_its_chunking_before_its_embedding(tmp_path: Path) -> None:
+    gw = gateway(tmp_path, TOML)
+    rag = RAG(gw)
+    path = write_text(tmp_path / "big.txt", 700_000)
+    recorder = ChunkingRecorder()
+    rag.ingest_sync(path, "big", progress=recorder)
+    total = len(path.read_text())
+    chunking = [(i, e, n) for i, (e, n) in enumerate(recorder.events) if e.startswith("chunking")]
+    assert {e for _, e, _ in chunking} == {f"chunking big.txt of {total}"}
+    done = [n for _, _, n in chunking]
+    assert len(done) >= 2 and done == sorted(done) and done[-1] == total  # inside the document, up to its end
+    first_embedded = next(i for i, (e, _) in enumerate(recorder.events) if e == "embedded")
+    assert chunking[-1][0] < first_embedded
+    small = ChunkingRecorder()  # a small document says nothing of its chunking
+    rag.ingest_sync([Document("small", "A short text. Two sentences.")], "small", progress=small)
+    assert not [e for e, _ in small.events if e.startswith("chunking")]
+    rag.close()
+    gw.close()
+
+
+def test_the_progress_line_says_how_far_chunking_went() -> None:
+    from rich.progress import Progress
+
+    from keel.cli.rag import _Bar
+
+    with Progress(disable=True) as progress:
+        bar = _Bar(progress)
+        bar.chunking("docs/big.txt", 1_200_000, 3_000_000)
+        assert progress.tasks[0].description == "chunking docs/big.txt: 1.2/3.0 MB"
+        bar.chunking("docs/big.txt", 3_000_000, 3_000_000)
+        assert progress.tasks[0].description == "ingesting"
+
+
 def test_the_first_ctrl_c_stops_an_ingest_cleanly(tmp_path: Path) -> None:
     corpus = write_text(tmp_path / "big.txt", 3_000_000)
     env = {**os.environ, "KEEL_CONFIG": str(write_config(tmp_path, TOML)), "KEEL_STORE": str(tmp_path / "k.db")}

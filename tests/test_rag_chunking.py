@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel.models.onnx import minilm_paths
+from keel.rag import chunking
 from keel.rag.chunking import ChunkSettings, chunk_document
 from keel.rag.documents import Document, load_file, markdown_sections
+from keel.rag.sentences import sentence_spans
 from keel.rag.tokenize import BpeTokens, TokenCounter, WordPieceTokens
 from rag_files import MARKDOWN
 
@@ -149,3 +152,70 @@ def test_settings_are_validated() -> None:
         ChunkSettings(size=4)
     with pytest.raises(ValueError):
         ChunkSettings(strategy="paragraphs")  # type: ignore[arg-type]
+
+
+def long_text(paragraphs: int, seed: int = 8) -> str:
+    """Prose with abbreviations, decimals, repeated sentences and single newlines inside paragraphs."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(paragraphs):
+        sentences = [
+            " ".join(rng.choice(WORDS.split()) for _ in range(rng.randint(3, 30))).capitalize() + rng.choice(".?!")
+            for _ in range(rng.randint(1, 12))
+        ]
+        out.append(rng.choice((" ", "\n", "  ")).join(sentences))
+    return rng.choice(("\n\n", "\n \n", "\n\n\n")).join(out)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_chunking_reports_its_progress_in_characters(strategy: str, wordpiece: TokenCounter) -> None:
+    text = long_text(40)
+    positions: list[int] = []
+    chunk_document(Document("doc", text), ChunkSettings(strategy=strategy, size=64), wordpiece, positions.append)
+    assert positions == sorted(positions) and positions[-1] == len(text)
+    # inside the document, not only at its end (token windows are one fast tokenizer call)
+    assert len(positions) > (0 if strategy == "tokens" else 20)
+    assert all(0 <= p <= len(text) for p in positions)
+
+
+def pysbd_sentence_spans(text: str) -> list[tuple[int, int]]:
+    """The spans as keel found them before it called pysbd's processor itself: through `Segmenter.segment`,
+    which locates every sentence with a regex compiled for it and run from the start of the paragraph."""
+    import pysbd
+
+    segmenter = pysbd.Segmenter(language="en", clean=False, char_span=False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for paragraph in re.split(r"\n\s*\n", text):
+        found = text.find(paragraph, cursor) if paragraph else -1
+        if found < 0 or not paragraph.strip():
+            continue
+        end, inner = found + len(paragraph), []
+        for sentence in segmenter.segment(paragraph):
+            piece = sentence.strip()
+            at = text.find(piece, inner[-1][1] if inner else found, end) if piece else -1
+            if at >= 0:
+                inner.append((at, at + len(piece)))
+        if not inner:
+            lead = len(paragraph) - len(paragraph.lstrip())
+            inner.append((found + lead, found + len(paragraph.rstrip())))
+        spans.extend(inner)
+        cursor = end
+    return spans
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_faster_sentence_splitting_gives_the_same_sentences_and_chunks(
+    seed: int, wordpiece: TokenCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = long_text(30, seed) + "\n\nYes. Yes. Yes.\n\nDr. Smith et al. found 3.5 mg/kg. It held in the U.S. too."
+    assert sentence_spans(text) == pysbd_sentence_spans(text)
+    document = Document("doc", text)
+    after = {s: chunk_document(document, ChunkSettings(strategy=s, size=48), wordpiece) for s in STRATEGIES}
+    monkeypatch.setattr(chunking, "sentence_spans", lambda text, start, end, progress=None: [
+        (a + start, b + start) for a, b in pysbd_sentence_spans(text[start:end])
+    ])  # fmt: skip
+    before = {s: chunk_document(document, ChunkSettings(strategy=s, size=48), wordpiece) for s in STRATEGIES}
+    assert after == before and len(after["sentences"]) > 20

@@ -39,7 +39,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 class _Bar:
     """Ingest progress as a rich progress bar: documents written, and chunks embedded so far (a large document
-    is written whole at its end, but its chunks count up while they are embedded)."""
+    is written whole at its end, but its chunks count up while they are embedded); while a large document is
+    cut into chunks, the description says how far ("chunking big.txt: 1.2/3.0 MB")."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -55,6 +56,12 @@ class _Bar:
 
     def advanced(self, documents: int, chunks: int) -> None:
         self.progress.update(self.task, advance=documents)
+
+    def chunking(self, source: str, done: int, total: int) -> None:
+        """Called from the reading thread (rich's Progress takes a lock)."""
+        name = source if len(source) <= 30 else "…" + source[-29:]
+        description = "ingesting" if done >= total else f"chunking {name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB"
+        self.progress.update(self.task, description=escape(description))
 
 
 def _run_interruptibly(gw: Gateway, work: Coroutine[Any, Any, T]) -> T:

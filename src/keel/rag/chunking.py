@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keel.rag.documents import Document, Section
-from keel.rag.sentences import sentence_spans
+from keel.rag.sentences import Progress, sentence_spans
 from keel.rag.tokenize import TokenCounter
 
 __all__ = ["Chunk", "ChunkSettings", "chunk_document"]
@@ -69,16 +69,23 @@ class Chunk:
 Span = tuple[int, int, int]  # (start, end, tokens)
 
 
-def chunk_document(document: Document, settings: ChunkSettings, tokens: TokenCounter) -> list[Chunk]:
-    """The chunks of one document, in order."""
+def chunk_document(
+    document: Document, settings: ChunkSettings, tokens: TokenCounter, progress: Progress | None = None
+) -> list[Chunk]:
+    """The chunks of one document, in order.
+
+    `progress`, if given, is called with increasing offsets of the text as it is cut (after each paragraph:
+    sentence splitting takes most of the time of a large document), the last call with the text's length."""
     text = document.text
     if settings.strategy == "tokens":
         spans = _windows(text, 0, len(text), settings.size, settings.overlap, tokens)
     elif settings.strategy == "sentences":
-        units = _sentence_units(text, 0, len(text), settings.size, tokens)
+        units = _sentence_units(text, 0, len(text), settings.size, tokens, progress)
         spans = _pack(units, settings.size, settings.overlap, _measure(text, tokens))
     else:
-        spans = _structure(document, settings, tokens)
+        spans = _structure(document, settings, tokens, progress)
+    if progress is not None:
+        progress(len(text))
     headings = _Headings(document)
     chunks: list[Chunk] = []
     for start, end, count in spans:
@@ -157,10 +164,12 @@ def _pack(units: Sequence[Span], size: int, overlap: int, measure: Callable[[int
     return chunks
 
 
-def _sentence_units(text: str, start: int, end: int, size: int, tokens: TokenCounter) -> list[Span]:
+def _sentence_units(
+    text: str, start: int, end: int, size: int, tokens: TokenCounter, progress: Progress | None = None
+) -> list[Span]:
     """Sentences as packing units; a sentence longer than `size` becomes token windows."""
     units: list[Span] = []
-    for a, b in sentence_spans(text, start, end):
+    for a, b in sentence_spans(text, start, end, progress):
         count = tokens.count(text[a:b])
         units.extend(_windows(text, a, b, size, 0, tokens) if count > size else [(a, b, count)])
     return units
@@ -187,7 +196,9 @@ def _paragraphs(text: str, start: int, end: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in spans if text[a:b].strip()]
 
 
-def _structure(document: Document, settings: ChunkSettings, tokens: TokenCounter) -> list[Span]:
+def _structure(
+    document: Document, settings: ChunkSettings, tokens: TokenCounter, progress: Progress | None
+) -> list[Span]:
     text = document.text
     measure = _measure(text, tokens)
     spans: list[Span] = []
@@ -201,6 +212,8 @@ def _structure(document: Document, settings: ChunkSettings, tokens: TokenCounter
             # a long paragraph: its sentences, packed with overlap, become units of their own
             sentences = _sentence_units(text, a, b, settings.size, tokens)
             units.extend(_pack(sentences, settings.size, settings.overlap, measure))
+            if progress is not None:
+                progress(b)
         spans.extend(_pack(units, settings.size, 0, measure))
     return spans
 

@@ -54,11 +54,14 @@ T = TypeVar("T")
 log = logging.getLogger("keel.rag")
 
 WRITE_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # seconds between attempts of a failed write
+CHUNKING_REPORT_CHARS = 256_000  # a document at least this long reports its chunking, about this often
 
 
 class IngestProgress(Protocol):
     """What an ingest reports as it goes. It may also have `embedded(chunks)`, called after each embedding batch,
-    so that a large document (thousands of chunks) shows progress before it is written whole."""
+    so that a large document (thousands of chunks) shows progress before it is written whole, and
+    `chunking(source, done, total)`, called from the reading thread with the characters of a large document cut
+    so far (chunking a 3 MB text takes seconds, most of them in sentence splitting)."""
 
     def started(self, total: int | None) -> None: ...
 
@@ -187,9 +190,16 @@ class _Reader:
     """Pulls documents from a source and chunks the new or changed ones (runs in a worker thread)."""
 
     def __init__(
-        self, source: Source, hashes: dict[str, str], settings: ChunkSettings, tokens: TokenCounter, batch: int
+        self,
+        source: Source,
+        hashes: dict[str, str],
+        settings: ChunkSettings,
+        tokens: TokenCounter,
+        batch: int,
+        progress: IngestProgress | None = None,
     ) -> None:
         self.iterator = source.documents()
+        self.report_chunking: Callable[[str, int, int], None] | None = getattr(progress, "chunking", None)
         self.hashes = hashes
         self.settings = settings
         self.tokens = tokens
@@ -222,7 +232,7 @@ class _Reader:
                 if prepared.unchanged >= 4 * self.batch:
                     return prepared
                 continue
-            pieces = chunk_document(document, self.settings, self.tokens)
+            pieces = chunk_document(document, self.settings, self.tokens, self._chunking_progress(document))
             if not pieces:
                 prepared.problems.append(Problem(document.source, f"document {document.doc_id!r} has no text to index"))
                 continue
@@ -232,6 +242,22 @@ class _Reader:
                 return prepared
         self.done = True
         return prepared
+
+    def _chunking_progress(self, document: Document) -> Callable[[int], None] | None:
+        """What reports a large document's chunking, every CHUNKING_REPORT_CHARS characters and at its end."""
+        report, total = self.report_chunking, len(document.text)
+        if report is None or total < CHUNKING_REPORT_CHARS:
+            return None
+        name = document.source or document.doc_id
+        last = 0
+
+        def reached(done: int) -> None:
+            nonlocal last
+            if done - last >= CHUNKING_REPORT_CHARS or (done == total and last < total):
+                last = done
+                report(name, done, total)
+
+        return reached
 
 
 async def run_ingest(
@@ -252,7 +278,7 @@ async def run_ingest(
     started = time.perf_counter()
     embedder = embedder.with_store_call(partial(store_call_with_retries, index))
     hashes = await store_call_with_retries(index, index.document_hashes, info.collection_id)
-    reader = _Reader(source, hashes, settings, tokens, batch)
+    reader = _Reader(source, hashes, settings, tokens, batch, progress)
     if progress is not None:
         progress.started(source.total)
     to_embed: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=2)
