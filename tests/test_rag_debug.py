@@ -347,3 +347,24 @@ def test_a_rag_eval_end_to_end_retrieves_once_and_is_debugged(rag_gateway: Gatew
     record_diagnoses(store, diagnose_run(run))
     debug = [s for s in store.get_trace(by_case["not-ingested"].trace_id or "") if s.name == "rag.debug"]
     assert [s.attributes[CLASS_ATTRIBUTE] for s in debug] == [RETRIEVAL_MISS]
+
+
+def test_each_quote_of_an_extractive_answer_is_a_citation_of_its_own(rag_gateway: Gateway) -> None:
+    rag = RAG(rag_gateway)
+    text = "Tides are caused mostly by the pull of the moon. Tides are also caused by the pull of the sun."
+    rag.ingest_sync([Document("tides", text, title="Tides"), *[Document(i, t, title=n) for i, n, t in FACTS[:3]]],
+                    "sea")  # fmt: skip
+    rag.close()
+    suite = Suite.from_spec({
+        "name": "quotes", "dataset": {"rows": [{"q": "What causes tides, the moon or the sun?", "g": ["tides"],
+                                                "s": ["Tides are also caused by the pull of the sun."]}],
+                                      "columns": {"input": "q", "gold_docs": "g", "gold_spans": "s"}},
+        "task": {"model": "fn", "rag": {"collection": "sea", "top_k": 4, "mode": "extractive"}},
+        "scorers": [{"type": "citation"}],
+    })  # fmt: skip
+    [run] = run_suite(suite, gateway=rag_gateway)
+    [c] = run.cases
+    quotes = [q["quote"] for q in c.details["citations"]]
+    assert c.details["answer_kind"] == "extractive" and len(quotes) == len(c.details["sentences"]) >= 2
+    assert "Tides are also caused by the pull of the sun." in quotes
+    assert c.scores["citation_recall"] == 1.0

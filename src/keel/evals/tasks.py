@@ -154,17 +154,30 @@ def rag_details(answer: Answer, case: Case, rag: RAG, top_k: int, budget: int | 
         "answer_kind": answer.kind,
         "support": answer.support,
         "reason": answer.reason or None,
-        "citations": [
-            {"n": c.n, "doc_id": c.hit.chunk.doc_id, "chunk_id": c.hit.chunk.chunk_id,
-             "quote": c.quote.text if c.quote else c.hit.chunk.text}
-            for c in answer.citations
-        ],
+        "citations": _citations(answer),
         "sentences": [{"text": s.text, "supported": s.supported, "support": round(s.score, 4),
                        "citations": s.citations, "reason": s.reason or None} for s in answer.sentences],
         "generated_text": answer.generated_text,
         "settings": {"top_k": top_k, "context_tokens": budget or config.context_tokens,
                      "min_support": config.min_support, "grounding_threshold": config.grounding_threshold},
     }  # fmt: skip
+
+
+def _citations(answer: Answer) -> list[dict[str, Any]]:
+    """What the answer cites, with the quoted text: one entry per citation, whose quote is the source
+    sentence that best supports it; an extractive answer quotes several sentences of one source, and
+    each is a citation of its own (else only the first quote of a source would be scored)."""
+    by_n = {c.n: c for c in answer.citations}
+    if answer.kind == "extractive":
+        return [
+            {"n": n, "doc_id": by_n[n].hit.chunk.doc_id, "chunk_id": by_n[n].hit.chunk.chunk_id, "quote": s.text}
+            for s in answer.sentences for n in s.citations if n in by_n
+        ]  # fmt: skip
+    return [
+        {"n": c.n, "doc_id": c.hit.chunk.doc_id, "chunk_id": c.hit.chunk.chunk_id,
+         "quote": c.quote.text if c.quote else c.hit.chunk.text}
+        for c in answer.citations
+    ]  # fmt: skip
 
 
 async def _function(suite: Suite, case: Case, variant: Variant) -> TaskOutput:
