@@ -11,10 +11,12 @@ Writes, next to this script, in `scifact/`:
 Every SciFact claim has evidence in the full corpus, so to exercise abstention a share of the claims
 (`--unanswerable`, default a quarter) is made unanswerable by leaving their gold documents OUT of the
 sample: those cases get `answerable: false` and no gold documents (their original ones are kept in
-`withheld_docs`, for reading). The sample holds the gold documents of the answerable claims plus random
-distractors. Unanswerable cases are spread through the file (every 4th case), so `--limit N` on the
-suite still exercises abstention. All of this is a property of the data files: the evaluation library
-reads generic columns (question, gold documents, gold spans, answerable) and knows nothing of SciFact.
+`withheld_docs`, for reading). The sample holds the gold documents of the answerable claims, hard
+distractors (for each claim, the `--hard` documents sharing most of its words: they compete with the
+gold for the top ranks and the context budget) and random ones. Unanswerable cases are spread through
+the file (every 4th case), so `--limit N` on the suite still exercises abstention. All of this is
+a property of the data files: the evaluation library reads generic columns (question, gold
+documents, gold spans, answerable) and knows nothing of SciFact.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import csv
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +61,12 @@ def _evidence(data: Path) -> dict[str, tuple[list[str], str]]:
     return out
 
 
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 3}
+
+
 def build(
-    data: Path, claims: int, docs: int, unanswerable_share: float, seed: int
+    data: Path, claims: int, docs: int, unanswerable_share: float, seed: int, hard_per_claim: int = 3
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rng = random.Random(seed)
     queries = {q["_id"]: q["text"] for q in _jsonl(data / "queries.jsonl")}
@@ -80,7 +87,16 @@ def build(
         withheld_docs = {d for q in withheld_ids for d in qrels[q]}
     corpus = _jsonl(data / "corpus.jsonl")
     distractors = [d for d in corpus if d["_id"] not in needed and d["_id"] not in withheld_docs]
-    sample_ids = needed | {d["_id"] for d in rng.sample(distractors, max(0, min(docs - len(needed), len(distractors))))}
+    # hard distractors first: for every claim, the documents sharing most of its words (they compete with
+    # the gold for the top ranks and the context budget); then random ones up to `docs`
+    hard: set[str] = set()
+    for q in chosen:
+        words = _words(queries[q])
+        ranked = sorted(distractors, key=lambda d: -len(words & _words(d.get("title", "") + " " + d["text"])))
+        hard.update(d["_id"] for d in ranked[:hard_per_claim])
+    rest = [d for d in distractors if d["_id"] not in hard]
+    room = max(0, min(docs - len(needed) - len(hard), len(rest)))
+    sample_ids = needed | hard | {d["_id"] for d in rng.sample(rest, room)}
     sample = [
         {"_id": d["_id"], "title": d.get("title", ""), "text": d["text"]} for d in corpus if d["_id"] in sample_ids
     ]
@@ -116,9 +132,10 @@ def main() -> None:
     parser.add_argument("--claims", type=int, default=60, help="claims to sample (cases)")
     parser.add_argument("--docs", type=int, default=240, help="documents in the ingested sample (gold + distractors)")
     parser.add_argument("--unanswerable", type=float, default=0.25, help="share of claims whose gold is left out")
+    parser.add_argument("--hard", type=int, default=3, help="hard distractors per claim (most shared words)")
     parser.add_argument("--seed", type=int, default=19)
     args = parser.parse_args()
-    cases, sample = build(args.data, args.claims, args.docs, args.unanswerable, args.seed)
+    cases, sample = build(args.data, args.claims, args.docs, args.unanswerable, args.seed, args.hard)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("cases.jsonl", cases), ("corpus_sample.jsonl", sample)):
         with (args.out / name).open("w", encoding="utf-8") as handle:

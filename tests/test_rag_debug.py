@@ -368,3 +368,29 @@ def test_each_quote_of_an_extractive_answer_is_a_citation_of_its_own(rag_gateway
     assert c.details["answer_kind"] == "extractive" and len(quotes) == len(c.details["sentences"]) >= 2
     assert "Tides are also caused by the pull of the sun." in quotes
     assert c.scores["citation_recall"] == 1.0
+
+
+def failed(d: dict[str, Any]) -> CaseResult:
+    """A case that missed only its citation recall."""
+    return CaseResult("c", scores=GOOD | {"citation_recall": 0.0}, passed=False, details=d)
+
+
+def test_gold_in_context_is_measured_on_the_spans_and_against_the_citation_recall_threshold() -> None:
+    spans = ("Carvedilol does not improve heart failure outcomes.", "Beta blockers were well tolerated by children.",
+             "The trial stopped early for futility.")  # fmt: skip
+    # the gold document's first chunk is in the context, its evidence sentences (a later chunk) are not
+    first_chunk = details([hit("g", 1, True), hit("g", 2, False)], spans=spans, context=("Background of the trial.",))
+    diagnosis = diagnose_case(failed(first_chunk), THRESHOLDS | {"citation_recall": 0.5})
+    assert diagnosis is not None and diagnosis.label == RANKING_LOSS
+    assert diagnosis.evidence["gold_in_context_share"] == 0.0
+    # one of three spans given, the run asks for half of them cited: even a perfect answer fails
+    one = details([hit("g", 1, True)], spans=spans, context=(spans[0] + " Other text here.",))
+    found = diagnose_case(failed(one), THRESHOLDS | {"citation_recall": 0.5})
+    assert found is not None and found.label == RANKING_LOSS and "< the citation_recall threshold 0.5" in found.rule
+    # two of three given (one as a close paraphrase): the generator had enough, and missed it
+    two = details([hit("g", 1, True)], spans=spans,
+                  context=(spans[0] + " Beta blockers were well tolerated in children.",))  # fmt: skip
+    anything = diagnose_case(failed(two), {"citation_precision": 0.5})  # no recall threshold: any gold is enough
+    assert anything is not None and anything.label == WRONG_WITH_GOLD
+    missed = diagnose_case(failed(two), THRESHOLDS | {"citation_recall": 0.5})
+    assert missed is not None and missed.label == WRONG_WITH_GOLD and missed.evidence["gold_spans_in_context"] == 2

@@ -13,9 +13,14 @@ abstained although the case is answerable, or answered although the case is unan
 **Gold evidence.** A case's gold is its gold documents; a gold document is *retrieved* when one of
 its chunks is in the recorded retrieval (the task's `top_k`), *cut by rerank* when the reranker
 scored it but placed it below `top_k`, and *in context* when one of its chunks was given to the
-generator (the context packed within the `context_tokens` budget). A case with gold spans but no gold
-documents counts a gold span found in the context's text as gold in context (and, without document
-ids, cannot tell a retrieval miss from a ranking loss: it is called a retrieval miss).
+generator (the context packed within the `context_tokens` budget). *Gold in context* is measured on
+the gold spans when the case has some (a span is in the context when its text is, or when it matches a
+context sentence as the citation scorer matches quotes): a gold document's first chunk can be in the
+context while its evidence sentence, in a later chunk, is not. Without spans it is the gold documents
+with a chunk in the context. *Enough* gold is in the context when its share reaches the run's threshold
+on `citation_recall` (when it has one; else any gold): less, and even a perfect answer could not pass.
+A case with gold spans but no gold document ids cannot tell a retrieval miss from a ranking loss: with
+no gold span in the context, it is called a retrieval miss.
 
 **Rules**, in order, first match wins; upstream causes come first, because fixing them changes what
 happens downstream:
@@ -28,13 +33,13 @@ happens downstream:
 5. `wrong abstention`: the answer abstained, and gold was in the context, or the engine abstained
    before building a context (the closest chunk's support below `min_support`) although gold was
    retrieved.
-6. `ranking loss`: gold was retrieved (or cut by rerank) but none of it reached the context: the
-   reranker cut it or the context budget left it out.
+6. `ranking loss`: gold was retrieved (or cut by rerank) but not enough of it reached the context:
+   the reranker cut it or the context budget left it out.
 7. `unfaithful generation`: some answer sentence is not supported by the context it cites (the
    engine's check at `grounding_threshold`), and the share of supported sentences is below the run's
    threshold on the faithfulness metric (any unsupported sentence when the run has no such threshold).
-8. `wrong despite gold context`: gold was in the context and the answer is supported by it, but the
-   case still failed (its citations, match or judge metrics missed their thresholds).
+8. `wrong despite gold context`: enough gold was in the context and the answer is supported by it,
+   but the case still failed (its citations, match or judge metrics missed their thresholds).
 9. `other`: none of the above (a failing case with no gold to locate and a supported answer).
 
 Each diagnosis carries its evidence: gold ranks and scores, whether each gold chunk was in the context,
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -57,7 +63,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from keel.evals.results import CaseResult, RunResult
-from keel.evals.scorers import normalize_text
+from keel.evals.scorers import _span_match, normalize_text
 from keel.store.base import Store
 from keel.store.migrations import Migration
 from keel.trace import Span
@@ -183,7 +189,13 @@ def _gold_evidence(details: Mapping[str, Any]) -> dict[str, Any]:
     cut = [h for h in details.get("cut_by_rerank") or () if str(h.get("doc_id")) in gold]
     spans = [str(s) for s in details.get("gold_spans") or ()]
     context = normalize_text(" ".join(str(c) for c in details.get("context") or ()))
-    spans_in_context = [s for s in spans if normalize_text(s) and normalize_text(s) in context]
+    parts = [t for c in details.get("context") or () for t in re.split(r"(?<=[.!?])\s+", str(c))]
+    sentences = [t for t in parts if len(t.split()) >= 4]  # a short fragment "matches" inside any span
+    spans_in_context = [
+        s for s in spans
+        if (normalize_text(s) and normalize_text(s) in context) or any(_span_match(t, s) for t in sentences)
+    ]  # fmt: skip
+    in_context_docs = {str(h.get("doc_id")) for h in hits if h.get("in_context")}
     return {
         "gold_docs": sorted(gold),
         "gold_hits": [
@@ -198,6 +210,11 @@ def _gold_evidence(details: Mapping[str, Any]) -> dict[str, Any]:
         "cut_by_rerank": [{"doc_id": h.get("doc_id"), "rank": h.get("rank"), "rerank": h.get("rerank")} for h in cut],
         "gold_spans": len(spans),
         "gold_spans_in_context": len(spans_in_context),
+        # the share of the gold evidence the generator was given: of the gold spans when there are some
+        # (a gold document's chunk can be in the context without its evidence sentence), else of the documents
+        "gold_in_context_share": (len(spans_in_context) / len(spans))
+        if spans
+        else (len(in_context_docs) / len(gold) if gold else 0.0),
         "retrieved": len(retrieved),
         "in_context": sum(bool(h.get("in_context")) for h in retrieved),
     }
@@ -239,7 +256,15 @@ def _faithfulness_limit(thresholds: Mapping[str, float], metric: str) -> float |
     return next((v for k, v in thresholds.items() if k.endswith(f".{metric}") or k.endswith(metric)), None)
 
 
-def _classify(case: CaseResult, ev: Mapping[str, Any], limit: float | None) -> tuple[str, str]:
+def _enough_gold(thresholds: Mapping[str, float], metric: str) -> float | None:
+    """The run's threshold on citation recall: a context holding less of the gold evidence than that
+    could not pass even with a perfect answer."""
+    return _faithfulness_limit(thresholds, metric)
+
+
+def _classify(
+    case: CaseResult, ev: Mapping[str, Any], limit: float | None, needed: float | None = None
+) -> tuple[str, str]:
     """(class, the rule with this case's numbers): the module docstring's rules, in order."""
     details = case.details
     if case.error is not None:
@@ -251,7 +276,9 @@ def _classify(case: CaseResult, ev: Mapping[str, Any], limit: float | None) -> t
         return OTHER, f"abstained rightly on an unanswerable case; failed metrics: {sorted(ev['failed_metrics'])}"
     has_docs, has_spans = bool(ev["gold_docs"]), ev["gold_spans"] > 0
     retrieved = bool(ev["gold_hits"]) or bool(ev["cut_by_rerank"])
-    in_context = any(h["in_context"] for h in ev["gold_hits"]) or ev["gold_spans_in_context"] > 0
+    share = ev["gold_in_context_share"]
+    in_context = share > 0
+    enough = share >= needed if needed else in_context
     if has_docs and not retrieved:
         return RETRIEVAL_MISS, f"none of the {len(ev['gold_docs'])} gold documents in the top {ev['retrieved']}"
     if not has_docs and has_spans and not in_context:
@@ -260,14 +287,19 @@ def _classify(case: CaseResult, ev: Mapping[str, Any], limit: float | None) -> t
     if abstained and (in_context or (no_context and retrieved)):
         where = "gold was in the context" if in_context else f"gold was retrieved ({_ranks(ev)}), but {ev['reason']}"
         return WRONG_ABSTENTION, f"abstained although {where}"
-    if retrieved and not in_context:
+    if retrieved and not enough:
         cut = "cut by rerank" if not ev["gold_hits"] else "left out of the context budget"
-        return RANKING_LOSS, f"gold retrieved ({_ranks(ev)}) but {cut}: {ev['in_context']} chunks in context"
-    share = ev["supported_share"]
-    if ev["unsupported_sentences"] and share is not None and (limit is None or share < limit):
+        given = f"{share:.0%} of the gold evidence in context" + (f" (< the citation_recall threshold {needed:g})"
+                                                                   if needed and in_context else "")  # fmt: skip
+        return RANKING_LOSS, f"gold retrieved ({_ranks(ev)}) but {cut}: {given}, {ev['in_context']} chunks in context"
+    supported = ev["supported_share"]
+    if ev["unsupported_sentences"] and supported is not None and (limit is None or supported < limit):
         below = "" if limit is None else f" < the run's threshold {limit:g}"
         n = len(ev["unsupported_sentences"])
-        return UNFAITHFUL, f"{n} answer sentence(s) not supported by the context (supported share {share:.2f}{below})"
+        return (
+            UNFAITHFUL,
+            f"{n} answer sentence(s) not supported by the context (supported share {supported:.2f}{below})",
+        )
     if in_context:
         return WRONG_WITH_GOLD, f"gold in context, answer supported, but failed: {sorted(ev['failed_metrics'])}"
     return OTHER, f"no gold evidence to locate; failed metrics: {sorted(ev['failed_metrics'])}"
@@ -286,7 +318,8 @@ def diagnose_case(
     if not is_failing(case):
         return None
     evidence = _evidence(case, thresholds)
-    label, rule = _classify(case, evidence, _faithfulness_limit(thresholds, faithfulness_metric))
+    label, rule = _classify(case, evidence, _faithfulness_limit(thresholds, faithfulness_metric),
+                            _enough_gold(thresholds, "citation_recall"))  # fmt: skip
     return CaseDiagnosis(case.case_id, case.repeat, label, rule, evidence, case.trace_id)
 
 
