@@ -227,6 +227,7 @@ def test_the_class_is_stored_and_written_once_into_the_cases_trace(tmp_path: Pat
         assert load_diagnoses(store, "rag-run") == {("miss", 0): RETRIEVAL_MISS}
         [debug] = [s for s in store.get_trace(trace_id) if s.name == "rag.debug"]
         assert debug.parent_id == "a" * 16 and debug.attributes[CLASS_ATTRIBUTE] == RETRIEVAL_MISS
+        assert debug.start_time == debug.end_time == 2.0  # at the case's end: the trace keeps its duration
         assert debug.output["evidence"]["gold_docs"] == ["g"]
         assert record_diagnoses(store, diagnose_run(run)) == 0  # the same diagnosis again: no second span
         assert len([s for s in store.get_trace(trace_id) if s.name == "rag.debug"]) == 1
@@ -238,7 +239,7 @@ def test_the_dashboard_trace_view_shows_the_class() -> None:
     script = (Path(__file__).resolve().parents[1] / "src/keel/server/static/app.js").read_text()
     head = script[script.index("function renderTraceHead") : script.index("function renderWaterfall")]
     assert "ragDebugStat(trace.spans, stat)" in head and '"keel.rag.debug.class"' in head
-    assert 'stat("RAG debug"' in head
+    assert 'stat("RAG debug"' in head and '"keel.rag.debug.at"' in head
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------------

@@ -356,9 +356,11 @@ def _debug_span(store: Store, run_id: str, diagnosis: CaseDiagnosis) -> Span | N
     if not spans or any(s.span_id == span_id for s in spans):
         return None
     root = next((s for s in spans if s.parent_id is None), spans[0])
-    now = time.time()
-    span = Span(diagnosis.trace_id, span_id, root.span_id, "rag.debug", now, now)
+    # an instant at the end of the case, not at debug time: the trace's duration stays the case's own
+    end = max(s.end_time for s in spans)
+    span = Span(diagnosis.trace_id, span_id, root.span_id, "rag.debug", end, end)
     span.set(gen_ai__operation__name="rag.debug", keel__eval__run=run_id, keel__eval__case=diagnosis.case_id)
+    span.attributes["keel.rag.debug.at"] = time.time()  # which diagnosis is newest (the dashboard shows it)
     span.attributes[CLASS_ATTRIBUTE] = diagnosis.label
     span.attributes["keel.rag.debug.rule"] = diagnosis.rule
     span.output = {"class": diagnosis.label, "rule": diagnosis.rule, "evidence": dict(diagnosis.evidence)}

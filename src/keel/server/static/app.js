@@ -850,7 +850,8 @@
   function ragDebugStat(spans, stat) {
     const labelled = spans.filter((sp) => sp.attributes && sp.attributes["keel.rag.debug.class"]);
     if (!labelled.length) return null;
-    const newest = labelled.reduce((a, b) => (b.start_time >= a.start_time ? b : a));
+    const at = (sp) => sp.attributes["keel.rag.debug.at"] || sp.start_time;
+    const newest = labelled.reduce((a, b) => (at(b) >= at(a) ? b : a));
     const item = stat("RAG debug", newest.attributes["keel.rag.debug.class"]);
     item.classList.add("rag-debug");
     item.title = newest.attributes["keel.rag.debug.rule"] || "";
