@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from helpers import gateway
 from keel import FunctionModel, Gateway
 from keel.cli.app import app
+from keel.errors import InputError
 from keel.evals import Suite, run_suite, storage
 from keel.evals.dataset import Case, DatasetError, cases_from_rows
 from keel.evals.rag_debug import (
@@ -395,3 +396,18 @@ def test_gold_in_context_is_measured_on_the_spans_and_against_the_citation_recal
     assert anything is not None and anything.label == WRONG_WITH_GOLD
     missed = diagnose_case(failed(two), THRESHOLDS | {"citation_recall": 0.5})
     assert missed is not None and missed.label == WRONG_WITH_GOLD and missed.evidence["gold_spans_in_context"] == 2
+
+
+def test_a_suite_ingests_its_collection_first_and_names_a_missing_file(rag_gateway: Gateway, tmp_path: Path) -> None:
+    docs = tmp_path / "facts.jsonl"
+    docs.write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n" for i, t, x in FACTS))
+    spec = {
+        "name": "ingesting", "dataset": {"rows": ROWS[:1], "columns": {"input": "q", "gold_docs": "gold"}},
+        "task": {"model": "fn", "rag": {"collection": "own", "top_k": 4, "ingest": "facts.jsonl"}},
+        "scorers": [{"type": "retrieval", "k": 4}],
+    }  # fmt: skip
+    [run] = run_suite(Suite.from_spec(spec, base_dir=tmp_path), gateway=rag_gateway)
+    assert run.cases[0].scores["recall@4"] == 1.0 and run.cases[0].details["retrieved"][0]["doc_id"] == "cats"
+    spec["task"]["rag"]["ingest"] = "missing.jsonl"  # type: ignore[index]
+    with pytest.raises(InputError, match=r"task.rag.ingest: .*missing.jsonl does not exist"):
+        run_suite(Suite.from_spec(spec, base_dir=tmp_path), gateway=rag_gateway)
