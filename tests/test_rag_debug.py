@@ -180,6 +180,9 @@ def test_the_answerable_column_is_a_flag_and_a_bad_value_is_named() -> None:
     cases = cases_from_rows(rows, {"input": "q", "answerable": "ok"}, source="d.csv")
     assert [c.answerable for c in cases] == [False, True, None]
     assert Case.from_json(cases[0].to_json()).answerable is False and "answerable" not in cases[2].to_json()
+    inverted = cases_from_rows([{"q": "a", "is_impossible": True}, {"q": "b", "is_impossible": "false"}],
+                               {"input": "q", "unanswerable": "is_impossible"}, source="squad.jsonl")  # fmt: skip
+    assert [c.answerable for c in inverted] == [False, True]
     with pytest.raises(DatasetError, match=r"d.csv: row 1, column 'ok': 'maybe' is not a yes/no flag"):
         cases_from_rows([{"q": "a", "ok": "maybe"}], {"input": "q", "answerable": "ok"}, source="d.csv")
 

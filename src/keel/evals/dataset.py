@@ -23,7 +23,7 @@ from keel.errors import InputError
 __all__ = ["Case", "DatasetError", "cases_from_rows", "load_rows"]
 
 #: The roles a dataset column can play; only `input` is required.
-ROLES = ("id", "input", "expected", "gold_docs", "gold_spans", "tags", "answerable")
+ROLES = ("id", "input", "expected", "gold_docs", "gold_spans", "tags", "answerable", "unanswerable")
 
 _TRUE = ("true", "yes", "y", "1", "answerable")
 _FALSE = ("false", "no", "n", "0", "unanswerable")
@@ -145,6 +145,10 @@ def cases_from_rows(
             raise DatasetError(f"{source}: row {number}: case id {case_id!r} appears twice; ids must be unique")
         seen.add(case_id)
         answerable = _as_flag(row.get(names["answerable"]), f"{source}: row {number}, column {names['answerable']!r}")
+        if answerable is None and "unanswerable" in columns:  # the inverted flag (SQuAD 2.0's is_impossible)
+            where = f"{source}: row {number}, column {names['unanswerable']!r}"
+            flag = _as_flag(row.get(names["unanswerable"]), where)
+            answerable = None if flag is None else not flag
         cases.append(Case(
             case_id, row[names["input"]], row.get(names["expected"]), _as_list(row.get(names["gold_docs"])),
             _as_list(row.get(names["gold_spans"])), _as_list(row.get(names["tags"])), dict(row), answerable,
