@@ -386,3 +386,8 @@ def drop(
             raise typer.Exit(1)
         rag.drop(name)
     out.print(f"dropped {escape(name)}")
+
+
+from keel.cli.rag_debug import debug  # noqa: E402  (its own module: the debugger reads eval runs, not collections)
+
+app.command("debug")(debug)

@@ -2,7 +2,9 @@
 
 A case is one row: an id, the input, the expected output, optional gold
 documents and gold spans (what retrieval and citations are scored against),
-tags, and every column of the row (prompt templates fill their
+whether the question is answerable from the documents at all (a RAG case
+whose evidence is not in the collection should be answered "not in the
+documents"), tags, and every column of the row (prompt templates fill their
 {placeholders} from them). Column names that differ from these are mapped
 (`columns: {input: claim, gold_docs: evidence_ids}`).
 """
@@ -21,7 +23,10 @@ from keel.errors import DatasetError
 __all__ = ["Case", "DatasetError", "cases_from_rows", "load_rows"]
 
 #: The roles a dataset column can play; only `input` is required.
-ROLES = ("id", "input", "expected", "gold_docs", "gold_spans", "tags")
+ROLES = ("id", "input", "expected", "gold_docs", "gold_spans", "tags", "answerable", "unanswerable")
+
+_TRUE = ("true", "yes", "y", "1", "answerable")
+_FALSE = ("false", "no", "n", "0", "unanswerable")
 
 
 @dataclass(frozen=True)
@@ -33,18 +38,23 @@ class Case:
     gold_spans: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     fields: Mapping[str, Any] = field(default_factory=dict)  # the whole row, for prompt placeholders
+    answerable: bool | None = None  # None: not said (a case is taken as answerable)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id, "input": self.input, "expected": self.expected, "gold_docs": list(self.gold_docs),
             "gold_spans": list(self.gold_spans), "tags": list(self.tags), "fields": dict(self.fields),
         }  # fmt: skip
+        if self.answerable is not None:  # only when said, so that older suites keep their digest (and their runs)
+            out["answerable"] = self.answerable
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Case:
         return cls(
             str(data["id"]), data.get("input"), data.get("expected"), tuple(data.get("gold_docs") or ()),
             tuple(data.get("gold_spans") or ()), tuple(data.get("tags") or ()), dict(data.get("fields") or {}),
+            data.get("answerable"),
         )  # fmt: skip
 
 
@@ -90,6 +100,18 @@ def _as_list(value: Any) -> tuple[str, ...]:
     return (str(value),)
 
 
+def _as_flag(value: Any, where: str) -> bool | None:
+    """An answerable flag: a JSON boolean, or (in CSV) true/false, yes/no, 1/0, answerable/unanswerable."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise DatasetError(f"{where}: {value!r} is not a yes/no flag (true/false, yes/no, 1/0, answerable/unanswerable)")
+
+
 def cases_from_rows(
     rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], *, source: str, required: Iterable[str] = ()
 ) -> list[Case]:
@@ -116,8 +138,13 @@ def cases_from_rows(
         if case_id in seen:
             raise DatasetError(f"{source}: row {number}: case id {case_id!r} appears twice; ids must be unique")
         seen.add(case_id)
+        answerable = _as_flag(row.get(names["answerable"]), f"{source}: row {number}, column {names['answerable']!r}")
+        if answerable is None and "unanswerable" in columns:  # the inverted flag (SQuAD 2.0's is_impossible)
+            where = f"{source}: row {number}, column {names['unanswerable']!r}"
+            flag = _as_flag(row.get(names["unanswerable"]), where)
+            answerable = None if flag is None else not flag
         cases.append(Case(
             case_id, row[names["input"]], row.get(names["expected"]), _as_list(row.get(names["gold_docs"])),
-            _as_list(row.get(names["gold_spans"])), _as_list(row.get(names["tags"])), dict(row),
+            _as_list(row.get(names["gold_spans"])), _as_list(row.get(names["tags"])), dict(row), answerable,
         ))  # fmt: skip
     return cases

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keel import jobs
+from keel.errors import InputError
 from keel.evals import storage
 from keel.evals.dataset import Case
 from keel.evals.results import CaseResult, RunResult
@@ -223,6 +224,19 @@ def _items(suite: Suite, variants: list[Variant], job: str) -> dict[str, dict[st
     return items
 
 
+def _prepare_collection(suite: Suite, gateway: Gateway) -> None:
+    """Ingest a RAG task's documents (`task.rag.ingest`) before any case asks the collection a question."""
+    spec = suite.spec.task.rag
+    if spec is None or spec.ingest is None:
+        return
+    from keel.rag.engine import RAG
+
+    path = Path(spec.ingest) if Path(spec.ingest).is_absolute() else suite.base_dir / spec.ingest
+    if not path.exists():
+        raise InputError(f"task.rag.ingest: {path} does not exist (the documents of collection {spec.collection!r})")
+    RAG(gateway).ingest_sync(path, spec.collection)
+
+
 def start_suite(
     suite: Suite | str | Path, *, gateway: Gateway | None = None, limit: int | None = None, worker: bool = True
 ) -> RunHandle:
@@ -236,6 +250,7 @@ def start_suite(
     if gateway.store is None:
         raise storage.UnknownRun("an evaluation run is stored: give the gateway a store")
     store = gateway.store
+    _prepare_collection(suite, gateway)
     scorers = build_scorers(suite.spec.scorers)
     limits = thresholds(scorers)
     variants = suite.variants()

@@ -332,6 +332,23 @@ async def grounded_share(answer: str, contexts: Sequence[str], ctx: ScoreContext
     return supported / len(sentences)
 
 
+#: What a non-RAG task's output says when it declines (RAG's own answers say whether they abstained).
+DEFAULT_REFUSAL = "not in the documents"
+
+
+def _abstention(spec: ScorerSpec) -> Scorer:
+    """1 when the task abstained exactly when the case is unanswerable (`answerable: false`), else 0."""
+    refusal = normalize_text(spec.value or DEFAULT_REFUSAL)
+
+    async def fn(sample: Sample, ctx: ScoreContext) -> Mapping[str, float]:
+        kind = sample.details.get("answer_kind")
+        abstained = kind == "abstained" if kind is not None else refusal in normalize_text(sample.text)
+        unanswerable = sample.case.answerable is False
+        return {spec.metric: float(abstained == unanswerable)}
+
+    return Scorer(spec, fn, [spec.metric])
+
+
 def _custom(spec: ScorerSpec) -> Scorer:
     function = import_object(spec.function or "", "scorer function")
     if not callable(function):
@@ -359,7 +376,8 @@ def _judge(spec: ScorerSpec) -> Scorer:
 BUILDERS: dict[str, Callable[[ScorerSpec], Scorer]] = {
     "exact": _exact, "normalized_match": _normalized, "token_f1": _f1, "contains": _contains, "regex": _regex,
     "json_schema": _json_schema, "numeric": _numeric, "embedding_similarity": _embedding, "retrieval": _retrieval,
-    "citation": _citation, "faithfulness": _faithfulness, "judge": _judge, "custom": _custom,
+    "citation": _citation, "faithfulness": _faithfulness, "abstention": _abstention, "judge": _judge,
+    "custom": _custom,
 }  # fmt: skip
 
 

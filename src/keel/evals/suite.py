@@ -49,7 +49,7 @@ __all__ = [
 
 ScorerType = Literal[
     "exact", "normalized_match", "token_f1", "contains", "regex", "json_schema", "numeric", "embedding_similarity",
-    "retrieval", "citation", "faithfulness", "judge", "custom",
+    "retrieval", "citation", "faithfulness", "abstention", "judge", "custom",
 ]  # fmt: skip
 
 
@@ -104,6 +104,9 @@ class RagTaskSpec(_Strict):
     rerank: bool | str | None = None
     context_tokens: int | None = Field(default=None, gt=0)
     retriever: str | None = None
+    # documents ingested into the collection before the run (a file or folder, relative to the suite file);
+    # ingestion skips unchanged documents, so a re-run costs a hash check
+    ingest: str | None = None
 
 
 class ExtractTaskSpec(_Strict):
@@ -161,7 +164,7 @@ class ScorerSpec(_Strict):
     name: str | None = None  # the metric's name (prefix of a multi-metric scorer's); default: the type
     threshold: float | dict[str, float] | None = None  # pass threshold, or one per metric
     # options of some types
-    value: str | None = None  # contains: the text to look for (default: the expected output)
+    value: str | None = None  # contains: the text to look for (default: the expected output); abstention: the refusal
     pattern: str | None = None  # regex
     ignore_case: bool = True
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # json_schema

@@ -25,9 +25,10 @@ from keel.evals.suite import Suite, Variant, import_object
 
 if TYPE_CHECKING:
     from keel.gateway.core import Gateway
+    from keel.rag.answer import Answer
     from keel.rag.engine import RAG
 
-__all__ = ["TaskOutput", "fill_template", "run_task"]
+__all__ = ["TaskOutput", "fill_template", "rag_details", "run_task"]
 
 #: Variant parameters passed to the gateway's chat call; others go to RAG.ask or the function.
 CHAT_PARAMS = ("temperature", "max_tokens", "top_p", "seed", "stop", "timeout", "system")
@@ -114,39 +115,69 @@ async def _rag(rag: RAG, suite: Suite, case: Case, variant: Variant, metadata: d
     options: dict[str, Any] = {k: v for k, v in variant.params.items() if k in ("retriever", "fusion", "candidates")}
     if spec.retriever:
         options.setdefault("retriever", spec.retriever)
-    rerank = variant.params.get("rerank", spec.rerank)
+    top_k = int(variant.params.get("top_k", spec.top_k))
+    budget = variant.params.get("context_tokens", spec.context_tokens)
     started = time.perf_counter()
-    # the retrieval the metrics score (top_k deep), then the answer (which retrieves its own, smaller, context)
-    retrieval = await rag.search(str(case.input), spec.collection, rerank=rerank, top_k=spec.top_k, **options)
+    # one retrieval, top_k deep: the metrics score it and the answer's context is cut from it (by the budget)
     answer = await rag.ask(
         str(case.input), spec.collection, mode=variant.params.get("mode", spec.mode), model=variant.model,
-        rerank=rerank, context_tokens=variant.params.get("context_tokens", spec.context_tokens),
-        max_tokens=variant.params.get("max_tokens"), metadata=metadata,
-        **{k: v for k, v in {**options, "top_k": variant.params.get("answer_top_k")}.items() if v is not None},
+        rerank=variant.params.get("rerank", spec.rerank), context_tokens=budget,
+        max_tokens=variant.params.get("max_tokens"), metadata=metadata, top_k=top_k, **options,
     )  # fmt: skip
+    return TaskOutput(answer.text, time.perf_counter() - started, answer.usage.get("input_tokens"),
+                      answer.usage.get("output_tokens"), answer.cost_usd, answer.trace_id,
+                      rag_details(answer, case, rag, top_k, budget))  # fmt: skip
+
+
+def rag_details(answer: Answer, case: Case, rag: RAG, top_k: int, budget: int | None) -> dict[str, Any]:
+    """The evidence of one RAG answer that the retrieval, citation and faithfulness scorers and the RAG
+    debugger read: the ranked retrieval (which chunks made it into the context), what the reranker cut,
+    the gold, the answer's kind, citations and checked sentences, and the settings that decided them."""
     in_context = {h.chunk.chunk_id for h in answer.hits}
-    details = {
+    retrieval = answer.retrieval
+    hits = retrieval.hits if retrieval is not None else answer.hits
+    config = rag.config
+    return {
         "retrieved": [
             {"doc_id": h.chunk.doc_id, "chunk_id": h.chunk.chunk_id, "rank": i, "score": h.score,
              "in_context": h.chunk.chunk_id in in_context}
-            for i, h in enumerate(retrieval.hits, start=1)
+            for i, h in enumerate(hits, start=1)
+        ],
+        "cut_by_rerank": [
+            {"doc_id": h.chunk.doc_id, "chunk_id": h.chunk.chunk_id, "rank": i, "rerank": h.rerank}
+            for i, h in enumerate(retrieval.cut if retrieval is not None else [], start=len(hits) + 1)
         ],
         "context": [h.chunk.text for h in answer.hits],
         "gold_docs": list(case.gold_docs),
+        "gold_spans": list(case.gold_spans),
+        "answerable": case.answerable,
         "answer_kind": answer.kind,
         "support": answer.support,
         "reason": answer.reason or None,
-        "citations": [
-            {"n": c.n, "doc_id": c.hit.chunk.doc_id, "chunk_id": c.hit.chunk.chunk_id,
-             "quote": c.quote.text if c.quote else c.hit.chunk.text}
-            for c in answer.citations
-        ],
+        "citations": _citations(answer),
         "sentences": [{"text": s.text, "supported": s.supported, "support": round(s.score, 4),
                        "citations": s.citations, "reason": s.reason or None} for s in answer.sentences],
         "generated_text": answer.generated_text,
+        "settings": {"top_k": top_k, "context_tokens": budget or config.context_tokens,
+                     "min_support": config.min_support, "grounding_threshold": config.grounding_threshold},
     }  # fmt: skip
-    return TaskOutput(answer.text, time.perf_counter() - started, answer.usage.get("input_tokens"),
-                      answer.usage.get("output_tokens"), answer.cost_usd, answer.trace_id, details)  # fmt: skip
+
+
+def _citations(answer: Answer) -> list[dict[str, Any]]:
+    """What the answer cites, with the quoted text: one entry per citation, whose quote is the source
+    sentence that best supports it; an extractive answer quotes several sentences of one source, and
+    each is a citation of its own (else only the first quote of a source would be scored)."""
+    by_n = {c.n: c for c in answer.citations}
+    if answer.kind == "extractive":
+        return [
+            {"n": n, "doc_id": by_n[n].hit.chunk.doc_id, "chunk_id": by_n[n].hit.chunk.chunk_id, "quote": s.text}
+            for s in answer.sentences for n in s.citations if n in by_n
+        ]  # fmt: skip
+    return [
+        {"n": c.n, "doc_id": c.hit.chunk.doc_id, "chunk_id": c.hit.chunk.chunk_id,
+         "quote": c.quote.text if c.quote else c.hit.chunk.text}
+        for c in answer.citations
+    ]  # fmt: skip
 
 
 async def _function(suite: Suite, case: Case, variant: Variant) -> TaskOutput:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from keel.rag.grounding import AnswerSentence, best_support, missing_specifics, rescale_cosine, split_answer
-from keel.rag.retrieve import Hit
+from keel.rag.retrieve import Hit, Retrieval
 from keel.rag.sentences import sentence_spans
 from keel.rag.words import coverage
 from keel.types import Message
@@ -112,7 +112,8 @@ class Answer:
     sentences: list[CheckedSentence] = field(default_factory=list)
     support: float = 0.0  # how close the best retrieved chunk is to the question, 0-1
     reason: str = ""  # why it abstained, or why it fell back to an extractive answer
-    hits: list[Hit] = field(default_factory=list)  # the chunks the answer was given
+    hits: list[Hit] = field(default_factory=list)  # the chunks the answer was given (its context)
+    retrieval: Retrieval | None = None  # the search the context was cut from (ranked hits, what rerank cut)
     model: str | None = None
     generated_text: str | None = None  # the model's own answer when keel replaced it
     usage: dict[str, int] = field(default_factory=dict)
@@ -137,7 +138,8 @@ class Answer:
             "sentences": [s.to_json() for s in self.sentences], "model": self.model,
             "generated_text": self.generated_text, "usage": self.usage, "cost_usd": self.cost_usd,
             "latency_s": round(self.latency_s, 3), "trace_id": self.trace_id,
-            "chunks": [h.to_json() for h in self.hits],
+            # an answer refused before any context was built shows what was retrieved
+            "chunks": [h.to_json() for h in self.hits or (self.retrieval.hits if self.retrieval else [])],
         }  # fmt: skip
 
 

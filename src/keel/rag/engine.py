@@ -345,7 +345,7 @@ class RAG:
                 span.set(gen_ai__operation__name="rerank", keel__rag__reranker=reranker.name)
                 t0 = time.perf_counter()
                 reranked = await reranker.rerank(query, retrieval.hits, key=key)
-                retrieval.hits = reranked[: options.top_k]
+                retrieval.hits, retrieval.cut = reranked[: options.top_k], reranked[options.top_k :]
                 retrieval.timings_ms["rerank_ms"] = round((time.perf_counter() - t0) * 1000, 3)
                 span.output = {"chunks": [{"chunk_id": h.chunk.chunk_id, "rerank": h.rerank} for h in retrieval.hits]}
         else:
@@ -398,6 +398,7 @@ class RAG:
                 question, info, self.options(**options), self.reranker(rerank), key
             )
             answer = await self._answer(question, retrieval.hits, embedder, mode, model_name, budget, max_tokens, key)
+            answer.retrieval = retrieval  # what an evaluation scores retrieval on: no second search
             answer.latency_s = time.perf_counter() - started
             answer.trace_id = span.trace_id
             span.set(keel__rag__answer_kind=answer.kind, keel__rag__support=round(answer.support, 4))
@@ -429,10 +430,10 @@ class RAG:
             why = "nothing was retrieved" if not hits else (
                 f"the closest passage is too far from the question (support {support:.2f} < {self.config.min_support})"
             )  # fmt: skip
-            return Answer(question, NOT_IN_DOCUMENTS, "abstained", support=support, reason=why, hits=hits)
+            return Answer(question, NOT_IN_DOCUMENTS, "abstained", support=support, reason=why)
         packed = pack_context(question, hits, budget, lambda t: self.gateway.count_tokens(t, model))
         if not packed:
-            return Answer(question, NOT_IN_DOCUMENTS, "abstained", support=support, hits=hits,
+            return Answer(question, NOT_IN_DOCUMENTS, "abstained", support=support,
                           reason=f"no retrieved passage fits the context budget of {budget} tokens")  # fmt: skip
         sources = source_sentences(packed)
         source_vectors = await embedder.documents([q.text for _, q in sources], key=key)

@@ -85,6 +85,7 @@ class Retrieval:
     hits: list[Hit]
     mode: Mode
     timings_ms: dict[str, float] = field(default_factory=dict)
+    cut: list[Hit] = field(default_factory=list)  # candidates the reranker placed below top_k, in its order
 
 
 Ranked = Sequence[tuple[int, float]]

@@ -844,7 +844,20 @@
     replace($("#trace-stats"), 
       stat("Started", fmtDateTime(totals.start)), stat("Duration", fmtMs(totals.ms)),
       stat("Spans", fmtInt(trace.spans.length)), stat("Model calls", fmtInt(totals.calls)),
-      stat("Tokens", fmtInt(totals.input) + " → " + fmtInt(totals.output)), stat("Cost", fmtCost(totals.cost)));
+      stat("Tokens", fmtInt(totals.input) + " → " + fmtInt(totals.output)), stat("Cost", fmtCost(totals.cost)),
+      ragDebugStat(trace.spans, stat));
+  }
+
+  /** The RAG debugger's class of an evaluation case (`keel rag debug`), newest first: "RAG debug: retrieval miss". */
+  function ragDebugStat(spans, stat) {
+    const labelled = spans.filter((sp) => sp.attributes && sp.attributes["keel.rag.debug.class"]);
+    if (!labelled.length) return null;
+    const at = (sp) => sp.attributes["keel.rag.debug.at"] || sp.start_time;
+    const newest = labelled.reduce((a, b) => (at(b) >= at(a) ? b : a));
+    const item = stat("RAG debug", newest.attributes["keel.rag.debug.class"]);
+    item.classList.add("rag-debug");
+    item.title = newest.attributes["keel.rag.debug.rule"] || "";
+    return item;
   }
 
   function renderWaterfall(trace, totals) {
