@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from keel.cli.app import handle_errors
+from keel.cli.errors import handle_errors
 from keel.errors import InputError
 
 out = Console(highlight=False)
