@@ -337,7 +337,7 @@ _migrated: set[int] = set()
 
 def _migrate(store: Store) -> None:
     if id(store) not in _migrated:
-        store.migrate(RAG_DEBUG_MIGRATIONS)
+        store.migrate(RAG_DEBUG_MIGRATIONS, namespace="rag_debug")
         _migrated.add(id(store))
 
 
@@ -377,10 +377,10 @@ def record_diagnoses(store: Store, diagnosis: RunDiagnosis) -> int:
     )
     now = time.time()
     with store.transaction() as cur:
-        cur.execute(store._sql("DELETE FROM keel_rag_debug WHERE run_id = ?"), [diagnosis.run_id])
+        cur.execute("DELETE FROM keel_rag_debug WHERE run_id = ?", [diagnosis.run_id])
         for d in diagnosis.diagnoses:
             evidence = store.json_param(json.dumps(dict(d.evidence), default=str, ensure_ascii=False))
-            cur.execute(store._sql(sql), [diagnosis.run_id, d.case_id, d.repeat, d.label, d.rule, evidence,
+            cur.execute(sql, [diagnosis.run_id, d.case_id, d.repeat, d.label, d.rule, evidence,
                                           d.trace_id, now])  # fmt: skip
     spans = [s for d in diagnosis.diagnoses if (s := _debug_span(store, diagnosis.run_id, d)) is not None]
     store.write_spans(spans)
@@ -391,5 +391,5 @@ def load_diagnoses(store: Store, run_id: str) -> dict[tuple[str, int], str]:
     """(case id, repeat) -> the recorded class of a run's failing cases."""
     _migrate(store)
     with store.transaction() as cur:
-        cur.execute(store._sql("SELECT case_id, repeat, label FROM keel_rag_debug WHERE run_id = ?"), [run_id])
+        cur.execute("SELECT case_id, repeat, label FROM keel_rag_debug WHERE run_id = ?", [run_id])
         return {(str(r[0]), int(r[1])): str(r[2]) for r in cur.fetchall()}
