@@ -22,6 +22,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from helpers import gateway
 from keel import Gateway
 from keel.jobs import records
+from keel.jobs.schema import ensure_tables
 from keel.server.app import create_app
 from keel.store import Store
 from keel.trace import Span, new_id, new_trace_id
@@ -60,6 +61,7 @@ def _run_item(store: Store, job: str, key: str, *, cost: float = 0.0, error: str
 
 def seed(store: Store) -> dict[str, Any]:
     """Four jobs: running (with failures and items in flight), done, failed, cancelled."""
+    ensure_tables(store)  # the jobs app's own tables, as JobRunner makes them
     traces: dict[str, str] = {}
     files = [(f"handbook/section-{i:02d}.md", {"file": f"/srv/handbook/section-{i:02d}.md"}) for i in range(40)]
     records.create_job(store, "thumbs-2026-12", "thumbnail", "default", [(str(i), i) for i in range(12)])
