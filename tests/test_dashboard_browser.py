@@ -7,7 +7,6 @@ Screenshots land in tests/artifacts/dashboard/ (ignored by git) for a person to 
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -16,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
+from browsers import admin_key_set, launched_browser
 from helpers import gateway
 from keel import CallContext, Gateway, TestModel
 from keel.errors import ProviderTimeout, ServerError, StructuredOutputError, UnknownModel
@@ -26,11 +26,6 @@ from serving import Server
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
 ADMIN_KEY = "sk-keel-admin-browser-test-0123456789"
 
@@ -178,26 +173,16 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
 @pytest.fixture(scope="module")
 def server(seeded: Seeded) -> Iterator[Server]:
     """A server with an admin key (read when the app is made), as every real deployment has."""
-    saved = os.environ.get("KEEL_ADMIN_KEY")
-    os.environ["KEEL_ADMIN_KEY"] = ADMIN_KEY
-    try:
+    with admin_key_set(ADMIN_KEY):
         running = Server(seeded.gw)
-    finally:
-        if saved is None:
-            os.environ.pop("KEEL_ADMIN_KEY")
-        else:
-            os.environ["KEEL_ADMIN_KEY"] = saved
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert CHROMIUM.exists(), "Debian's chromium is needed: apt-get install -y chromium (make install does it)"
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launched_browser() as launched:
         yield launched
-        launched.close()
 
 
 def signed_in(browser: Browser, width: int) -> Any:

@@ -8,7 +8,6 @@ tests/artifacts/dashboard/ for a person to look at.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +16,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
+from browsers import admin_key_set, launched_browser
 from helpers import gateway
 from keel import Gateway
 from keel.jobs import records
@@ -29,11 +29,6 @@ from keel.trace import Span, new_id, new_trace_id
 from serving import LOCAL, Server
 
 ADMIN_KEY = "sk-keel-admin-jobs-page-0123456789"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
 ERRORS = {
     7: "InputError: empty file",
@@ -157,26 +152,16 @@ def test_the_jobs_api_needs_the_admin_key_and_names_bad_input(client: TestClient
 
 @pytest.fixture(scope="module")
 def server(seeded: tuple[Gateway, dict[str, Any]]) -> Iterator[Server]:
-    saved = os.environ.get("KEEL_ADMIN_KEY")
-    os.environ["KEEL_ADMIN_KEY"] = ADMIN_KEY
-    try:
+    with admin_key_set(ADMIN_KEY):
         running = Server(seeded[0])
-    finally:
-        if saved is None:
-            os.environ.pop("KEEL_ADMIN_KEY")
-        else:
-            os.environ["KEEL_ADMIN_KEY"] = saved
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert CHROMIUM.exists(), "Debian's chromium is needed: apt-get install -y chromium (make install does it)"
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launched_browser() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture(params=[1024, 1440])

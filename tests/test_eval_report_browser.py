@@ -11,16 +11,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
+from browsers import CHROMIUM, CHROMIUM_ARGS
 from keel.evals.report import write_report
 from test_eval_report import sample_run
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 ARTIFACTS = Path(__file__).parent / "artifacts" / "eval_report"
 
 
