@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from keel import Gateway
+from keel import FunctionModel, Gateway
 from keel.config import load_config
 from keel.errors import (
     AuthenticationFailed,
@@ -18,6 +18,7 @@ from keel.errors import (
     ServerError,
 )
 from keel.models.base import Model, StreamItem
+from keel.models.test import Responder
 from keel.store import SpanFilter
 from keel.trace import Span
 from keel.types import ChatRequest, ModelResponse, StreamDelta
@@ -34,6 +35,13 @@ def gateway(tmp_path: Path, toml: str = "", **kwargs: Any) -> Gateway:
     """A gateway over a keel.toml written from `toml` (fast retries for tests)."""
     text = "retry_base_s = 0.01\n" + ("" if "retry_max_s" in toml else "retry_max_s = 2.0\n") + toml
     return Gateway(load_config(write_config(tmp_path, text)), **kwargs)
+
+
+def rag_gateway(tmp_path: Path, store: str, answer: Responder) -> Gateway:
+    """A gateway on `store` whose RAG answers come from `answer` (a FunctionModel named "answers")."""
+    return gateway(
+        tmp_path, '[rag]\nanswer_model = "answers"\n', store=store, models={"answers": FunctionModel(answer)}
+    )
 
 
 def spans(gw: Gateway, **filters: Any) -> list[Span]:

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from helpers import gateway, spans
-from keel import FunctionModel, Gateway
+from helpers import rag_gateway, spans
+from keel import Gateway
 from keel.cli.app import app as cli
 from keel.config import KeyConfig
 from keel.keys import create_key, key_by_hash, keys_by_hash, list_keys
@@ -66,9 +66,7 @@ def test_bad_collection_names_are_refused(store: Store, names: tuple[str, ...]) 
 
 @pytest.fixture
 def gw(tmp_path: Path, store_url: str) -> Iterator[Gateway]:
-    g = gateway(
-        tmp_path, '[rag]\nanswer_model = "answers"\n', store=store_url, models={"answers": FunctionModel(answer)}
-    )
+    g = rag_gateway(tmp_path, store_url, answer)
     yield g
     g.close()
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import gateway, spans
-from keel import FunctionModel, Gateway
+from helpers import rag_gateway, spans
+from keel import Gateway
 from keel.config import KeyConfig
 from keel.keys import create_key
 from keel.types import ChatRequest
@@ -40,9 +40,7 @@ def cites_tides(request: ChatRequest) -> str:
 
 @pytest.fixture
 def gw(tmp_path: Path, store_url: str) -> Iterator[Gateway]:
-    g = gateway(
-        tmp_path, '[rag]\nanswer_model = "answers"\n', store=store_url, models={"answers": FunctionModel(cites_tides)}
-    )
+    g = rag_gateway(tmp_path, store_url, cites_tides)
     yield g
     g.close()
 

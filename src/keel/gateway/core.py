@@ -583,7 +583,7 @@ def _check_context(context: CallContext) -> None:
 
 def _check_args(args: Mapping[str, Any], kind: type) -> None:
     """Unknown keyword arguments are the caller's mistake (typos included), said as such."""
-    unknown = set(args) - set(kind.__annotations__)
+    unknown = args.keys() - kind.__annotations__.keys()  # on every call: no copies of either
     if unknown:
         raise InputError(
             f"unknown argument(s) {', '.join(sorted(unknown))}; accepted: {', '.join(kind.__annotations__)}"
