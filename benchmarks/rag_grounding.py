@@ -5,7 +5,7 @@
 keel marks an answer sentence supported when its best cited source sentence
 scores at least `rag.grounding_threshold`, and abstains when the best
 retrieved chunk scores under `rag.min_support`; both scores put a cosine on a
-0-1 scale between COSINE_FLOOR and COSINE_CEILING (keel/rag/grounding.py).
+0-1 scale between COSINE_FLOOR and COSINE_CEILING (keel/text/grounding.py).
 This measures those constants against labelled data instead of guessing them:
 
 1. Grounding: each SciFact claim with SUPPORT evidence plays an answer
@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from keel import Gateway
 from keel.config import load_config
-from keel.rag.grounding import COSINE_CEILING, COSINE_FLOOR, best_support, rescale_cosine
+from keel.text.grounding import COSINE_CEILING, COSINE_FLOOR, best_support, rescale_cosine
 
 console = Console(highlight=False)
 

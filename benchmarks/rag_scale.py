@@ -231,8 +231,8 @@ class SyntheticCorpus:
 
     def block(self, number: int) -> list[tuple[Any, list[Any], np.ndarray]]:
         """(document, chunks, vectors) of the documents of one block."""
-        from keel.rag.chunking import Chunk
-        from keel.rag.documents import Document
+        from keel.text.chunking import Chunk
+        from keel.text.documents import Document
 
         spec, n = self.spec, self.DOCS_PER_BLOCK
         rng = np.random.default_rng([spec.seed, 1, number])
@@ -470,7 +470,7 @@ class Query:
 
 def sample_queries(db: Path, n: int, seed: int) -> list[Query]:
     """Queries made from `n` random stored chunks: a few of their words, their vector moved to cosine 0.9."""
-    from keel.rag.words import keyword_terms
+    from keel.text.words import keyword_terms
 
     rng = np.random.default_rng([seed, 2])
     picked = random.Random(seed)
@@ -605,10 +605,10 @@ async def time_run(rag: Any, run: Run, queries: list[Query], warmup: list[Query]
 async def embedding_throughput(gateway: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The RAG embedding model on real SciFact chunks (keel's chunker, the collection's settings), uncached;
     and keel's chunker on all of SciFact."""
-    from keel.rag.chunking import chunk_document
     from keel.rag.collection import settings_from_config
-    from keel.rag.documents import Document, load_file
     from keel.rag.embedder import EmbeddingSpace
+    from keel.text.chunking import chunk_document
+    from keel.text.documents import Document, load_file
 
     space = EmbeddingSpace.of(gateway, args.embedding_model)
     settings = settings_from_config(gateway.config.rag, window=space.window, embedding_model=space.name)

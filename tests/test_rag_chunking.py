@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel.models.onnx import minilm_paths
-from keel.rag import chunking
-from keel.rag.chunking import ChunkSettings, chunk_document
-from keel.rag.documents import Document, load_file, markdown_sections
-from keel.rag.sentences import sentence_spans
-from keel.rag.tokenize import BpeTokens, TokenCounter, WordPieceTokens
+from keel.text import chunking
+from keel.text.chunking import ChunkSettings, chunk_document
+from keel.text.documents import Document, load_file, markdown_sections
+from keel.text.sentences import sentence_spans
+from keel.text.tokenize import BpeTokens, TokenCounter, WordPieceTokens
 from rag_files import MARKDOWN
 
 STRATEGIES = ("tokens", "structure", "sentences")

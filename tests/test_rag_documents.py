@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from keel.rag.documents import Document, Problem, html_text, iter_files, load_file, markdown_sections
+from keel.text.documents import Document, Problem, html_text, iter_files, load_file, markdown_sections
 from rag_files import HTML, MARKDOWN, write_corpus, write_docx, write_encrypted_pdf, write_pdf
 
 

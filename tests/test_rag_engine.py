@@ -29,7 +29,7 @@ from keel.rag import (
     UnknownCollection,
 )
 from keel.rag.answer import LOCAL_ANSWER_MAX_TOKENS, LOCAL_CONTEXT_TOKENS, NOT_IN_DOCUMENTS
-from keel.rag.documents import storable
+from keel.text.documents import storable
 from keel.types import ChatRequest
 from rag_files import write_corpus
 
@@ -266,7 +266,7 @@ def test_embedding_reranker_fuses_a_second_models_ranking(facts: RAG, rag_gatewa
 
 def test_sentence_reranker_scores_each_candidate_by_its_best_sentence(facts: RAG, rag_gateway: Gateway) -> None:
     """sentences:MODEL: a candidate's closest sentence (context in front) ranks it, fused with retrieval by RRF."""
-    from keel.rag.sentences import sentence_spans
+    from keel.text.sentences import sentence_spans
 
     query = "why do oceans rise and fall"
     plain = facts.search_sync(query, "facts", top_k=4, rerank=False).hits

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from keel.errors import CollectionExists, InvalidFilter
-from keel.rag.chunking import Chunk
-from keel.rag.documents import Document, Section
 from keel.rag.filters import parse_filter
 from keel.rag.index import CollectionInfo, DocumentWrite, RagIndex, open_index
 from keel.store import Store, open_store
+from keel.text.chunking import Chunk
+from keel.text.documents import Document, Section
 
 DIMS = 8
 

@@ -8,7 +8,7 @@ a pass, never a silent NaN. Metrics are reduced over cases afterwards
 (`keel.evals.metrics`), never inside the loop.
 
 Retrieval metrics come from `ir-measures` (trec_eval's definitions), not
-hand-rolled; faithfulness reuses RAG's grounding check (`keel.rag.grounding`).
+hand-rolled; faithfulness reuses the grounding check RAG uses too (`keel.text.grounding`).
 """
 
 from __future__ import annotations
@@ -307,18 +307,17 @@ async def grounded_share(answer: str, contexts: Sequence[str], ctx: ScoreContext
     citations ignored); None for an empty answer."""
     import numpy as np
 
-    from keel.rag.answer import Quote
-    from keel.rag.grounding import best_support, missing_specifics, split_answer
-    from keel.rag.sentences import sentence_spans
+    from keel.text.grounding import best_support, missing_specifics, split_answer
+    from keel.text.sentences import sentence_spans
 
     sentences = [s for s in split_answer(answer) if s.text.strip()]
     if not sentences:
         return None
-    sources = [Quote(a, b, text[a:b]) for text in contexts for a, b in sentence_spans(text)]
+    sources = [text[a:b] for text in contexts for a, b in sentence_spans(text)]
     if not sources:
         return 0.0
     gateway = ctx.need_gateway("faithfulness")
-    result = await gateway.embed([s.text for s in sentences] + [q.text for q in sources], model)
+    result = await gateway.embed([s.text for s in sentences] + sources, model)
     ctx.cost_usd += result.cost_usd or 0.0
     vectors = np.asarray(result.vectors, dtype=np.float32)
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -327,7 +326,7 @@ async def grounded_share(answer: str, contexts: Sequence[str], ctx: ScoreContext
     threshold = gateway.config.rag.grounding_threshold
     supported = 0
     for i, sentence in enumerate(sentences):
-        score, _ = best_support(sentence.text, sentence_vectors[i], [q.text for q in sources], source_vectors)
+        score, _ = best_support(sentence.text, sentence_vectors[i], sources, source_vectors)
         supported += score >= threshold and not missing_specifics(sentence.text, whole)
     return supported / len(sentences)
 

@@ -21,13 +21,13 @@ from keel.errors import (  # RAG's errors, from the one tree, re-exported where 
     UnknownCollection,
 )
 from keel.rag.answer import Answer, CheckedSentence, Citation, Quote
-from keel.rag.chunking import Chunk, ChunkSettings
 from keel.rag.collection import CollectionSettings
-from keel.rag.documents import Document, Problem, Section
 from keel.rag.engine import RAG
 from keel.rag.index import CollectionInfo
 from keel.rag.ingest import IngestReport
 from keel.rag.retrieve import Hit, Retrieval, RetrievalOptions
+from keel.text.chunking import Chunk, ChunkSettings
+from keel.text.documents import Document, Problem, Section
 
 __all__ = [
     "RAG", "Answer", "CheckedSentence", "Chunk", "ChunkSettings", "Citation", "CollectionExists", "CollectionInfo",

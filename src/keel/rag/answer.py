@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from keel.rag.grounding import AnswerSentence, best_support, missing_specifics, rescale_cosine, split_answer
 from keel.rag.retrieve import Hit, Retrieval
-from keel.rag.sentences import sentence_spans
-from keel.rag.words import coverage
+from keel.text.grounding import AnswerSentence, best_support, missing_specifics, rescale_cosine, split_answer
+from keel.text.sentences import sentence_spans
+from keel.text.words import coverage
 from keel.types import Message
 
 __all__ = [

@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from keel.errors import InputError
-from keel.rag.chunking import ChunkSettings
 from keel.rag.settings import RagConfig
+from keel.text.chunking import ChunkSettings
 
 __all__ = ["CollectionSettings", "auto_chunk_size", "check_name", "settings_from_config"]
 

@@ -23,7 +23,7 @@ import numpy as np
 from keel.errors import ConfigError, InputError
 from keel.gateway import Gateway
 from keel.rag.index.base import RagIndex
-from keel.rag.tokenize import TokenCounter, token_counter
+from keel.text.tokenize import TokenCounter, token_counter
 
 __all__ = ["Embedder", "EmbeddingSpace", "StoreCall", "text_hash"]
 

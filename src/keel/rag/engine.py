@@ -52,14 +52,14 @@ from keel.rag.answer import (
     source_sentences,
 )
 from keel.rag.collection import REBUILD_PREFIX, CollectionSettings, check_name, settings_from_config
-from keel.rag.documents import Document, storable
 from keel.rag.embedder import Embedder, EmbeddingSpace
 from keel.rag.filters import parse_filter
-from keel.rag.grounding import rescale_cosine
 from keel.rag.index import CollectionInfo, RagIndex, open_index
 from keel.rag.ingest import IngestProgress, IngestReport, Source, documents_source, path_source, run_ingest
 from keel.rag.rerank import Reranker, make_reranker
 from keel.rag.retrieve import Hit, Retrieval, RetrievalOptions, Retriever
+from keel.text.documents import Document, storable
+from keel.text.grounding import rescale_cosine
 
 __all__ = ["RAG"]
 

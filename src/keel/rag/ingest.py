@@ -31,8 +31,10 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from keel.errors import InputError, StoreUnavailable
-from keel.rag.chunking import Chunk, ChunkSettings, chunk_document
-from keel.rag.documents import (
+from keel.rag.embedder import Embedder
+from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex
+from keel.text.chunking import Chunk, ChunkSettings, chunk_document
+from keel.text.documents import (
     DEFAULT_MAX_FILE_BYTES,
     Document,
     Problem,
@@ -41,9 +43,7 @@ from keel.rag.documents import (
     storable,
     storable_value,
 )
-from keel.rag.embedder import Embedder
-from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex
-from keel.rag.tokenize import TokenCounter
+from keel.text.tokenize import TokenCounter
 
 __all__ = [
     "IngestProgress", "IngestReport", "count_documents", "file_source", "run_ingest", "store_call_with_retries",

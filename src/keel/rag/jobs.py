@@ -27,12 +27,12 @@ from typing import Any
 from keel import jobs
 from keel.errors import InputError, SettingsMismatch
 from keel.gateway import Gateway
-from keel.rag.chunking import ChunkSettings
 from keel.rag.collection import CollectionSettings, check_name
-from keel.rag.documents import iter_files
 from keel.rag.engine import RAG
 from keel.rag.index import CollectionInfo
 from keel.rag.ingest import IngestReport, file_source
+from keel.text.chunking import ChunkSettings
+from keel.text.documents import iter_files
 
 __all__ = ["KIND", "IngestPlan", "close", "ingest_file", "plan_ingest", "shared_rag"]
 

@@ -50,7 +50,7 @@ from keel.gateway import Gateway
 from keel.rag.embedder import Embedder, EmbeddingSpace
 from keel.rag.index.base import RagIndex
 from keel.rag.retrieve import Hit, fuse_rrf
-from keel.rag.sentences import sentence_spans
+from keel.text.sentences import sentence_spans
 
 __all__ = ["EmbeddingReranker", "LLMReranker", "Reranker", "SentenceReranker", "make_reranker"]
 

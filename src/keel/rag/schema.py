@@ -17,7 +17,7 @@
 
 Keyword search differs by backend. SQLite: a tantivy index per collection
 (`<store>.rag/<id>.tantivy/`, derived from `rag_chunks` like the HNSW file,
-see keel.rag.index.keywords), so BM25 statistics are the collection's own.
+see keel.vectors.keywords), so BM25 statistics are the collection's own.
 PostgreSQL: a generated `tsvector` column with a GIN index,
 scored as BM25 from `rag_terms` (document frequency per lexeme and
 collection, kept up to date by every write) and each chunk's `n_terms`.

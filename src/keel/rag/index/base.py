@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from keel.errors import CollectionExists, UnknownCollection
-from keel.rag.chunking import Chunk
-from keel.rag.documents import Document, Section
 from keel.rag.filters import Condition
 from keel.rag.schema import RAG_MIGRATIONS
 from keel.store.base import Store, like_escape
+from keel.text.chunking import Chunk
+from keel.text.documents import Document, Section
 from keel.trace import dumps
 
 __all__ = [

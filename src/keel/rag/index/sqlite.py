@@ -3,10 +3,10 @@
 SQLite holds the truth: documents, chunks (text, offsets, metadata) and their
 float32 vectors, written a batch of whole documents per transaction. Beside
 it, in `<store file>.rag/`, two indexes derived from those rows, each brought
-up to date from the store whenever it is behind (keel.rag.index.derived):
+up to date from the store whenever it is behind (keel.vectors.derived):
 
 - Keyword search: a tantivy index per collection (`<collection id>.tantivy/`),
-  BM25 over each chunk's context and text (keel.rag.index.keywords). It
+  BM25 over each chunk's context and text (keel.vectors.keywords). It
   replaced SQLite's FTS5, whose `bm25()` ranking scores every posting of every
   query term: 568 ms at p95 at a million chunks, where tantivy skips what
   cannot reach the top k.
@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from keel.rag.filters import Condition, sql_filter
-from keel.rag.index.ann import AnnIndex
 from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex, vector_blob
-from keel.rag.index.derived import DerivedIndex, SyncState
-from keel.rag.index.keywords import KeywordIndex
 from keel.store.sqlite import SQLiteStore
+from keel.vectors.ann import AnnIndex
+from keel.vectors.derived import DerivedIndex, SyncState
+from keel.vectors.keywords import KeywordIndex
 
 __all__ = ["SQLiteRagIndex"]
 

@@ -19,7 +19,7 @@ truth, and the folder can always be rebuilt from them. Unlike it, it lives on
 disk and is shared by every process that opens the store: a change takes an
 exclusive file lock, commits, then records in `keel-state.json` the collection
 `version` and `deletions` counters it now reflects and its highest chunk id
-(see keel.rag.index.derived). A crash between a commit and that record leaves
+(see keel.vectors.derived). A crash between a commit and that record leaves
 the record behind, which only makes the next change catch up from the store.
 """
 
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from keel.errors import ConfigError
-from keel.rag.index.derived import SyncState
-from keel.rag.words import keyword_terms
+from keel.text.words import keyword_terms
+from keel.vectors.derived import SyncState
 
 __all__ = ["KeywordIndex"]
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keel.rag.sentences import sentence_spans
-from keel.rag.words import STOP_WORDS, coverage
+from keel.text.sentences import sentence_spans
+from keel.text.words import STOP_WORDS, coverage
 
 __all__ = ["AnswerSentence", "best_support", "missing_specifics", "rescale_cosine", "specifics", "split_answer"]
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from keel.errors import ConfigError
-from keel.rag.index.derived import SyncState
+from keel.vectors.derived import SyncState
 
 __all__ = ["AnnIndex"]
 

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from keel.rag.documents import Document, Section
-from keel.rag.sentences import Progress, sentence_spans
-from keel.rag.tokenize import TokenCounter
+from keel.text.documents import Document, Section
+from keel.text.sentences import Progress, sentence_spans
+from keel.text.tokenize import TokenCounter
 
 __all__ = ["Chunk", "ChunkSettings", "chunk_document"]
 

@@ -1,0 +1,98 @@
+"""Imports point down only: the shared blocks (keel.text, keel.vectors) know nothing of the apps above them.
+
+Read from the source (every import statement, lazy and TYPE_CHECKING ones included), not from what Python has
+imported: a lazy import inside a function is as much a dependency as one at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import keel
+
+ROOT = Path(keel.__file__).parent
+
+#: package -> the packages it must not import from (any module under them).
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "keel.text": ("keel.vectors", "keel.rag", "keel.evals", "keel.gateway", "keel.server", "keel.cli", "keel.jobs"),
+    "keel.vectors": ("keel.rag", "keel.evals", "keel.gateway", "keel.server", "keel.cli", "keel.jobs"),
+    "keel.evals": ("keel.rag",),
+}
+#: The evals modules that run a RAG collection as the thing under test (the RAG task adapter), and so may import
+#: keel.rag (lazily). Scoring, storage, statistics and reports may not.
+RAG_TASK_ADAPTERS = frozenset({"keel.evals.tasks", "keel.evals.runner"})
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path) -> set[str]:
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    return imported_names(path.read_text(encoding="utf-8"), package)
+
+
+def imported_names(source: str, package: str) -> set[str]:
+    """Every module a source imports, as absolute names (`from keel import rag` counts as keel.rag)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the importing package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def under(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def violations() -> list[str]:
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        module = module_name(path)
+        for package, forbidden in FORBIDDEN.items():
+            if not under(module, package) or module in RAG_TASK_ADAPTERS:
+                continue
+            for name in sorted(imported(path)):
+                if any(under(name, f) for f in forbidden):
+                    found.append(f"{module} imports {name}")
+    return found
+
+
+def test_blocks_and_evals_import_only_downwards() -> None:
+    assert violations() == []
+
+
+def test_the_blocks_exist_and_the_scorers_are_checked() -> None:
+    """The rules above bite on real modules (a renamed package would make them vacuous)."""
+    modules = {module_name(p) for p in ROOT.rglob("*.py")}
+    for package in ("keel.text", "keel.vectors", "keel.evals.scorers", *RAG_TASK_ADAPTERS):
+        assert package in modules, package
+
+def test_the_moved_blocks_live_in_one_place() -> None:
+    """No shim module left behind in rag/ for what moved to keel.text and keel.vectors."""
+    modules = {module_name(p) for p in ROOT.rglob("*.py")}
+    text = ("documents", "sentences", "chunking", "grounding", "tokenize", "words")
+    vectors = ("ann", "keywords", "derived")
+    for name in text:
+        assert f"keel.text.{name}" in modules and f"keel.rag.{name}" not in modules, name
+    for name in vectors:
+        assert f"keel.vectors.{name}" in modules and f"keel.rag.index.{name}" not in modules, name
+
+
+def test_the_checker_sees_lazy_relative_and_from_imports() -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from keel.rag.answer import Quote\n"
+        "def f():\n    from keel import gateway\n    import keel.server.app\n    from .. import rag\n"
+    )
+    names = imported_names(source, "keel.evals")
+    assert {"keel.rag.answer", "keel.gateway", "keel.server.app", "keel.rag"} <= names
