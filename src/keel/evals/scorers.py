@@ -307,10 +307,10 @@ async def grounded_share(answer: str, contexts: Sequence[str], ctx: ScoreContext
     citations ignored); None for an empty answer."""
     import numpy as np
 
-    from keel.text.grounding import best_support, missing_specifics, split_answer
+    from keel.text.grounding import split_cited, support
     from keel.text.sentences import sentence_spans
 
-    sentences = [s for s in split_answer(answer) if s.text.strip()]
+    sentences = [s for s in split_cited(answer) if s.text.strip()]
     if not sentences:
         return None
     sources = [text[a:b] for text in contexts for a, b in sentence_spans(text)]
@@ -324,10 +324,10 @@ async def grounded_share(answer: str, contexts: Sequence[str], ctx: ScoreContext
     sentence_vectors, source_vectors = vectors[: len(sentences)], vectors[len(sentences) :]
     whole = " ".join(contexts)
     threshold = gateway.config.rag.grounding_threshold
-    supported = 0
-    for i, sentence in enumerate(sentences):
-        score, _ = best_support(sentence.text, sentence_vectors[i], sources, source_vectors)
-        supported += score >= threshold and not missing_specifics(sentence.text, whole)
+    supported = sum(
+        support(s.text, sentence_vectors[i], sources, source_vectors, cited_text=whole, threshold=threshold).supported
+        for i, s in enumerate(sentences)
+    )
     return supported / len(sentences)
 
 

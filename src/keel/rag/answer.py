@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from keel.rag.retrieve import Hit, Retrieval
-from keel.text.grounding import AnswerSentence, best_support, missing_specifics, rescale_cosine, split_answer
+from keel.text.grounding import CitedSentence, rescale_cosine, split_cited, support
 from keel.text.sentences import sentence_spans
 from keel.text.words import coverage
 from keel.types import Message
@@ -192,7 +192,7 @@ def source_sentences(hits: Sequence[Hit]) -> list[tuple[int, Quote]]:
 
 
 def check_sentences(
-    sentences: Sequence[AnswerSentence],
+    sentences: Sequence[CitedSentence],
     sentence_vectors: np.ndarray,
     sources: Sequence[tuple[int, Quote]],
     source_vectors: np.ndarray,
@@ -217,26 +217,27 @@ def check_sentences(
                                            f"cites sources that do not exist (there are {n_sources})"))  # fmt: skip
             continue
         rows = [j for j, (n, _) in enumerate(sources) if n in valid]
-        score, best = best_support(
-            sentence.text, sentence_vectors[i], [sources[j][1].text for j in rows],
+        texts = [sources[j][1].text for j in rows]
+        found = support(
+            sentence.text, sentence_vectors[i], texts,
             source_vectors[rows] if rows else np.zeros((0, sentence_vectors.shape[1])),
+            cited_text=" ".join(texts + [(headings or {}).get(n, "") for n in valid]), threshold=threshold,
         )  # fmt: skip
-        if best >= 0:
-            n, quote = sources[rows[best]]
-            if score > quotes.get(n, (-1.0, quote))[0]:
-                quotes[n] = (score, quote)
-        cited = [sources[j][1].text for j in rows] + [(headings or {}).get(n, "") for n in valid]
-        missing = missing_specifics(sentence.text, " ".join(cited))
-        supported = score >= threshold and not missing
-        reason = "" if supported else "its cited sources do not say this"
-        if missing:
-            reason = f"its cited sources do not mention {', '.join(repr(m) for m in missing[:5])}"
-        checked.append(CheckedSentence(sentence.text, sentence.start, sentence.end, valid, supported, score, reason))
+        if found.best >= 0:
+            n, quote = sources[rows[found.best]]
+            if found.score > quotes.get(n, (-1.0, quote))[0]:
+                quotes[n] = (found.score, quote)
+        reason = "" if found.supported else "its cited sources do not say this"
+        if found.missing:
+            reason = f"its cited sources do not mention {', '.join(repr(m) for m in found.missing[:5])}"
+        checked.append(
+            CheckedSentence(sentence.text, sentence.start, sentence.end, valid, found.supported, found.score, reason)
+        )
     return checked, {n: q for n, (_, q) in quotes.items()}
 
 
-def parse_answer(text: str) -> list[AnswerSentence]:
-    return split_answer(text)
+def parse_answer(text: str) -> list[CitedSentence]:
+    return split_cited(text)
 
 
 # --- extractive answers ---------------------------------------------------------------------------------

@@ -25,14 +25,24 @@ from keel.text.documents import (
     storable,
     storable_value,
 )
-from keel.text.grounding import AnswerSentence, best_support, missing_specifics, rescale_cosine, specifics, split_answer
+from keel.text.grounding import (
+    CitedSentence,
+    Support,
+    best_support,
+    missing_specifics,
+    rescale_cosine,
+    specifics,
+    split_cited,
+    support,
+)
 from keel.text.sentences import Progress, sentence_spans
 from keel.text.tokenize import BpeTokens, TokenCounter, WordPieceTokens, token_counter
 from keel.text.words import STOP_WORDS, content_words, coverage, keyword_terms
 
 __all__ = [
-    "DEFAULT_MAX_FILE_BYTES", "STOP_WORDS", "SUPPORTED_SUFFIXES", "AnswerSentence", "BpeTokens", "Chunk",
-    "ChunkSettings", "Document", "Problem", "Progress", "Section", "TokenCounter", "WordPieceTokens", "best_support",
-    "chunk_document", "content_words", "coverage", "iter_files", "keyword_terms", "load_file", "missing_specifics",
-    "rescale_cosine", "sentence_spans", "specifics", "split_answer", "storable", "storable_value", "token_counter",
+    "DEFAULT_MAX_FILE_BYTES", "STOP_WORDS", "SUPPORTED_SUFFIXES", "BpeTokens", "Chunk", "ChunkSettings",
+    "CitedSentence", "Document", "Problem", "Progress", "Section", "Support", "TokenCounter", "WordPieceTokens",
+    "best_support", "chunk_document", "content_words", "coverage", "iter_files", "keyword_terms", "load_file",
+    "missing_specifics", "rescale_cosine", "sentence_spans", "specifics", "split_cited", "storable", "storable_value",
+    "support", "token_counter",
 ]  # fmt: skip

@@ -35,7 +35,7 @@ Strategy = Literal["tokens", "structure", "sentences"]
 
 
 class ChunkSettings(BaseModel):
-    """How a collection cuts documents; fixed when the collection is created."""
+    """How documents are cut. Whoever stores chunks keeps these with them: other settings mean other chunks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

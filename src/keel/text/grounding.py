@@ -1,28 +1,29 @@
-"""Is each answer sentence supported by the text it cites? And is the question answerable at all?
+"""Grounding: is a sentence supported by the passages it cites?
 
-Support of one answer sentence by one source sentence combines two signals:
+Support of one sentence (of a model's output) by one source sentence combines
+two signals:
 
-- meaning: the cosine similarity of their embeddings (the collection's own
-  embedding model), rescaled so that what the model gives unrelated text maps
-  near 0 and a paraphrase near 1;
-- wording: the share of the answer sentence's content words (stop words
-  dropped, lower-cased, simple plural/suffix folding) found in the source
-  sentence.
+- meaning: the cosine similarity of their embeddings (the caller embeds both
+  with one model and passes the vectors), rescaled so that what the local
+  models give unrelated text maps near 0 and a paraphrase near 1;
+- wording: the share of the sentence's content words (stop words dropped,
+  lower-cased, simple plural/suffix folding) found in the source sentence.
 
 The score is the better of the two, and a sentence is supported when its best
 cited source sentence reaches `threshold` and every specific it states (a
 number, or a name: a capitalised word inside the sentence) appears somewhere
 in the text it cites. Embeddings place "The tides were discovered by Napoleon
 in 1802" close to a passage about tides; the specifics check catches the
-invented name and year, the commonest kind of made-up detail. A sentence
-that cites nothing, or only numbers that are not sources, is unsupported. This is a similarity
-check, not an entailment model: it catches invented content and wrong
-citations, not a negation that keeps the words ("X does not cause Y" against
-"X causes Y"). keel says so rather than pretend otherwise.
+invented name and year, the commonest kind of made-up detail. This is a
+similarity check, not an entailment model: it catches invented content and
+wrong citations, not a negation that keeps the words ("X does not cause Y"
+against "X causes Y"). keel says so rather than pretend otherwise.
 
-The same signals decide extractive answers (the source sentences closest to
-the question) and abstention: when even the best retrieved chunk is far from
-the question, keel answers "not in the documents" instead of guessing.
+Output that cites its sources as [n] markers is split into `CitedSentence`s
+(`split_cited`). RAG checks its answers with this module (and decides
+abstention and extractive answers with the same signals); evaluation scores
+faithfulness against a context with it; extraction and agents can check
+their own outputs the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ import numpy as np
 from keel.text.sentences import sentence_spans
 from keel.text.words import STOP_WORDS, coverage
 
-__all__ = ["AnswerSentence", "best_support", "missing_specifics", "rescale_cosine", "specifics", "split_answer"]
+__all__ = [
+    "CitedSentence", "Support", "best_support", "missing_specifics", "rescale_cosine", "specifics", "split_cited",
+    "support",
+]  # fmt: skip
 
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 _TOKEN = re.compile(r"[^\W_]+(?:[.,\-/][^\W_]+)*", re.UNICODE)
@@ -55,24 +59,24 @@ def rescale_cosine(value: float | np.ndarray) -> float | np.ndarray:
 
 
 @dataclass
-class AnswerSentence:
+class CitedSentence:
     text: str  # without citation markers
-    start: int  # offsets in the answer text (markers included)
+    start: int  # offsets in the whole text (markers included)
     end: int
-    citations: list[int]
+    citations: list[int]  # the [n] numbers it cites, as written
 
 
 def _numbers(text: str) -> list[int]:
     return [int(n) for group in _CITATION.findall(text) for n in re.split(r"\s*,\s*", group)]
 
 
-def split_answer(answer: str) -> list[AnswerSentence]:
-    """The answer's sentences with the source numbers each one cites.
+def split_cited(answer: str) -> list[CitedSentence]:
+    """The sentences of a text citing numbered sources as [n], with the numbers each one cites.
 
     A marker after a sentence's full stop ("... end. [2] Next ...") belongs to that sentence, whether
     the sentence splitter left it alone or at the start of the next sentence.
     """
-    sentences: list[AnswerSentence] = []
+    sentences: list[CitedSentence] = []
     for start, end in sentence_spans(answer):
         lead = _LEADING_CITATIONS.match(answer, start, end)
         if lead and sentences and lead.end() < end:
@@ -86,7 +90,7 @@ def split_answer(answer: str) -> list[AnswerSentence]:
             sentences[-1].citations.extend(numbers)
             sentences[-1].end = end
             continue
-        sentences.append(AnswerSentence(re.sub(r"\s+([.,;:!?])", r"\1", text), start, end, numbers))
+        sentences.append(CitedSentence(re.sub(r"\s+([.,;:!?])", r"\1", text), start, end, numbers))
     return sentences
 
 
@@ -101,6 +105,35 @@ def best_support(
     scores = np.maximum(meaning, wording)
     best = int(np.argmax(scores))
     return float(scores[best]), best
+
+
+@dataclass(frozen=True)
+class Support:
+    """How well a sentence is supported: its best source sentence, and the specifics no cited text has."""
+
+    score: float  # the better of meaning and wording for the best source, 0-1
+    best: int  # index of that source, -1 with none
+    missing: list[str]  # numbers and names the sentence states that the cited text does not contain
+    threshold: float
+
+    @property
+    def supported(self) -> bool:
+        return self.score >= self.threshold and not self.missing
+
+
+def support(
+    sentence: str,
+    sentence_vector: np.ndarray,
+    sources: Sequence[str],
+    source_vectors: np.ndarray,
+    *,
+    cited_text: str,
+    threshold: float,
+) -> Support:
+    """The check of one sentence against the source sentences it may draw on (`cited_text`: everything it
+    cites, for the specifics; it may hold more than `sources`, e.g. a title)."""
+    score, best = best_support(sentence, sentence_vector, sources, source_vectors)
+    return Support(score, best, missing_specifics(sentence, cited_text), threshold)
 
 
 def specifics(sentence: str) -> list[str]:

@@ -1,14 +1,26 @@
 """Search blocks shared by every app: an ANN index (usearch HNSW) and a keyword index (tantivy BM25).
 
-Both are indexes derived from rows kept elsewhere (SQLite is the truth, the index a copy that catches up
-after another process or a crash: keel.vectors.derived). RAG keeps one of each per collection; the semantic
+    from keel.vectors import AnnIndex, SyncState, catch_up
+
+    ann = AnnIndex(Path("cache.usearch"), dimensions=384)
+    catch_up(ann, SyncState(version, deletions), my_rows)  # my_rows: a RowSource over your own table
+    ann.search(query_vector, k=5)
+
+Both are indexes derived from rows kept elsewhere: SQLite is the truth, the index a copy that catches up
+after another process or a crash (keel.vectors.derived). RAG keeps one of each per collection; the semantic
 cache will keep its cached prompts' vectors the same way, without importing `keel.rag`. What is RAG's own
 stays in keel.rag.index: the collection, document and chunk tables, metadata filters on chunks, and
-PostgreSQL's BM25 and pgvector queries over those tables. Imports point down only (tests/test_layers.py).
+PostgreSQL's BM25 and pgvector queries over those tables (their SQL is written for those tables; a new app's
+tables get their own). Imports point down only (tests/test_layers.py).
 """
 
 from keel.vectors.ann import AnnIndex
-from keel.vectors.derived import DerivedIndex, IndexSession, SyncState
+from keel.vectors.derived import DerivedIndex, IndexSession, RowSource, SyncState, catch_up
+from keel.vectors.encoding import pgvector_text, vector_blob, vectors_from_blobs
+from keel.vectors.filtered import EXACT_LIMIT, Hits, filtered_search
 from keel.vectors.keywords import KeywordIndex
 
-__all__ = ["AnnIndex", "DerivedIndex", "IndexSession", "KeywordIndex", "SyncState"]
+__all__ = [
+    "EXACT_LIMIT", "AnnIndex", "DerivedIndex", "Hits", "IndexSession", "KeywordIndex", "RowSource", "SyncState",
+    "catch_up", "filtered_search", "pgvector_text", "vector_blob", "vectors_from_blobs",
+]  # fmt: skip

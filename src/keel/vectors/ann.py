@@ -1,13 +1,13 @@
-"""The embedded backend's vector index: a usearch HNSW file beside the SQLite store.
+"""An embedded vector index: a usearch HNSW file (cosine), keyed by integer id, beside the SQLite store.
 
-The store's float32 blobs are the truth; this file is a derived index that
-can always be brought up to date from them. Next to `<id>.usearch` a small
-JSON file records what the index holds: the collection `version` and
-`deletions` counters it was synced at and the highest chunk id it has. Since
-chunk ids only grow, catching up after another process wrote is cheap: add
-the chunks above that id, and only when chunks were deleted since, drop the
-ids the store no longer has. A missing, damaged or mismatched file is
-rebuilt from the store, so a crash between a commit and a save loses nothing.
+The float32 vectors in the store are the truth; this file is a derived index
+that can always be brought up to date from them (keel.vectors.derived). Next
+to `<name>.usearch` a small JSON file records what the index holds: the
+`version` and `deletions` counters of the rows it was synced at and the
+highest id it has. A missing, damaged or mismatched file is rebuilt from the
+store, so a crash between a commit and a save loses nothing. RAG keeps one
+per collection (ids are chunk ids); a semantic cache would key its entries
+the same way.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import numpy as np
 
 from keel.errors import ConfigError
 from keel.vectors.derived import SyncState
+from keel.vectors.encoding import vectors_from_blobs
 
 __all__ = ["AnnIndex"]
 
-log = logging.getLogger("keel.rag")
+log = logging.getLogger("keel.vectors")
 
 
 def _usearch() -> Any:
@@ -40,9 +41,7 @@ def _usearch() -> Any:
 
 
 class AnnIndex:
-    """An HNSW index (cosine) of one collection's chunk vectors, keyed by chunk id."""
-
-    columns = "embedding"
+    """An HNSW index (cosine) of vectors keyed by integer id (RAG: one collection's chunks, by chunk id)."""
 
     def __init__(self, path: Path | None, dimensions: int, *, connectivity: int = 16, expansion_search: int = 128):
         self.path = path
@@ -145,15 +144,9 @@ class AnnIndex:
                 self.dirty = True
 
     def add_rows(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Rows of (chunk id, float32 blob)."""
+        """Rows of (id, little-endian float32 blob), as `vector_blob` writes them."""
         if rows:
-            keys = np.array([r[0] for r in rows], dtype=np.int64)
-            vectors = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype="<f4").reshape(len(rows), -1)
-            self.add(keys, vectors)
-
-    def add_written(self, ids: Sequence[int], writes: Sequence[Any]) -> None:
-        if ids:
-            self.add(np.asarray(ids, dtype=np.int64), np.vstack([w.vectors for w in writes if len(w.chunks)]))
+            self.add(np.array([r[0] for r in rows], dtype=np.int64), vectors_from_blobs([r[1] for r in rows]))
 
     def keys(self) -> np.ndarray:
         with self.lock:
@@ -162,7 +155,7 @@ class AnnIndex:
     # --- search ---------------------------------------------------------------------
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """(chunk id, cosine similarity) of the k nearest vectors."""
+        """(id, cosine similarity) of the k nearest vectors."""
         with self.lock:
             if len(self._index) == 0 or k <= 0:
                 return []

@@ -1,4 +1,4 @@
-"""The embedded backend's keyword index: a tantivy (BM25) folder beside the SQLite store.
+"""An embedded keyword index: a tantivy (BM25) folder beside the SQLite store, keyed by integer id.
 
 Why tantivy and not SQLite's FTS5: FTS5 ranks an OR query by scoring every
 posting of every query term, with no way to skip documents that cannot reach
@@ -8,19 +8,21 @@ engine in Rust, skips whole blocks of postings whose best possible score
 cannot enter the top k (block-max WAND): the same queries on the same corpus
 answer in milliseconds.
 
-Scoring is BM25 (k1 = 1.2, b = 0.75) over two fields, the chunk's heading
-context and its text, each with its own length normalisation; a query
-term's score is the sum over both (the context's scaled by `context_weight`).
+Scoring is BM25 (k1 = 1.2, b = 0.75) over two fields, a context line (RAG:
+a chunk's title and heading path) and the text, each with its own length
+normalisation; a query term's score is the sum over both (the context's
+scaled by `context_weight`).
 Words are split on non-alphanumerics, lower-cased and Snowball-stemmed
 (English), at indexing and at query time by the same analyzer.
 
-Like the vector index this is derived data: the chunk rows in SQLite are the
+Like the vector index this is derived data: the rows in SQLite are the
 truth, and the folder can always be rebuilt from them. Unlike it, it lives on
 disk and is shared by every process that opens the store: a change takes an
-exclusive file lock, commits, then records in `keel-state.json` the collection
-`version` and `deletions` counters it now reflects and its highest chunk id
-(see keel.vectors.derived). A crash between a commit and that record leaves
-the record behind, which only makes the next change catch up from the store.
+exclusive file lock, commits, then records in `keel-state.json` the
+`version` and `deletions` counters of the rows it now reflects and its
+highest id (see keel.vectors.derived). A crash between a commit and that
+record leaves the record behind, which only makes the next change catch up
+from the store.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from keel.vectors.derived import SyncState
 
 __all__ = ["KeywordIndex"]
 
-log = logging.getLogger("keel.rag")
+log = logging.getLogger("keel.vectors")
 
 _ANALYZER = "keel_en"
 _STATE = "keel-state.json"
@@ -62,9 +64,7 @@ def _tantivy() -> Any:
 
 
 class KeywordIndex:
-    """BM25 over one collection's chunks, keyed by chunk id."""
-
-    columns = "context, text"
+    """BM25 over texts (each with an optional context line) keyed by integer id (RAG: a collection's chunks)."""
 
     def __init__(self, path: Path | None, *, context_weight: float = 1.0) -> None:
         self.path = path
@@ -179,7 +179,7 @@ class KeywordIndex:
         return list(dict.fromkeys(tokens))[:MAX_TERMS]
 
     def search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        """(chunk id, BM25 score) of the k best chunks for the query's words, among `allowed` when given."""
+        """(id, BM25 score) of the k best texts for the query's words, among the ids `allowed` when given."""
         terms = self.terms(query)
         if not terms or k <= 0 or (allowed is not None and len(allowed) == 0):
             return []
@@ -206,7 +206,7 @@ class KeywordIndex:
             return int(self._index.searcher().num_docs)
 
     def keys(self) -> np.ndarray:
-        """Every chunk id the index holds (a full scan: only for a resync after deletions)."""
+        """Every id the index holds (a full scan: only for a resync after deletions)."""
         with self.lock:
             searcher = self._index.searcher()
             if searcher.num_docs == 0:
@@ -240,17 +240,13 @@ class KeywordSession:
             self._write().delete_documents_by_query(q.term_set_query(self.index._schema, "id", [int(i) for i in ids]))
 
     def add_rows(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Rows of (chunk id, context, text); an id the index already holds is replaced."""
+        """Rows of (id, context, text); an id the index already holds is replaced."""
         if not rows:
             return
         self.remove([int(r[0]) for r in rows])
         writer, document, schema = self._write(), self.index._t.Document.from_dict, self.index._schema
-        for chunk_id, context, text in rows:
-            writer.add_document(document({"id": int(chunk_id), "context": context or "", "text": text or ""}, schema))
-
-    def add_written(self, ids: Sequence[int], writes: Sequence[Any]) -> None:
-        chunks = [c for w in writes for c in w.chunks]
-        self.add_rows([(i, c.context, c.text) for i, c in zip(ids, chunks, strict=True)])
+        for row_id, context, text in rows:
+            writer.add_document(document({"id": int(row_id), "context": context or "", "text": text or ""}, schema))
 
     def rollback(self) -> None:
         if self._writer is not None:

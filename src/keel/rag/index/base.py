@@ -29,9 +29,10 @@ from keel.store.base import Store, like_escape
 from keel.text.chunking import Chunk
 from keel.text.documents import Document, Section
 from keel.trace import dumps
+from keel.vectors.encoding import vector_blob
 
 __all__ = [
-    "CollectionInfo", "DocumentWrite", "RagIndex", "StoredChunk", "StoredDocument", "vector_blob",
+    "CollectionInfo", "DocumentWrite", "RagIndex", "StoredChunk", "StoredDocument",
 ]  # fmt: skip
 
 
@@ -87,10 +88,6 @@ class StoredDocument:
     metadata: dict[str, Any]
     content_hash: str
     n_chunks: int
-
-
-def vector_blob(vector: np.ndarray) -> bytes:
-    return np.asarray(vector, dtype="<f4").tobytes()
 
 
 def _json(value: Any) -> Any:

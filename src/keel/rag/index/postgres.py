@@ -26,16 +26,12 @@ import numpy as np
 from keel.rag.filters import Condition, sql_filter
 from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex
 from keel.store.postgres import PostgresStore
+from keel.vectors.encoding import pgvector_text
 
 __all__ = ["PostgresRagIndex"]
 
 K1, B = 1.2, 0.75
 MAX_QUERY_LEXEMES = 64
-
-
-def vector_text(vector: np.ndarray) -> str:
-    """pgvector's text form, '[0.1,0.2,...]' (no dependency on the pgvector Python package)."""
-    return "[" + ",".join(f"{x:.7g}" for x in np.asarray(vector, dtype=np.float32).tolist()) + "]"
 
 
 class PostgresRagIndex(RagIndex):
@@ -98,7 +94,7 @@ class PostgresRagIndex(RagIndex):
         rows = [
             (info.collection_id, w.document.doc_id, chunk.ordinal, chunk.start, chunk.end, chunk.context,
              chunk.text, self.store.json_param(dumps({**w.document.metadata, **chunk.metadata})),
-             chunk.n_tokens, vector_text(vector))
+             chunk.n_tokens, pgvector_text(vector))
             for w in writes
             for chunk, vector in zip(w.chunks, w.vectors, strict=True)
         ]  # fmt: skip
@@ -187,7 +183,7 @@ class PostgresRagIndex(RagIndex):
             f"SELECT c.chunk_id, 1 - ({distance}) FROM rag_chunks c WHERE c.collection_id = {cid}"
             f"{where.replace('?', '%s')} ORDER BY {distance} LIMIT %s"
         )
-        text = vector_text(vector)
+        text = pgvector_text(vector)
         with self.store.transaction() as tx:
             cur = tx.raw
             cur.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, 2 * k) if not conditions else 400}")

@@ -10,13 +10,13 @@ up to date from the store whenever it is behind (keel.vectors.derived):
   replaced SQLite's FTS5, whose `bm25()` ranking scores every posting of every
   query term: 568 ms at p95 at a million chunks, where tantivy skips what
   cannot reach the top k.
-- Vector search: an `AnnIndex` per collection, kept in memory and saved to
-  `<collection id>.usearch`.
+- Vector search: an `AnnIndex` per collection (keel.vectors.ann), kept in
+  memory and saved to `<collection id>.usearch`.
 
-A filtered search first finds the chunks that pass the filter in SQL; when
-few do, it ranks exactly those, else it asks the index for more results than
-needed and keeps those that pass, falling back to the exact ranking when too
-few survive. Finding them is a scan of the collection's rows until a field has
+The indexes themselves are shared blocks; what stays here is RAG's own: which
+rows of `rag_chunks` feed them, one pair per collection, and chunk metadata
+filters. A filtered search first finds the chunks that pass the filter in
+SQL, then ranks them (keel.vectors.filtered). Finding them is a scan of the collection's rows until a field has
 been filtered on in a collection of `FIELD_INDEX_MIN_CHUNKS` or more: then
 that field gets an expression index (`json_extract(metadata, '$."field"')`,
 built once, kept by every later write), and the same filter at a million
@@ -28,45 +28,82 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from keel.rag.filters import Condition, sql_filter
-from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex, vector_blob
+from keel.rag.index.base import CollectionInfo, DocumentWrite, RagIndex
 from keel.store.sqlite import SQLiteStore
 from keel.vectors.ann import AnnIndex
-from keel.vectors.derived import DerivedIndex, SyncState
+from keel.vectors.derived import DerivedIndex, SyncState, catch_up
+from keel.vectors.encoding import vector_blob
+from keel.vectors.filtered import filtered_search
 from keel.vectors.keywords import KeywordIndex
 
 __all__ = ["SQLiteRagIndex"]
 
 log = logging.getLogger("keel.rag")
 
-#: A filtered search ranks exactly when at most this many chunks pass the filter.
-EXACT_LIMIT = 20_000
 #: A metadata field filtered on in a collection this large gets an index.
 FIELD_INDEX_MIN_CHUNKS = 10_000
 #: The operators an index on a field serves (not $ne / $nin, which match nearly everything).
 _INDEXED_OPS = frozenset({"$eq", "$in", "$gt", "$gte", "$lt", "$lte", "$exists"})
 
-Hits = list[tuple[int, float]]  # (chunk id, score), best first
+WrittenRows = Callable[[Sequence[int], Sequence[DocumentWrite]], list[tuple[Any, ...]]]
 
 
-def _filtered(
-    search: Callable[[int], Hits], exact: Callable[[], Hits], allowed: np.ndarray, total: int, k: int
-) -> Hits:
-    """The k best of `allowed`: exactly when few, else from an oversampled unfiltered search."""
-    if len(allowed) <= EXACT_LIMIT:
-        return exact()
-    fraction = len(allowed) / max(1, total)
-    wanted = min(total, int(k / fraction * 2) + k)
-    hits = search(wanted)
-    passed = np.isin(np.fromiter((i for i, _ in hits), dtype=np.int64, count=len(hits)), allowed)
-    kept = [hit for hit, ok in zip(hits, passed, strict=True) if ok][:k]
-    return kept if len(kept) >= k else exact()
+@dataclass(frozen=True)
+class _Feed:
+    """Which rows of rag_chunks a derived index is built from, read from the store or taken from a write."""
+
+    columns: str  # after chunk_id, in the order the index's `add_rows` takes them
+    written: WrittenRows  # the same rows from a write's chunks in memory, given the ids the store assigned
+
+
+def _chunks(writes: Sequence[DocumentWrite]) -> list[tuple[Any, np.ndarray]]:
+    return [(c, v) for w in writes for c, v in zip(w.chunks, w.vectors, strict=True)]
+
+
+_VECTORS = _Feed("embedding", lambda ids, ws: [(i, vector_blob(v)) for i, (_, v) in zip(ids, _chunks(ws), strict=True)])
+_KEYWORDS = _Feed(
+    "context, text", lambda ids, ws: [(i, c.context, c.text) for i, (c, _) in zip(ids, _chunks(ws), strict=True)]
+)
+
+
+class _ChunkRows:
+    """One collection's rows of rag_chunks, as a derived index catches up from them (keel.vectors.derived)."""
+
+    def __init__(self, index: SQLiteRagIndex, info: CollectionInfo, columns: str, batch: int = 20_000) -> None:
+        self.store, self.collection_id, self.columns, self.batch = index.store, info.collection_id, columns, batch
+
+    def ids(self) -> np.ndarray:
+        with self.store.transaction() as cur:
+            cur.execute("SELECT chunk_id FROM rag_chunks WHERE collection_id = ?", [self.collection_id])
+            return np.fromiter((r[0] for r in cur.fetchall()), dtype=np.int64)
+
+    def ids_above(self, max_id: int) -> list[int]:
+        with self.store.transaction() as cur:
+            cur.execute(  # `+collection_id`: walk the primary key from max_id (see RagIndex.chunks)
+                "SELECT chunk_id FROM rag_chunks WHERE +collection_id = ? AND chunk_id > ?",
+                [self.collection_id, max_id],
+            )
+            return [int(r[0]) for r in cur.fetchall()]
+
+    def rows(self, ids: Sequence[int]) -> Iterator[Sequence[Sequence[Any]]]:
+        for start in range(0, len(ids), self.batch):
+            part = ids[start : start + self.batch]
+            with self.store.transaction() as cur:
+                cur.execute(
+                    f"SELECT chunk_id, {self.columns} FROM rag_chunks WHERE +collection_id = ? AND chunk_id IN"
+                    " (SELECT value FROM json_each(?))",
+                    [self.collection_id, "[" + ",".join(str(int(i)) for i in part) + "]"],
+                )
+                rows = cur.fetchall()
+            yield rows
 
 
 class SQLiteRagIndex(RagIndex):
@@ -166,16 +203,19 @@ class SQLiteRagIndex(RagIndex):
         """Bring the derived indexes along: this write's rows directly to one that held exactly what the
         write started from, else a sync from the store (which has them too)."""
         fresh: CollectionInfo | None = None
-        for derived in (self._get_ann(info), self._get_keywords(info)):
-            with derived.session() as session:
+        derived: tuple[tuple[DerivedIndex, _Feed], ...] = (
+            (self._get_ann(info), _VECTORS), (self._get_keywords(info), _KEYWORDS)
+        )  # fmt: skip
+        for index, feed in derived:
+            with index.session() as session:
                 if session.state.version == version - 1:
                     session.remove(removed)
-                    session.add_written(added, writes)
+                    session.add_rows(feed.written(added, writes))
                     session.state = SyncState(version, deletions, max([session.state.max_id, *added]))
                     continue
             fresh = fresh or self.collection(info.name)
             if fresh is not None:
-                self._sync(derived, fresh)
+                self._sync(index, feed, fresh)
 
     def flush(self, info: CollectionInfo) -> None:
         with self._lock:
@@ -212,53 +252,18 @@ class SQLiteRagIndex(RagIndex):
         """The collection's vector index, brought up to date with the store."""
         ann = self._get_ann(info)
         if ann.state.version != info.version:
-            self._sync(ann, info)
+            self._sync(ann, _VECTORS, info)
         return ann
 
     def keywords(self, info: CollectionInfo) -> KeywordIndex:
         """The collection's keyword index, brought up to date with the store."""
         keywords = self._get_keywords(info)
         if keywords.state.version != info.version:
-            self._sync(keywords, info)
+            self._sync(keywords, _KEYWORDS, info)
         return keywords
 
-    def _sync(self, derived: DerivedIndex, info: CollectionInfo) -> None:
-        with derived.session() as session:
-            state = session.state
-            if state.version == info.version:
-                return
-            if state.version < 0 or state.deletions != info.deletions:
-                with self.store.transaction() as cur:
-                    cur.execute("SELECT chunk_id FROM rag_chunks WHERE collection_id = ?", [info.collection_id])
-                    stored = np.fromiter((r[0] for r in cur.fetchall()), dtype=np.int64)
-                held = session.keys().astype(np.int64)
-                session.remove(np.setdiff1d(held, stored, assume_unique=True).tolist())
-                missing = np.setdiff1d(stored, held, assume_unique=True)
-                self._add_from_store(session, derived.columns, info, missing.tolist())
-                newest = int(stored.max()) if len(stored) else 0
-            else:
-                with self.store.transaction() as cur:
-                    cur.execute(  # `+collection_id`: walk the primary key from max_id (see RagIndex.chunks)
-                        "SELECT chunk_id FROM rag_chunks WHERE +collection_id = ? AND chunk_id > ?",
-                        [info.collection_id, state.max_id],
-                    )
-                    ids = [int(r[0]) for r in cur.fetchall()]
-                self._add_from_store(session, derived.columns, info, ids)
-                newest = max(ids, default=0)
-            session.state = SyncState(info.version, info.deletions, max(state.max_id, newest))
-
-    def _add_from_store(
-        self, session: Any, columns: str, info: CollectionInfo, ids: list[int], batch: int = 20_000
-    ) -> None:
-        for start in range(0, len(ids), batch):
-            part = ids[start : start + batch]
-            with self.store.transaction() as cur:
-                cur.execute(
-                    f"SELECT chunk_id, {columns} FROM rag_chunks WHERE +collection_id = ? AND chunk_id IN"
-                    " (SELECT value FROM json_each(?))",
-                    [info.collection_id, "[" + ",".join(str(int(i)) for i in part) + "]"],
-                )
-                session.add_rows(cur.fetchall())
+    def _sync(self, index: DerivedIndex, feed: _Feed, info: CollectionInfo) -> None:
+        catch_up(index, SyncState(info.version, info.deletions), _ChunkRows(self, info, feed.columns))
 
     # --- search ----------------------------------------------------------------------------
 
@@ -307,7 +312,7 @@ class SQLiteRagIndex(RagIndex):
         if not conditions:
             return keywords.search(query, k)
         allowed = self._allowed(info, conditions)
-        return _filtered(
+        return filtered_search(
             lambda n: keywords.search(query, n), lambda: keywords.search(query, k, allowed), allowed,
             info.n_chunks, k,
         )  # fmt: skip
@@ -320,4 +325,6 @@ class SQLiteRagIndex(RagIndex):
         if not conditions:
             return ann.search(query, k)
         allowed = self._allowed(info, conditions)
-        return _filtered(lambda n: ann.search(query, n), lambda: ann.exact(query, allowed, k), allowed, len(ann), k)
+        return filtered_search(
+            lambda n: ann.search(query, n), lambda: ann.exact(query, allowed, k), allowed, len(ann), k
+        )
