@@ -7,16 +7,20 @@ imported: a lazy import inside a function is as much a dependency as one at the 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 import keel
 
 ROOT = Path(keel.__file__).parent
 
 #: package -> the packages it must not import from (any module under them).
+ABOVE_BLOCKS = ("keel.rag", "keel.evals", "keel.gateway", "keel.jobs", "keel.server", "keel.cli", "keel.models")
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "keel.text": ("keel.vectors", "keel.rag", "keel.evals", "keel.gateway", "keel.server", "keel.cli", "keel.jobs"),
-    "keel.vectors": ("keel.rag", "keel.evals", "keel.gateway", "keel.server", "keel.cli", "keel.jobs"),
+    "keel.text": ("keel.vectors", *ABOVE_BLOCKS),
+    "keel.vectors": ABOVE_BLOCKS,
     "keel.evals": ("keel.rag",),
 }
 #: The evals modules that run a RAG collection as the thing under test (the RAG task adapter), and so may import
@@ -77,6 +81,7 @@ def test_the_blocks_exist_and_the_scorers_are_checked() -> None:
     for package in ("keel.text", "keel.vectors", "keel.evals.scorers", *RAG_TASK_ADAPTERS):
         assert package in modules, package
 
+
 def test_the_moved_blocks_live_in_one_place() -> None:
     """No shim module left behind in rag/ for what moved to keel.text and keel.vectors."""
     modules = {module_name(p) for p in ROOT.rglob("*.py")}
@@ -96,3 +101,16 @@ def test_the_checker_sees_lazy_relative_and_from_imports() -> None:
     )
     names = imported_names(source, "keel.evals")
     assert {"keel.rag.answer", "keel.gateway", "keel.server.app", "keel.rag"} <= names
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md"])
+def test_the_layers_picture_shows_the_blocks_below_the_apps(doc: str) -> None:
+    """The picture users read says what the rules above hold: blocks between the gateway and the models."""
+    text = (ROOT.parents[1] / doc).read_text(encoding="utf-8")
+    picture = next(b for b in re.findall(r"^```[\w-]*\n(.*?)^```", text, re.S | re.M) if b.startswith("cli/"))
+    firsts = [line.split()[0] for line in picture.splitlines()]
+    assert firsts == ["cli/", "apps:", "jobs/", "gateway/", "blocks:", "models/", "core:"]
+    blocks = picture.splitlines()[firsts.index("blocks:")]
+    assert "text/" in blocks and "vectors/" in blocks
+    apps = picture.splitlines()[firsts.index("apps:")]
+    assert "rag/" in apps and "evals/" in apps
