@@ -114,3 +114,34 @@ def test_the_layers_picture_shows_the_blocks_below_the_apps(doc: str) -> None:
     assert "text/" in blocks and "vectors/" in blocks
     apps = picture.splitlines()[firsts.index("apps:")]
     assert "rag/" in apps and "evals/" in apps
+
+
+def _third_party(package: str) -> set[str]:
+    """Top-level names of the non-stdlib modules a package's files import."""
+    import sys
+
+    names = set()
+    for path in (ROOT / package).rglob("*.py"):
+        names |= {n.split(".")[0] for n in imported(path)}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in {"keel", "__future__"}}
+
+
+def test_each_block_installs_on_its_own() -> None:
+    """An app that needs only the text blocks (extraction, evals) installs `keel[text]`, not all of RAG."""
+    import tomllib
+
+    project = tomllib.loads((ROOT.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    # import name -> distribution, for those that differ
+    dist = {"docx": "python-docx", "markdown_it": "markdown-it-py", "bpe_openai": "bpe-openai"}
+    core = names(project["dependencies"])
+    for block in ("text", "vectors"):
+        needed = {dist.get(n, n).lower() for n in _third_party(block)} - core
+        needed.discard("tokenizers")  # WordPiece offsets: only with the local embedder, keel[embed]
+        assert needed <= names(extras[block]), (block, needed - names(extras[block]))
+    assert "keel[text,vectors]" in extras["rag"]
+    assert "keel[text]" in extras["evals"]  # the faithfulness scorer splits sentences

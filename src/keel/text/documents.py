@@ -401,7 +401,7 @@ def _pdf(path: Path, source: str) -> Document:
         from pypdf import PdfReader
         from pypdf.errors import PdfReadError
     except ImportError:
-        raise _Skip("PDF support needs pypdf: pip install 'keel[rag]'") from None
+        raise _Skip("PDF support needs pypdf: pip install 'keel[text]'") from None
     try:
         reader = PdfReader(path)
         if reader.is_encrypted and not reader.decrypt(""):
@@ -432,7 +432,7 @@ def _docx(path: Path, source: str) -> Document:
         import docx
         from docx.opc.exceptions import PackageNotFoundError
     except ImportError:
-        raise _Skip(".docx support needs python-docx: pip install 'keel[rag]'") from None
+        raise _Skip(".docx support needs python-docx: pip install 'keel[text]'") from None
     try:
         document = docx.Document(str(path))
     except (PackageNotFoundError, ValueError, KeyError) as exc:

@@ -36,7 +36,7 @@ def _usearch() -> Any:
     try:
         from usearch.index import Index
     except ImportError as exc:
-        raise ConfigError("the embedded vector index needs usearch: pip install 'keel[rag]'") from exc
+        raise ConfigError("the embedded vector index needs usearch: pip install 'keel[vectors]'") from exc
     return Index
 
 

@@ -59,7 +59,7 @@ def _tantivy() -> Any:
     try:
         import tantivy
     except ImportError as exc:
-        raise ConfigError("the embedded keyword index needs tantivy: pip install 'keel[rag]'") from exc
+        raise ConfigError("the embedded keyword index needs tantivy: pip install 'keel[vectors]'") from exc
     return tantivy
 
 
