@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from keel.evals.online import (
     OnlineScheduler,
     candidates,
     drop_test,
+    _stamp,
     ensure_tables,
     online_config,
     quality,
@@ -25,7 +31,7 @@ from keel.evals.online import (
     score_span,
 )
 from keel.evals.settings import OnlineConfig, OnlineScorer
-from keel.store import Store
+from keel.store import Store, open_store
 from keel.trace import Span, new_id, new_trace_id
 from keel.types import ChatRequest, ModelResponse
 
@@ -315,3 +321,65 @@ def test_bad_online_or_alert_configuration_is_a_clear_error(tmp_path: Path, text
     with pytest.raises(ConfigError) as info:
         load_config(write_config(tmp_path, body))
     assert message in str(info.value)
+
+
+# --- the durable job: a real `keel worker`, killed with -9 and restarted --------------------------------------------
+
+KEEL = [sys.executable, "-c", "from keel.cli.app import main; main()"]
+SRC = Path(__file__).parent.parent / "src"
+
+
+def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    command = [*KEEL, "worker", "--id", "online-w1"]
+    return subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def _rows(store: Store) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in store.query("SELECT span_id, scorer, value, error FROM keel_eval_online_scores")]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_job_then_restart_scores_every_sampled_call_exactly_once(tmp_path: Path) -> None:
+    n = 24
+    store_path = tmp_path / "keel.db"
+    config = write_config(tmp_path, (
+        '[models.judge]\nprovider = "test"\nmodel = "judge"\nscript = ["Polite.\\nSCORE: 4"]\ndelay_s = 0.25\n\n'
+        '[evals.online]\nsample = 1.0\ninterval_s = 60\nsettle_s = 0\n'
+        'scorers = [{type = "judge", rubric = "Polite?", model = "judge"}]\n\n'
+        '[jobs]\npoll_s = 0.05\nheartbeat_s = 0.5\ndead_after_s = 2\n'
+    ))  # fmt: skip
+    env = {**os.environ, "KEEL_CONFIG": str(config), "KEEL_STORE": str(store_path), "PYTHONPATH": str(SRC)}
+    store = open_store(str(store_path))
+    ensure_tables(store)
+    start = math.floor(time.time() / 60) * 60 - 120  # two closed intervals ago
+    spans = [call_span(end=start + 1 + i, output={"text": f"answer {i}"}) for i in range(n)]  # judged one by one
+    store.write_spans(spans)
+    store.execute("INSERT INTO keel_eval_online_state (name, watermark) VALUES ('watermark', ?)", [start])
+    log = tmp_path / "worker.log"
+    worker = _worker(env, log)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_rows(store)) < 4:
+            assert time.monotonic() < deadline and worker.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGKILL)  # mid-job: items running, others queued
+        worker.wait(timeout=30)
+        killed_at = len(_rows(store))
+        assert killed_at < n
+        worker = _worker(env, log)  # the same id: DBOS hands it back its pending items at once
+        deadline = time.monotonic() + 90
+        while len(_rows(store)) < n:
+            assert time.monotonic() < deadline and worker.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # anything run twice would land now
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    rows = _rows(store)
+    assert sorted(r[0] for r in rows) == sorted(s.span_id for s in spans)  # none lost, none twice
+    assert {(r[1], r[2], r[3]) for r in rows} == {("judge", 0.75, None)}
+    jobs_rows = store.query("SELECT name, done, failed, total FROM keel_jobs WHERE kind = 'evals.online'")
+    assert [tuple(r) for r in jobs_rows] == [(f"evals.online:{_stamp(start)}", n, 0, n)]
+    judge_calls = store.query("SELECT COUNT(*) FROM spans WHERE operation = 'chat' AND parent_id IS NOT NULL")[0][0]
+    assert n <= judge_calls <= n + 4  # a call in flight at the kill may run again (4 at once); its row does not
+    store.close()

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -64,6 +65,7 @@ __all__ = [
     "DropTest",
     "OnlineScheduler",
     "OnlineService",
+    "OnlineThread",
     "QualityReport",
     "QualityRow",
     "candidates",
@@ -408,6 +410,8 @@ async def score_item(item: dict[str, Any], ctx: jobs.ItemContext) -> dict[str, A
         job=ctx.job,
     )  # fmt: skip
     ctx.add_cost(result["cost_usd"])
+    if runtime.gateway is not None:  # the judge's spans in the store before the item is done: a worker
+        await asyncio.to_thread(runtime.gateway.flush)  # stopped or killed next must not lose its trace
     return result
 
 
@@ -564,6 +568,35 @@ def start_online(config: Config, store: Store | None, *, embedded_worker: bool |
     service.task = asyncio.get_running_loop().create_task(service.run(), name="keel-online-quality")
     log.info("keel: online quality scores %g of calls every %g s", online.sample, online.interval_s)
     return service
+
+
+class OnlineThread:
+    """The scheduler's loop in a thread, for `keel worker` (which has no event loop of its own)."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        use_config(config)
+        self.scheduler = OnlineScheduler(config, store)
+        self.period_s = _tick_period(self.scheduler.online)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keel-online-quality", daemon=True)
+
+    def start(self) -> OnlineThread:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.scheduler.tick()
+            except Exception:
+                log.exception("online quality: handing out calls failed; again in %g s", self.period_s)
+            if self._stop.wait(self.period_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.scheduler.close()
 
 
 def _embedded_worker(config: Config) -> Worker | None:
