@@ -21,9 +21,9 @@ from keel.config import load_config
 from keel.errors import ConfigError
 from keel.evals.online import (
     OnlineScheduler,
+    _stamp,
     candidates,
     drop_test,
-    _stamp,
     ensure_tables,
     online_config,
     quality,

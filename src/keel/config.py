@@ -433,6 +433,10 @@ class Config(_Strict):
     def store_url(self) -> str:
         return self.store.url or str(default_store_path())
 
+    def has_section(self, name: str) -> bool:
+        """Whether keel.toml (or the environment) configured the app's section `[name]` (nothing is imported)."""
+        return name in self._sections
+
     def section(self, name: str) -> Any:
         """An app's section: as configured, else its model's defaults."""
         if name not in self._sections:

@@ -554,7 +554,9 @@ def _tick_period(online: OnlineConfig) -> float:
     return min(max(online.interval_s / 4, 1.0), 60.0)
 
 
-def start_online(config: Config, store: Store | None, *, embedded_worker: bool | None = None) -> OnlineService | None:
+async def start_online(
+    config: Config, store: Store | None, *, embedded_worker: bool | None = None
+) -> OnlineService | None:
     """Start handing out calls to score (and, for `keel serve`, a worker of the online queue); None when off."""
     online = online_config(config)
     if not online.enabled or store is None:
@@ -563,7 +565,7 @@ def start_online(config: Config, store: Store | None, *, embedded_worker: bool |
     scheduler = OnlineScheduler(config, store)
     worker = None
     if online.embedded_worker if embedded_worker is None else embedded_worker:
-        worker = _embedded_worker(scheduler.config)
+        worker = await asyncio.to_thread(_embedded_worker, scheduler.config)
     service = OnlineService(scheduler, worker, period_s=_tick_period(online))
     service.task = asyncio.get_running_loop().create_task(service.run(), name="keel-online-quality")
     log.info("keel: online quality scores %g of calls every %g s", online.sample, online.interval_s)
@@ -655,7 +657,8 @@ class QualityReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "since": _iso(self.since), "until": _iso(self.until), "period_s": self.period_s, "scorers": self.scorers,
+            "since": _iso(self.since), "until": _iso(self.until), "since_ts": self.since, "until_ts": self.until,
+            "period_s": self.period_s, "scorers": self.scorers,
             "rows": [r.to_json() for r in self.rows], "changes": [c.to_json() for c in self.changes],
         }  # fmt: skip
 
