@@ -383,3 +383,42 @@ def test_kill_9_mid_job_then_restart_scores_every_sampled_call_exactly_once(tmp_
     judge_calls = store.query("SELECT COUNT(*) FROM spans WHERE operation = 'chat' AND parent_id IS NOT NULL")[0][0]
     assert n <= judge_calls <= n + 4  # a call in flight at the kill may run again (4 at once); its row does not
     store.close()
+
+
+@pytest.mark.slow
+def test_keel_serve_scores_sampled_calls_with_its_embedded_worker(tmp_path: Path) -> None:
+    """No `keel worker` anywhere: the server hands out the interval and its own worker scores it."""
+    from stubs import free_port
+
+    n = 6
+    store_path = tmp_path / "keel.db"
+    config = write_config(tmp_path, (
+        '[models.judge]\nprovider = "test"\nmodel = "judge"\nscript = ["SCORE: 5"]\n\n'
+        '[evals.online]\nsample = 1.0\ninterval_s = 60\nsettle_s = 0\n'
+        'scorers = [{type = "format"}, {type = "judge", rubric = "Polite?", model = "judge"}]\n\n'
+        '[jobs]\npoll_s = 0.05\n'
+    ))  # fmt: skip
+    env = {**os.environ, "KEEL_CONFIG": str(config), "KEEL_STORE": str(store_path), "PYTHONPATH": str(SRC)}
+    store = open_store(str(store_path))
+    ensure_tables(store)
+    start = math.floor(time.time() / 60) * 60 - 60
+    fmt = {"name": "o", "schema": {"type": "object"}}
+    spans = [call_span(end=start + 1 + i, request={"messages": [], "response_format": fmt},
+                       output={"text": "{}" if i % 2 else "not json"}) for i in range(n)]  # fmt: skip
+    store.write_spans(spans)
+    store.execute("INSERT INTO keel_eval_online_state (name, watermark) VALUES ('watermark', ?)", [start])
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen([*KEEL, "serve", "--port", str(free_port())], env=env, stdout=log.open("ab"),
+                              stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(_rows(store)) < 2 * n:
+            assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    by = {(r[0], r[1]): r[2] for r in _rows(store)}
+    assert [by[(s.span_id, "format")] for s in spans] == [0.0, 1.0] * (n // 2)
+    assert {by[(s.span_id, "judge")] for s in spans} == {1.0}
+    store.close()

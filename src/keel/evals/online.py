@@ -568,7 +568,7 @@ async def start_online(
         worker = await asyncio.to_thread(_embedded_worker, scheduler.config)
     service = OnlineService(scheduler, worker, period_s=_tick_period(online))
     service.task = asyncio.get_running_loop().create_task(service.run(), name="keel-online-quality")
-    log.info("keel: online quality scores %g of calls every %g s", online.sample, online.interval_s)
+    log.info("keel: online quality scores %g%% of calls every %g s", online.sample * 100, online.interval_s)
     return service
 
 
