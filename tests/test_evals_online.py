@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import signal
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from helpers import gateway, write_config
 from keel import FunctionModel, Gateway
 from keel.alerts import AlertEvaluator
+from keel.cli.app import app
 from keel.config import load_config
 from keel.errors import ConfigError
 from keel.evals.online import (
@@ -245,7 +248,9 @@ def _traffic(tmp_path: Path, store_path: str, versions: list[tuple[str, list[boo
 ALERT = '[alerts.faith]\nmetric = "quality_drop"\nscorer = "judge"\nthreshold = 0.1\nmin_n = 20\nwindow = "1h"\n'
 
 
-def test_a_drop_after_a_prompt_change_fires_the_alert(tmp_path: Path, store_url: str) -> None:
+def test_a_drop_after_a_prompt_change_fires_the_alert(
+    tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = [i % 10 != 0 for i in range(30)]  # 90% good
     after = [i % 2 == 0 for i in range(30)]  # 50% good
     gw = _traffic(tmp_path, store_url, [("v1", before), ("v2", after)])
@@ -259,7 +264,35 @@ def test_a_drop_after_a_prompt_change_fires_the_alert(tmp_path: Path, store_url:
     assert "function / prompt v1 -> function / prompt v2" in row.message
     assert "n = 30 before, 30 after; min_n = 20" in row.message and "Welch" in row.message
     assert row.value == pytest.approx(0.75 * 0.9 + 0.0 - 0.75 * 0.5, abs=1e-9)
+    monkeypatch.setenv("KEEL_STORE", store_url)  # `keel alerts list` reads the state the evaluator wrote
+    listed = CliRunner().invoke(app, ["alerts", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    [shown] = json.loads(listed.output)
+    assert shown["state"] == "firing" and shown["value"] == pytest.approx(0.3)
+    assert "at least 20 scores on each side" in shown["condition"]
     gw.close()
+
+
+def test_replicas_submitting_the_same_interval_make_one_job(tmp_path: Path, store_url: str) -> None:
+    """Two schedulers (two replicas) on one store, each with its own job runner: one job, each call once."""
+    config = load_config(write_config(tmp_path, "[evals.online]\nsample = 1.0\ninterval_s = 60\nsettle_s = 0\n"))
+    stores = [open_store(store_url) for _ in range(2)]
+    ensure_tables(stores[0])
+    start = math.floor(time.time() / 60) * 60 - 60
+    spans = [call_span(end=start + 1 + i) for i in range(5)]
+    stores[0].write_spans(spans)
+    replicas = [OnlineScheduler(config, s) for s in stores]
+    names = []
+    for replica in replicas:  # the race: both read the watermark before either moved it
+        stores[0].execute("DELETE FROM keel_eval_online_state")
+        replica._start(start)
+        names.append(replica.tick())
+    assert names == [[f"evals.online:{_stamp(start)}"]] * 2  # the second submission resumes the first job
+    jobs_rows = stores[0].query("SELECT name, kind, queue, total FROM keel_jobs")
+    assert [tuple(r) for r in jobs_rows] == [(f"evals.online:{_stamp(start)}", "evals.online", "evals.online", 5)]
+    for replica, store in zip(replicas, stores, strict=True):
+        replica.close()
+        store.close()
 
 
 @pytest.mark.parametrize("case", ["no change", "same quality", "too few"])
