@@ -341,6 +341,7 @@ def test_quality_by_period_model_and_prompt_version(tmp_path: Path) -> None:
         ('[evals.online]\nscorers = [{type = "bleu"}]\n', "faithfulness"),
         ('[evals.online]\nscorers = [{type = "judge"}]\n', "needs a `rubric`"),
         ("[evals.online]\nsample = 1.5\n", "less than or equal to 1"),
+        ('[evals.online]\nscorers = [{type = "judge", rubric = "ok?", model = "nope"}]\n', "'nope' is not configured"),
         (ALERT.replace("min_n = 20\n", ""), "needs `min_n`"),
         (ALERT.replace('scorer = "judge"\n', ""), "needs `scorer`"),
         (ALERT.replace("threshold = 0.1", "threshold = 5"), "in (0, 1]"),

@@ -434,7 +434,7 @@ class Config(_Strict):
         return self.store.url or str(default_store_path())
 
     def has_section(self, name: str) -> bool:
-        """Whether keel.toml (or the environment) configured the app's section `[name]` (nothing is imported)."""
+        """Whether `[name]` was configured (or already read), without importing its app to find out."""
         return name in self._sections
 
     def section(self, name: str) -> Any:
