@@ -60,6 +60,7 @@ _METRIC_NAMES = {
     "budget_overrun_usd": "budget overrun",  # USD charged past keys' budgets (see keel.gateway.budget)
     "requests": "requests",
     "errors": "errors",
+    "quality_drop": "drop of",  # an [evals.online] scorer's mean after a model or prompt change (keel.evals.online)
 }
 _PERCENTILES = {"p95_latency_ms": 0.95, "p99_latency_ms": 0.99}
 #: Error rates and latencies of a handful of calls are noise; counts and cost are not.
@@ -90,12 +91,17 @@ def format_value(metric: str, value: float) -> str:
         return f"{value * 100:.3g}%"
     if metric in _PERCENTILES:
         return f"{value:,.0f} ms"
+    if metric == "quality_drop":
+        return f"{value:.3g}"
     if metric in ("cost_usd", "budget_overrun_usd"):
         return f"${value:,.2f}" if value >= 1 else f"${value:.4g}"
     return f"{value:,.0f}"
 
 
 def _subject(rule: AlertRule) -> str:
+    if rule.metric == "quality_drop":
+        whose = f" of {rule.model}" if rule.model else ""
+        return f"drop of {rule.scorer}{whose} after the latest model or prompt change"
     whose = f"of {rule.model}" if rule.model else "of all models"
     return f"{_METRIC_NAMES[rule.metric]} {whose}" + (f" for key {rule.key}" if rule.key else "")
 
@@ -106,7 +112,10 @@ def _window_text(rule: AlertRule) -> str:
 
 def describe(rule: AlertRule) -> str:
     """The condition in words: `error rate of gpt-4o-mini > 5% over 10m`."""
-    return f"{_subject(rule)} {rule.op} {format_value(rule.metric, rule.threshold)} {_window_text(rule)}"
+    text = f"{_subject(rule)} {rule.op} {format_value(rule.metric, rule.threshold)} {_window_text(rule)}"
+    if rule.metric == "quality_drop":
+        text += f" (one-sided Welch t-test, p < {rule.alpha:g}, at least {rule.min_n} scores on each side)"
+    return text
 
 
 def _counts(rule: AlertRule, stats: CallStats) -> str:
@@ -155,6 +164,11 @@ def evaluate(rule: AlertRule, stats: CallStats) -> Evaluation:
 
 def measure_rule(config: Config, rule: AlertRule, store: Store, now: float) -> Evaluation:
     """Evaluate one rule over the calls in its window ending at `now` (blocking: it queries the store)."""
+    if rule.metric == "quality_drop":
+        # Measured on the evals app's scores; imported here so the core never loads the app otherwise.
+        from keel.evals.online import measure_alert
+
+        return measure_alert(config, rule, store, now)
     model = (config.resolve_name(rule.model) or rule.model) if rule.model else None
     window = CallWindow(
         window_start(rule, now), now, model, rule.key, _PERCENTILES.get(rule.metric),
@@ -191,6 +205,7 @@ def payload(name: str, rule: AlertRule, row: AlertRow) -> dict[str, Any]:
         "message": row.message, "condition": row.condition, "description": rule.description,
         "metric": rule.metric, "value": row.value, "op": rule.op, "threshold": rule.threshold, "window": rule.window,
         "model": rule.model, "key": rule.key, "since": _iso(row.since), "evaluated_at": _iso(row.last_evaluated),
+        **({"scorer": rule.scorer, "min_n": rule.min_n, "alpha": rule.alpha} if rule.metric == "quality_drop" else {}),
     }  # fmt: skip
 
 

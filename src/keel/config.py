@@ -204,8 +204,9 @@ class AlertRule(_Strict):
     """A condition on recent model calls (chat and embeddings spans), e.g. an error rate over 5% in 10 minutes."""
 
     metric: Literal[
-        "error_rate", "p95_latency_ms", "p99_latency_ms", "cost_usd", "budget_overrun_usd", "requests", "errors"
-    ]
+        "error_rate", "p95_latency_ms", "p99_latency_ms", "cost_usd", "budget_overrun_usd", "requests", "errors",
+        "quality_drop",
+    ]  # fmt: skip
     op: Literal[">", ">=", "<", "<="] = ">"
     threshold: float
     window: str = "10m"
@@ -215,6 +216,11 @@ class AlertRule(_Strict):
     for_s: float = Field(default=0.0, ge=0)  # how long the condition must hold before the alert fires
     webhook: str | None = None  # overrides [alerting].webhook
     description: str | None = None
+    # quality_drop: an [evals.online] scorer's mean after the latest model or prompt version change is lower
+    # than before by at least `threshold` (on 0-1), one-sided p < alpha, with min_n scores on each side
+    scorer: str | None = None
+    min_n: int | None = Field(default=None, ge=2)
+    alpha: float = Field(default=0.05, gt=0, le=0.5)
 
     @field_validator("window")
     @classmethod
@@ -230,6 +236,22 @@ class AlertRule(_Strict):
         return threshold
 
     _webhook_is_url = field_validator("webhook")(_check_webhook)
+
+    @model_validator(mode="after")
+    def _quality_fields(self) -> AlertRule:
+        if self.metric != "quality_drop":
+            if self.scorer is not None or self.min_n is not None:
+                raise ValueError('scorer and min_n are fields of metric = "quality_drop" only')
+            return self
+        if not self.scorer:
+            raise ValueError('metric = "quality_drop" needs `scorer`: the name of an [evals.online] scorer')
+        if self.min_n is None:
+            raise ValueError('metric = "quality_drop" needs `min_n`: the fewest scores on each side of a change')
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"quality_drop's threshold is a drop of the 0-1 score, in (0, 1], not {self.threshold:g}")
+        if self.op != ">=" and self.op != ">":
+            raise ValueError('quality_drop fires on a drop at least `threshold`: use op ">=" (or leave it out)')
+        return self
 
     @property
     def window_s(self) -> float | None:
@@ -363,7 +385,17 @@ class Config(_Strict):
         for name, rule in self.alerts.items():
             if rule.model is not None and self.resolve_name(rule.model) is None:
                 raise _Ref(("alerts", name, "model"), f"alert {name!r} watches unknown model {rule.model!r}")
+            if rule.metric == "quality_drop":
+                self._check_scorer(name, str(rule.scorer))
         return self
+
+    def _check_scorer(self, alert: str, scorer: str) -> None:
+        """A quality_drop rule must watch a scorer that [evals.online] runs, or it never has data."""
+        known = [s.metric for s in self.section("evals").online.scorers]
+        if scorer not in known:
+            names = ", ".join(known) or "none"
+            raise _Ref(("alerts", alert, "scorer"), f"alert {alert!r} watches scorer {scorer!r}, which [evals.online]"
+                       f" does not run (its scorers: {names})")  # fmt: skip
 
     def _check_default(self, field: str, kind: str) -> None:
         """A default must name a configured model of its kind: else every call without a model fails later."""
@@ -400,6 +432,10 @@ class Config(_Strict):
     @property
     def store_url(self) -> str:
         return self.store.url or str(default_store_path())
+
+    def has_section(self, name: str) -> bool:
+        """Whether `[name]` was configured (or already read), without importing its app to find out."""
+        return name in self._sections
 
     def section(self, name: str) -> Any:
         """An app's section: as configured, else its model's defaults."""
@@ -451,7 +487,9 @@ class AppSection:
 _SECTIONS: dict[str, AppSection] = {}
 #: The built-in apps' sections and the module that registers each. It is imported when its section
 #: is configured or read, so a process that uses neither never imports the app (nor DBOS, for jobs).
-BUILTIN_SECTIONS: dict[str, str] = {"rag": "keel.rag.settings", "jobs": "keel.jobs.settings"}
+BUILTIN_SECTIONS: dict[str, str] = {
+    "rag": "keel.rag.settings", "jobs": "keel.jobs.settings", "evals": "keel.evals.settings",
+}  # fmt: skip
 
 
 def register_section(

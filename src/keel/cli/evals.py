@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from keel.cli import eval_compare
+from keel.cli import eval_compare, eval_quality
 from keel.cli.errors import handle_errors
 from keel.errors import InputError
 
@@ -227,3 +227,4 @@ def judge_check(
 
 
 eval_compare.register(app)  # `keel eval compare` and `keel eval report`
+eval_quality.register(app)  # `keel eval quality`

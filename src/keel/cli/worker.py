@@ -37,10 +37,14 @@ def worker(
     config = load_config()
     from keel.jobs.worker import Worker, default_worker_id, import_kinds  # DBOS: loaded by this command only
 
-    # keel's own kinds (rag.ingest: `keel rag ingest --job`), then the user's
-    import_kinds(("keel.rag.jobs", *(imports or ())))
-    running = Worker(config, worker_id=worker_id or default_worker_id()).start()
+    # keel's own kinds (rag.ingest: `keel rag ingest --job`, evals.online: [evals.online]), then the user's
+    import_kinds(("keel.rag.jobs", "keel.evals.online", *(imports or ())))
+    from keel.evals.online import OnlineThread, online_config, with_online_queue
+
+    running = Worker(with_online_queue(config), worker_id=worker_id or default_worker_id()).start()
     err.print(f"worker {running.worker_id} running; store {config.store_url}")
+    # every worker hands out the calls [evals.online] samples; the job layer runs each interval's job once
+    online = OnlineThread(config, running.store).start() if online_config(config).enabled else None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -50,4 +54,6 @@ def worker(
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
     err.print(f"worker {running.worker_id} stopping (up to {drain_s} s for running items)")
+    if online is not None:
+        online.stop()
     running.stop(drain_s=drain_s)

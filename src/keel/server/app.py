@@ -32,7 +32,7 @@ from keel.server import admin
 from keel.server.auth import KeyRing, caller, require_admin
 from keel.server.bodies import JSONBodyRoute
 from keel.server.calls import attribution, guarded, logprobs_body
-from keel.server.dashboard import dashboard_router
+from keel.server.dashboard import dashboard_router, start_online_quality
 from keel.server.errors import (
     error_body,
     error_response,
@@ -295,6 +295,7 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         await keyring.load()
         refresher = asyncio.create_task(keyring.run())
         alerts = start_alerts(gw.config, gw.store)  # None without [alerts.*] rules
+        online = await start_online_quality(gw.config, gw.store)  # None unless [evals.online] samples calls
         log.info(
             "keel: %d models (default %s), store %s, OpenAI-compatible API at /v1, dashboard at /",
             len(gw.model_names), gw.config.default_model, gw.store.url if gw.store else "off",
@@ -315,6 +316,8 @@ def create_app(config: Config | None = None, *, gateway: Gateway | None = None) 
         refresher.cancel()
         if alerts is not None:
             await alerts.aclose()
+        if online is not None:
+            await online.aclose()
         gw.tracer.listeners.remove(metrics.observe)
         if gateway is None:
             await gw.aclose()

@@ -26,14 +26,18 @@ from keel.store import SpanFilter, Store, analytics
 from keel.trace import Span
 
 if TYPE_CHECKING:
+    from keel.config import Config
+    from keel.evals.online import OnlineService
     from keel.jobs import ItemRow, JobRow, JobRunner
 
 __all__ = ["dashboard_router"]
 
 STATIC = Path(__file__).parent / "static"
 #: What /static/ serves: only these files, whatever the path asks for.
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css", "quality.js": "text/javascript"}
 DEFAULT_RANGE_S = 86400.0
+QUALITY_RANGE_S = 14 * 86400.0  # the Quality page looks further back: a version's effect shows over days
+PERIODS = {"hour": 3600.0, "day": 86400.0, "week": 7 * 86400.0}
 NO_CACHE = {"cache-control": "no-cache"}  # an upgraded keel serves its new page at once
 
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL refuses NUL in text: a 400, not a 500
@@ -177,7 +181,58 @@ def _api_router() -> APIRouter:
         trace of its last run."""
         return await asyncio.to_thread(_job_detail, _job_runner(request), name, limit)
 
+    @api.get("/quality")
+    async def quality(
+        request: Request,
+        since: Epoch = None,
+        until: Epoch = None,
+        period: Annotated[Literal["hour", "day", "week"], Query(description="Length of each period.")] = "day",
+        scorer: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
+        model: Name = None,
+    ) -> dict[str, Any]:
+        """Online quality ([evals.online]): each scorer's mean with its 95% CI by period, model version and
+        prompt version; the version changes; per scorer, the test of the latest change (before vs after)."""
+        end = time.time() if until is None else until
+        start, end = _range(end - QUALITY_RANGE_S if since is None else since, end)
+        config = request.app.state.gateway.config
+        return await asyncio.to_thread(_quality, config, _store(request), start, end, PERIODS[period], scorer, model)
+
     return api
+
+
+def _quality(
+    config: Config, store: Store, since: float, until: float, period_s: float, scorer: str | None, model: str | None
+) -> dict[str, Any]:
+    from keel.evals.online import drop_test, online_config, quality
+
+    report = quality(store, since=since, until=until, period_s=period_s, scorer=scorer, model=model)
+    online = online_config(config)
+    tests = []
+    for name in report.scorers:
+        t = drop_test(store, name, since=since, until=until, model=model)
+        if t.change is not None:
+            tests.append({
+                "scorer": name, "change": t.change.to_json(), "previous": list(t.previous) if t.previous else None,
+                "n_before": t.n_before, "n_after": t.n_after, "mean_before": t.mean_before,
+                "mean_after": t.mean_after, "drop": t.drop, "p_value": t.p_value,
+            })  # fmt: skip
+    return {
+        **report.to_json(), "tests": tests,
+        "online": {"sample": online.sample, "interval_s": online.interval_s,
+                   "scorers": [s.metric for s in online.scorers]},
+    }  # fmt: skip
+
+
+async def start_online_quality(config: Config, store: Store | None) -> OnlineService | None:
+    """`keel serve`'s online scoring (scheduler and embedded worker), when `[evals.online]` samples calls.
+
+    The evals app (and DBOS) is imported only when the file has an `[evals]` section.
+    """
+    if store is None or not config.has_section("evals"):
+        return None
+    from keel.evals.online import start_online
+
+    return await start_online(config, store)
 
 
 JobState = Literal["running", "done", "failed", "cancelled"]

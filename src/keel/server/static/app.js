@@ -1164,13 +1164,16 @@
   // --- routing ----------------------------------------------------------------------------
 
   const VIEWS = ["overview-view", "trace-view", "jobs-view", "job-view"];
+  //: Pages in scripts of their own (static/quality.js...): `#/NAME` shows `view` and calls `open(dashboard)`.
+  const pages = window.keelPages || {};
 
   /** Show one view; the filter bar and the range buttons belong to the overview only. */
   function showView(id) {
-    for (const view of VIEWS) $("#" + view).hidden = view !== id;
+    for (const view of [...VIEWS, ...Object.values(pages).map((p) => p.view)]) $("#" + view).hidden = view !== id;
     $("#filters").hidden = id !== "overview-view";
     $("#ranges").hidden = id !== "overview-view";
-    const section = id.startsWith("job") ? "jobs" : "overview";
+    const page = Object.keys(pages).find((name) => pages[name].view === id);
+    const section = page || (id.startsWith("job") ? "jobs" : "overview");
     for (const link of document.querySelectorAll("#nav a")) link.classList.toggle("active", link.dataset.view === section);
   }
 
@@ -1192,6 +1195,10 @@
     } else if (location.hash === "#/jobs") {
       showView("jobs-view");
       loadJobs();
+    } else if (pages[location.hash.slice(2)]) {
+      const page = pages[location.hash.slice(2)];
+      showView(page.view);
+      page.open(dashboard);
     } else {
       state.trace = null;
       state.selected = null;
@@ -1200,6 +1207,12 @@
     }
     if (!trace) state.returnTo = null;
   }
+
+  //: What a page script may use: the API client, DOM and chart helpers.
+  const dashboard = {
+    api, h, s, replace, showError, clearError, markUpdated, withTip, tooltip, empty, svgRoot, plotArea, xLabels,
+    fmtInt, fmtDateTime, fmtBucket, clip,
+  };
 
   function start() {
     readUrl();

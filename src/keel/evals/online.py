@@ -1,0 +1,812 @@
+"""Online quality: a share of production calls scored by reference-free scorers, by a durable background job.
+
+- **Which calls.** A production call is a root span: a chat call or a RAG answer
+  (`rag.ask`) that the application made directly. Calls inside a job (eval runs,
+  this scoring itself: the judge's calls join the job item's trace), a RAG
+  answer's own model call and calls marked `keel.metadata.purpose = eval.*` are
+  never eligible, so scoring cannot sample itself. A trace is sampled when a hash
+  of its trace id falls below `[evals.online] sample`: every replica and every
+  re-run picks the same traces.
+- **When.** Time is cut into intervals of `interval_s` (by the call's end). Once an
+  interval is `settle_s` old, one job `evals.online:<interval start>` is submitted
+  with one item per sampled call (keyed by trace and span id). Several replicas
+  submit the same name and items, which the job layer runs once; a watermark in
+  the store remembers the last interval handed out, so restarts catch up (at most
+  `CATCH_UP` intervals a tick) and a new deployment starts from now.
+- **Scoring.** An item scores its call with every configured scorer and writes one
+  row per (call, scorer) in `keel_eval_online_scores` with ON CONFLICT DO NOTHING,
+  after skipping scorers already stored for the call: a step DBOS runs again after
+  kill -9 calls no judge twice (the judge's answers are cached by input too). A
+  scorer that raises is stored as errored (value NULL, its error), never a score.
+- **Versions.** Model version: the response model the provider reported, else the
+  requested model (a RAG answer: its answering call's; `extractive` when no model
+  wrote it). Prompt version: the call's `metadata={"prompt_version": ...}`, i.e.
+  the span attribute `keel.metadata.prompt_version` (`-` when not given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from keel import jobs
+from keel.config import AlertRule, Config, load_config
+from keel.errors import InputError, JobConflict
+from keel.evals import storage
+from keel.evals.dataset import Case
+from keel.evals.scorers import Sample, ScoreContext
+from keel.evals.settings import OnlineConfig, OnlineScorer
+from keel.evals.suite import ScorerSpec
+from keel.store.base import Store
+from keel.store.migrations import Migration
+from keel.trace import Span
+
+if TYPE_CHECKING:
+    from keel.alerts import Evaluation
+    from keel.gateway.core import Gateway
+    from keel.jobs.worker import Worker
+
+__all__ = [
+    "ONLINE_KIND",
+    "ONLINE_MIGRATIONS",
+    "ONLINE_QUEUE",
+    "DropTest",
+    "OnlineScheduler",
+    "OnlineService",
+    "OnlineThread",
+    "QualityReport",
+    "QualityRow",
+    "candidates",
+    "drop_test",
+    "measure_alert",
+    "online_config",
+    "quality",
+    "sampled",
+    "score_span",
+    "start_online",
+]
+
+log = logging.getLogger("keel.evals.online")
+
+ONLINE_KIND = "evals.online"
+#: The scoring items' own queue, so a server's embedded worker runs these items and no other kind's.
+ONLINE_QUEUE = "evals.online"
+#: Intervals one tick hands out at most (a server that was down a day catches up over a few ticks).
+CATCH_UP = 100
+#: A call that took longer than this is looked for only this far before its interval (keeps the index scan short).
+MAX_CALL_S = 3600.0
+NO_PROMPT_VERSION = "-"
+EXTRACTIVE = "extractive"
+
+ONLINE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "online_0001_scores",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS keel_eval_online_scores (
+                trace_id TEXT NOT NULL,
+                span_id TEXT NOT NULL,
+                scorer TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                model_version TEXT NOT NULL,
+                prompt_version TEXT NOT NULL,
+                span_time {real} NOT NULL,
+                value {real},
+                spread {real},
+                error TEXT,
+                cost_usd {real},
+                job TEXT,
+                scored_at {real} NOT NULL,
+                PRIMARY KEY (trace_id, span_id, scorer)
+            )
+            """,
+            "CREATE INDEX IF NOT EXISTS keel_eval_online_scorer_time ON keel_eval_online_scores (scorer, span_time)",
+            "CREATE TABLE IF NOT EXISTS keel_eval_online_state (name TEXT PRIMARY KEY, watermark {real} NOT NULL)",
+        ),
+    ),
+)
+SCORE_COLUMNS = (
+    "trace_id", "span_id", "scorer", "kind", "model_version", "prompt_version", "span_time", "value", "spread",
+    "error", "cost_usd", "job", "scored_at",
+)  # fmt: skip
+
+_migrated: set[int] = set()
+
+
+def ensure_tables(store: Store) -> None:
+    if id(store) not in _migrated:
+        storage.migrate(store)  # the judge's answers go to the evals cache
+        store.migrate(ONLINE_MIGRATIONS, namespace="evals")
+        _migrated.add(id(store))
+
+
+def online_config(config: Config) -> OnlineConfig:
+    online: OnlineConfig = config.section("evals").online
+    return online
+
+
+# --- which calls -------------------------------------------------------------------------------------------
+
+
+def sampled(trace_id: str, share: float) -> bool:
+    """Whether a trace is in the sample: the first 64 bits of sha256(trace id), over 2^64, below `share`."""
+    if share <= 0:
+        return False
+    if share >= 1:
+        return True
+    digest = hashlib.sha256(trace_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A sampled production call, as a job item's input."""
+
+    trace_id: str
+    span_id: str
+    kind: str  # "chat" | "rag"
+
+    @property
+    def key(self) -> str:
+        return f"{self.trace_id}:{self.span_id}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"trace_id": self.trace_id, "span_id": self.span_id, "kind": self.kind}
+
+
+def _attributes(raw: Any) -> dict[str, Any]:
+    value = json.loads(raw) if isinstance(raw, str) else raw
+    return value if isinstance(value, dict) else {}
+
+
+def _selected(online: OnlineConfig, config: Config | None, attributes: Mapping[str, Any], model: str | None) -> bool:
+    """The filters of `[evals.online]`: not keel's own calls, the configured models and tags."""
+    if str(attributes.get("keel.metadata.purpose") or "").startswith("eval."):
+        return False  # a judge called outside a job: still not production traffic
+    if online.models:
+        names = {model, attributes.get("gen_ai.response.model"), attributes.get("keel.model")}
+        wanted = {m for name in online.models for m in (name, config.resolve_name(name) if config else None) if m}
+        if not wanted & {n for n in names if n}:
+            return False
+    if online.tags:
+        tags = attributes.get("keel.tags") or []
+        tags = [tags] if isinstance(tags, str) else tags
+        if not set(online.tags) & {str(t) for t in tags}:
+            return False
+    return True
+
+
+def candidates(
+    store: Store, online: OnlineConfig, since: float, until: float, *, config: Config | None = None
+) -> list[Candidate]:
+    """The sampled production calls that ended in [since, until), oldest first, at most `max_per_interval`."""
+    sql = (
+        "SELECT trace_id, span_id, operation, COALESCE(model, request_model), attributes FROM spans"
+        " WHERE parent_id IS NULL AND operation IN ('chat', 'rag') AND status = 'ok'"
+        " AND start_time >= ? AND end_time >= ? AND end_time < ? AND output IS NOT NULL ORDER BY end_time"
+    )
+    out: list[Candidate] = []
+    for trace_id, span_id, operation, model, raw in store.query(sql, [since - MAX_CALL_S, since, until]):
+        if not sampled(trace_id, online.sample):
+            continue
+        if _selected(online, config, _attributes(raw), model):
+            out.append(Candidate(trace_id, span_id, str(operation)))
+            if len(out) >= online.max_per_interval:
+                break
+    return out
+
+
+# --- scoring one call ----------------------------------------------------------------------------------------
+
+
+def _model_version(span: Span, trace: Sequence[Span]) -> str:
+    if span.attributes.get("gen_ai.operation.name") == "rag":
+        answering = [
+            s for s in trace
+            if s.attributes.get("keel.metadata.purpose") == "rag.answer"
+            and s.attributes.get("gen_ai.operation.name") == "chat"
+        ]  # fmt: skip
+        return _model_version(answering[-1], ()) if answering else EXTRACTIVE
+    a = span.attributes
+    return str(a.get("gen_ai.response.model") or a.get("keel.model") or a.get("gen_ai.request.model") or "?")
+
+
+def _prompt_version(span: Span) -> str:
+    value = span.attributes.get("keel.metadata.prompt_version")
+    return NO_PROMPT_VERSION if value in (None, "") else str(value)
+
+
+def _question(span: Span) -> str:
+    value = span.input if isinstance(span.input, Mapping) else {}
+    if "question" in value:
+        return str(value["question"])
+    users = [m for m in value.get("messages") or [] if isinstance(m, Mapping) and m.get("role") == "user"]
+    content = users[-1].get("content") if users else ""
+    if isinstance(content, list):  # content parts: keep the text ones
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return str(content or "")
+
+
+def _answer(span: Span) -> str:
+    value = span.output if isinstance(span.output, Mapping) else {}
+    return str(value.get("answer", value.get("text")) or "")
+
+
+def _faithfulness(span: Span) -> float | None:
+    """A RAG answer's share of supported sentences (the engine's own checks); None: nothing to score."""
+    output = span.output if isinstance(span.output, Mapping) else {}
+    if span.attributes.get("gen_ai.operation.name") != "rag" or output.get("kind") == "abstained":
+        return None
+    sentences = output.get("sentences") or []
+    if not sentences:
+        return None
+    return sum(bool(s.get("supported")) for s in sentences) / len(sentences)
+
+
+def _format_validity(span: Span) -> float | None:
+    """1 when a call that asked for JSON (`response_format`) answered JSON valid against its schema;
+    None when it did not ask."""
+    import jsonschema
+
+    request = span.input if isinstance(span.input, Mapping) else {}
+    fmt = request.get("response_format")
+    if not isinstance(fmt, Mapping):
+        return None
+    try:
+        value = json.loads(_answer(span))
+    except json.JSONDecodeError:
+        return 0.0
+    return float(jsonschema.Draft202012Validator(dict(fmt.get("schema") or {})).is_valid(value))
+
+
+async def _judge(scorer: OnlineScorer, span: Span, ctx: ScoreContext) -> tuple[float, float]:
+    from keel.evals.judge import judge_scorer
+
+    spec = ScorerSpec(
+        type="judge", name=scorer.metric, rubric=scorer.rubric, model=scorer.model, samples=scorer.samples,
+        scale=scorer.scale, retries=scorer.retries,
+    )  # fmt: skip
+    sample = Sample(Case(id=span.span_id, input=_question(span)), _answer(span))
+    values = await judge_scorer(spec).fn(sample, ctx)
+    return float(values[scorer.metric]), float(values[f"{scorer.metric}.spread"])
+
+
+@dataclass
+class ScoreRow:
+    scorer: str
+    value: float | None
+    spread: float | None = None
+    error: str | None = None
+    cost_usd: float = 0.0
+
+
+async def _score_one(scorer: OnlineScorer, span: Span, gateway: Gateway | None, store: Store) -> ScoreRow | None:
+    """One scorer on one call: a row, or None when the scorer does not apply to it."""
+    if scorer.type == "faithfulness":
+        value = _faithfulness(span)
+        return None if value is None else ScoreRow(scorer.metric, value)
+    if scorer.type == "format":
+        value = _format_validity(span)
+        return None if value is None else ScoreRow(scorer.metric, value)
+    ctx = ScoreContext(gateway, lambda k: storage.cache_get(store, k), lambda k, v: storage.cache_put(store, k, v))
+    try:
+        value, spread = await _judge(scorer, span, ctx)
+    except Exception as exc:  # recorded as errored, never as a score
+        return ScoreRow(scorer.metric, None, error=f"{type(exc).__name__}: {exc}"[:1000], cost_usd=ctx.cost_usd)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        return ScoreRow(scorer.metric, None, error=f"ValueError: judge score {value!r} outside [0, 1]")
+    return ScoreRow(scorer.metric, value, spread, cost_usd=ctx.cost_usd)
+
+
+def _scored(store: Store, trace_id: str, span_id: str) -> set[str]:
+    rows = store.query(
+        "SELECT scorer FROM keel_eval_online_scores WHERE trace_id = ? AND span_id = ?", [trace_id, span_id]
+    )
+    return {r[0] for r in rows}
+
+
+def _write(store: Store, rows: Sequence[tuple[Any, ...]]) -> int:
+    marks = ", ".join("?" for _ in SCORE_COLUMNS)
+    sql = (
+        f"INSERT INTO keel_eval_online_scores ({', '.join(SCORE_COLUMNS)}) VALUES ({marks})"
+        " ON CONFLICT (trace_id, span_id, scorer) DO NOTHING"
+    )
+    written = 0
+    with store.transaction() as cur:
+        for row in rows:
+            written += max(cur.execute(sql, row).rowcount, 0)
+    return written
+
+
+async def score_span(
+    store: Store, gateway: Gateway | None, online: OnlineConfig, trace_id: str, span_id: str, *, job: str | None = None
+) -> dict[str, Any]:
+    """Score one call with every scorer not yet stored for it; write one row per scorer that applies.
+
+    Idempotent: a scorer already stored for the call is skipped (no judge call), and rows are written
+    with ON CONFLICT DO NOTHING, so a re-run (a step DBOS repeats after a crash) changes nothing.
+    """
+    await asyncio.to_thread(ensure_tables, store)
+    trace = await asyncio.to_thread(store.get_trace, trace_id)
+    span = next((s for s in trace if s.span_id == span_id), None)
+    if span is None:
+        raise InputError(f"no span {span_id} in trace {trace_id}")
+    done = await asyncio.to_thread(_scored, store, trace_id, span_id)
+    model, prompt = _model_version(span, trace), _prompt_version(span)
+    kind = "rag" if span.attributes.get("gen_ai.operation.name") == "rag" else "chat"
+    rows, results = [], []
+    for scorer in online.scorers:
+        if scorer.metric in done:
+            continue
+        row = await _score_one(scorer, span, gateway, store)
+        if row is None:
+            continue
+        results.append(row)
+        rows.append((
+            trace_id, span_id, row.scorer, kind, model, prompt, span.end_time, row.value, row.spread, row.error,
+            row.cost_usd or None, job, time.time(),
+        ))  # fmt: skip
+    written = await asyncio.to_thread(_write, store, rows) if rows else 0
+    return {
+        "written": written, "skipped": sorted(done), "cost_usd": sum(r.cost_usd for r in results),
+        "errors": {r.scorer: r.error for r in results if r.error},
+    }  # fmt: skip
+
+
+# --- the job kind ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Runtime:
+    """What this process's items need: the configuration and a gateway of its own (on the worker's loop)."""
+
+    config: Config
+    gateway: Gateway | None = None
+
+
+_runtimes: dict[int, _Runtime] = {}
+_configured: Config | None = None
+
+
+def use_config(config: Config) -> None:
+    """The configuration this process's online items score with (`keel serve` / `keel worker` set theirs)."""
+    global _configured
+    _configured = config
+    _runtimes.clear()
+
+
+def _runtime(store: Store) -> _Runtime:
+    found = _runtimes.get(id(store))
+    if found is None:
+        from keel.gateway.core import Gateway
+
+        config = _configured or load_config()
+        found = _runtimes[id(store)] = _Runtime(config, Gateway(config, store=store))
+    return found
+
+
+@jobs.kind(ONLINE_KIND, queue=ONLINE_QUEUE, attempts=2)
+async def score_item(item: dict[str, Any], ctx: jobs.ItemContext) -> dict[str, Any]:
+    """One sampled production call, scored (a job item)."""
+    from keel.jobs.engine import _active
+
+    if _active is None:
+        raise InputError("online scoring items run in a keel worker")
+    runtime = _runtime(_active.store)
+    result = await score_span(
+        _active.store, runtime.gateway, online_config(runtime.config), str(item["trace_id"]), str(item["span_id"]),
+        job=ctx.job,
+    )  # fmt: skip
+    ctx.add_cost(result["cost_usd"])
+    if runtime.gateway is not None:  # the judge's spans in the store before the item is done: a worker
+        await asyncio.to_thread(runtime.gateway.flush)  # stopped or killed next must not lose its trace
+    return result
+
+
+# --- handing out intervals ------------------------------------------------------------------------------------
+
+
+def with_online_queue(config: Config) -> Config:
+    """The configuration with the online queue in `[jobs.queues]` (4 items at once per worker) unless set there.
+
+    The job layer refuses a queue it has no limits for; the scoring items get a queue of their own so
+    that a server's embedded worker, which listens to it only, never takes another kind's items.
+    """
+    from keel.jobs.settings import JobQueueConfig
+
+    current = config.jobs
+    if ONLINE_QUEUE in current.queues:
+        return config
+    queues = {**current.queues, ONLINE_QUEUE: JobQueueConfig(worker_concurrency=4)}
+    copy = config.model_copy()
+    copy._sections = {**config._sections, "jobs": current.model_copy(update={"queues": queues})}
+    return copy
+
+
+def _stamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def job_name(start: float) -> str:
+    return f"{ONLINE_KIND}:{_stamp(start)}"
+
+
+Submit = Callable[[str, Mapping[str, Any]], None]
+
+
+class OnlineScheduler:
+    """Hands out closed intervals of production calls as scoring jobs; `tick(now)` once per period.
+
+    Safe to run in every replica and worker: the job for an interval has one name and the same items
+    wherever it is submitted (the job layer runs it once), and the watermark only moves forward.
+    """
+
+    def __init__(self, config: Config, store: Store, *, submit: Submit | None = None) -> None:
+        self.config = with_online_queue(config)
+        self.online = online_config(config)
+        self.store = store
+        self._submit = submit
+        self._runner: Any = None
+
+    def _default_submit(self, name: str, items: Mapping[str, Any]) -> None:
+        if self._runner is None:
+            from keel.jobs.runner import JobRunner
+
+            self._runner = JobRunner(self.config, store=self.store)
+        self._runner.submit(name, ONLINE_KIND, items, queue=ONLINE_QUEUE)
+
+    def watermark(self) -> float | None:
+        rows = self.store.query("SELECT watermark FROM keel_eval_online_state WHERE name = 'watermark'")
+        return float(rows[0][0]) if rows else None
+
+    def _start(self, latest: float) -> float:
+        self.store.execute(
+            "INSERT INTO keel_eval_online_state (name, watermark) VALUES ('watermark', ?)"
+            " ON CONFLICT (name) DO NOTHING",
+            [latest],
+        )
+        found = self.watermark()
+        return latest if found is None else found
+
+    def _advance(self, to: float) -> None:
+        self.store.execute("UPDATE keel_eval_online_state SET watermark = ? WHERE name = 'watermark' AND watermark < ?",
+                           [to, to])  # fmt: skip
+
+    def tick(self, now: float | None = None) -> list[str]:
+        """Submit a job for each closed interval past the watermark (with sampled calls); the names submitted."""
+        if not self.online.enabled:
+            return []
+        ensure_tables(self.store)
+        now = time.time() if now is None else now
+        step = self.online.interval_s
+        latest = math.floor((now - self.online.settle_s) / step) * step  # end of the newest settled interval
+        start = self.watermark()
+        if start is None:
+            self._start(latest)  # a new deployment scores from now on, not the whole history
+            return []
+        submitted = []
+        for _ in range(CATCH_UP):
+            if start + step > latest + 1e-6:
+                break
+            found = candidates(self.store, self.online, start, start + step, config=self.config)
+            if found:
+                name = job_name(start)
+                try:
+                    (self._submit or self._default_submit)(name, {c.key: c.to_json() for c in found})
+                    submitted.append(name)
+                except JobConflict as exc:  # another replica saw a late call this one did not: its job stands
+                    log.info("online quality: %s already submitted with other calls (%s)", name, exc)
+            start += step
+            self._advance(start)
+        return submitted
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+
+# --- running it in a server or worker ---------------------------------------------------------------------------
+
+
+@dataclass
+class OnlineService:
+    """The scheduler's loop (and a server's embedded worker) in one process; `await aclose()` it."""
+
+    scheduler: OnlineScheduler
+    worker: Worker | None = None
+    task: asyncio.Task[None] | None = None
+    period_s: float = 60.0
+    ticks: int = field(default=0)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.scheduler.tick)
+                self.ticks += 1
+            except Exception:  # the store or DBOS may be away for a while: keep trying
+                log.exception("online quality: handing out calls failed; again in %g s", self.period_s)
+            await asyncio.sleep(self.period_s)
+
+    async def aclose(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+        await asyncio.to_thread(self.scheduler.close)
+
+
+def _tick_period(online: OnlineConfig) -> float:
+    return min(max(online.interval_s / 4, 1.0), 60.0)
+
+
+async def start_online(
+    config: Config, store: Store | None, *, embedded_worker: bool | None = None
+) -> OnlineService | None:
+    """Start handing out calls to score (and, for `keel serve`, a worker of the online queue); None when off."""
+    online = online_config(config)
+    if not online.enabled or store is None:
+        return None
+    use_config(config)
+    scheduler = OnlineScheduler(config, store)
+    worker = None
+    if online.embedded_worker if embedded_worker is None else embedded_worker:
+        worker = await asyncio.to_thread(_embedded_worker, scheduler.config)
+    service = OnlineService(scheduler, worker, period_s=_tick_period(online))
+    service.task = asyncio.get_running_loop().create_task(service.run(), name="keel-online-quality")
+    log.info("keel: online quality scores %g%% of calls every %g s", online.sample * 100, online.interval_s)
+    return service
+
+
+class OnlineThread:
+    """The scheduler's loop in a thread, for `keel worker` (which has no event loop of its own)."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        use_config(config)
+        self.scheduler = OnlineScheduler(config, store)
+        self.period_s = _tick_period(self.scheduler.online)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keel-online-quality", daemon=True)
+
+    def start(self) -> OnlineThread:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.scheduler.tick()
+            except Exception:
+                log.exception("online quality: handing out calls failed; again in %g s", self.period_s)
+            if self._stop.wait(self.period_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.scheduler.close()
+
+
+def _embedded_worker(config: Config) -> Worker | None:
+    from keel.jobs.worker import Worker
+
+    worker_id = f"{socket.gethostname()}:keel-serve:{ONLINE_QUEUE}"
+    try:
+        return Worker(config, worker_id=worker_id, queues=[ONLINE_QUEUE]).start()
+    except Exception as exc:  # another replica on this host runs it, or this process runs a worker already
+        log.warning("online quality: no embedded worker (%s); a `keel worker` must run the items", exc)
+        return None
+
+
+# --- reading it -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    period: float  # start of the period (epoch seconds)
+    model_version: str
+    prompt_version: str
+    scorer: str
+    n: int
+    errors: int
+    mean: float | None
+    low: float | None  # 95% t-interval of the mean (None below 2 scores)
+    high: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "period": _iso(self.period), "period_ts": self.period, "model_version": self.model_version,
+            "prompt_version": self.prompt_version, "scorer": self.scorer, "n": self.n, "errors": self.errors,
+            "mean": self.mean, "ci_low": self.low, "ci_high": self.high,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChangePoint:
+    time: float  # when this model and prompt version was first scored in the range
+    model_version: str
+    prompt_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": _iso(self.time), "ts": self.time, "model_version": self.model_version,
+                "prompt_version": self.prompt_version}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    since: float
+    until: float
+    period_s: float
+    rows: list[QualityRow]
+    changes: list[ChangePoint]  # every version's first appearance after the first one, oldest first
+    scorers: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "since": _iso(self.since), "until": _iso(self.until), "since_ts": self.since, "until_ts": self.until,
+            "period_s": self.period_s, "scorers": self.scorers,
+            "rows": [r.to_json() for r in self.rows], "changes": [c.to_json() for c in self.changes],
+        }  # fmt: skip
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _period_expr(store: Store) -> str:
+    return "FLOOR(span_time / ?)" if store.dialect == "postgres" else "CAST(span_time / ? AS INTEGER)"
+
+
+def _interval(n: int, total: float, squares: float) -> tuple[float | None, float | None, float | None]:
+    from scipy import stats
+
+    if n == 0:
+        return None, None, None
+    mean = total / n
+    if n < 2:
+        return mean, None, None
+    variance = max(squares - n * mean * mean, 0.0) / (n - 1)
+    half = float(stats.t.ppf(0.975, n - 1)) * math.sqrt(variance / n)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def quality(
+    store: Store, *, since: float, until: float, period_s: float = 86_400.0, scorer: str | None = None,
+    model: str | None = None,
+) -> QualityReport:  # fmt: skip
+    """Scores of calls that ended in [since, until) by period, model version, prompt version and scorer."""
+    if period_s <= 0:
+        raise InputError(f"period must be positive, not {period_s:g} s")
+    ensure_tables(store)
+    where = ["span_time >= ?", "span_time < ?"]
+    params: list[Any] = [since, until]
+    for column, value in (("scorer", scorer), ("model_version", model)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    clause = " AND ".join(where)
+    period = _period_expr(store)
+    sql = (
+        "SELECT p, model_version, prompt_version, scorer, COUNT(value),"
+        " SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), COALESCE(SUM(value), 0), COALESCE(SUM(value * value), 0)"
+        f" FROM (SELECT {period} AS p, model_version, prompt_version, scorer, value, error"
+        f" FROM keel_eval_online_scores WHERE {clause}) AS s"
+        " GROUP BY p, model_version, prompt_version, scorer ORDER BY p, model_version, prompt_version, scorer"
+    )
+    rows = []
+    for p, mv, pv, name, n, errors, total, squares in store.query(sql, [period_s, *params]):
+        mean, low, high = _interval(int(n), float(total), float(squares))
+        rows.append(QualityRow(float(p) * period_s, mv, pv, name, int(n), int(errors), mean, low, high))
+    firsts = store.query(
+        f"SELECT model_version, prompt_version, MIN(span_time) FROM keel_eval_online_scores WHERE {clause}"
+        " GROUP BY model_version, prompt_version ORDER BY MIN(span_time)",
+        params,
+    )
+    changes = [ChangePoint(float(t), mv, pv) for mv, pv, t in firsts[1:]]
+    names = sorted({r.scorer for r in rows})
+    return QualityReport(since, until, period_s, rows, changes, names)
+
+
+# --- the alert: a drop after the latest change -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DropTest:
+    """Scores before and after the latest model or prompt version change, and the one-sided test."""
+
+    scorer: str
+    change: ChangePoint | None
+    previous: tuple[str, str] | None  # the version in use just before the change
+    n_before: int
+    n_after: int
+    mean_before: float | None
+    mean_after: float | None
+    p_value: float | None  # one-sided Welch t-test: after < before
+
+    @property
+    def drop(self) -> float | None:
+        if self.mean_before is None or self.mean_after is None:
+            return None
+        return self.mean_before - self.mean_after
+
+
+def drop_test(store: Store, scorer: str, *, since: float, until: float, model: str | None = None) -> DropTest:
+    """Compare the scores of the newest (model, prompt) version with those of every call scored before it."""
+    from scipy import stats
+
+    ensure_tables(store)
+    where, params = ["scorer = ?", "span_time >= ?", "span_time < ?", "value IS NOT NULL"], [scorer, since, until]
+    if model is not None:
+        where.append("model_version = ?")
+        params.append(model)
+    rows = store.query(
+        f"SELECT span_time, model_version, prompt_version, value FROM keel_eval_online_scores"
+        f" WHERE {' AND '.join(where)} ORDER BY span_time",
+        params,
+    )
+    first: dict[tuple[str, str], float] = {}
+    for t, mv, pv, _ in rows:
+        first.setdefault((mv, pv), float(t))
+    if len(first) < 2:
+        return DropTest(scorer, None, None, 0, len(rows), None, None, None)
+    newest, at = max(first.items(), key=lambda kv: kv[1])
+    before = [float(v) for t, _, _, v in rows if float(t) < at]
+    after = [float(v) for t, mv, pv, v in rows if float(t) >= at and (mv, pv) == newest]
+    previous = next(((mv, pv) for t, mv, pv, _ in reversed(rows) if float(t) < at), None)
+    p_value = None
+    if len(before) >= 2 and len(after) >= 2:
+        with warnings.catch_warnings():  # identical scores on a side: scipy warns, and the NaN is handled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = stats.ttest_ind(after, before, equal_var=False, alternative="less")
+        p = float(result.pvalue)
+        p_value = p if math.isfinite(p) else (0.0 if sum(after) / len(after) < sum(before) / len(before) else 1.0)
+    return DropTest(
+        scorer, ChangePoint(at, *newest), previous, len(before), len(after), _mean(before), _mean(after), p_value
+    )
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _version(v: tuple[str, str] | None) -> str:
+    return "?" if v is None else f"{v[0]} / prompt {v[1]}"
+
+
+def measure_alert(config: Config, rule: AlertRule, store: Store, now: float) -> Evaluation:
+    """`metric = "quality_drop"`: holds when the scores after the latest version change are significantly lower."""
+    from keel.alerts import Evaluation, describe, window_start
+
+    scorer, min_n = str(rule.scorer), int(rule.min_n or 0)
+    model = (config.resolve_name(rule.model) or rule.model) if rule.model else None
+    test = drop_test(store, scorer, since=window_start(rule, now), until=now, model=model)
+    subject = describe(rule).split(" >", 1)[0].split(" <", 1)[0]
+    if test.change is None:
+        return Evaluation(None, False, f"{scorer}: no model or prompt version change over {rule.window}")
+    change = f"{_version(test.previous)} -> {_version((test.change.model_version, test.change.prompt_version))}"
+    counts = f"n = {test.n_before} before, {test.n_after} after; min_n = {min_n}"
+    if test.n_before < min_n or test.n_after < min_n or test.drop is None or test.p_value is None:
+        return Evaluation(None, False, f"{subject} not judged after {change}: {counts}")
+    significant = test.p_value < rule.alpha
+    holds = significant and (test.drop >= rule.threshold if rule.op == ">=" else test.drop > rule.threshold)
+    verdict = "significant" if significant else "not significant"
+    message = (
+        f"{scorer} fell from {test.mean_before:.3f} to {test.mean_after:.3f} (drop {test.drop:.3f},"
+        f" threshold {rule.threshold:g}) after {change} at {_iso(test.change.time)}; one-sided Welch t-test"
+        f" p = {test.p_value:.3g} ({verdict} at {rule.alpha:g}); {counts}"
+    )
+    return Evaluation(test.drop, holds, message)

@@ -1,0 +1,210 @@
+"""Online quality read back: `/api/quality` (admin), `keel eval quality`, and the dashboard's Quality page in Chromium.
+
+Two weeks of production RAG answers are seeded as spans and scored by `score_span` (faithfulness from the
+engine's own sentence checks, a scripted judge): the prompt moves from v1 to v2, then the model changes and
+faithfulness drops. Screenshots at 1024 and 1440 px land in tests/artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from playwright.sync_api import Browser, Page, expect
+from typer.testing import CliRunner
+
+from browsers import admin_key_set, launched_browser
+from helpers import gateway
+from keel import FunctionModel, Gateway
+from keel.cli.app import app
+from keel.evals.online import score_span
+from keel.evals.settings import OnlineConfig, OnlineScorer
+from keel.server.app import create_app
+from keel.trace import Span, new_id, new_trace_id
+from keel.types import ChatRequest
+from serving import LOCAL, Server
+
+ADMIN_KEY = "sk-keel-admin-quality-page-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
+DAY = 86400.0
+#: (days ago it starts, model the provider reported, prompt version, share of supported sentences)
+VERSIONS = [(13.5, "gpt-4o-mini-2024-07-18", "v1", 0.86), (8.5, "gpt-4o-mini-2024-07-18", "v2", 0.9),
+            (3.5, "gpt-4.1-nano-2025-04-14", "v2", 0.62)]  # fmt: skip
+CONFIG = (
+    '[models.judge]\nprovider = "test"\nmodel = "judge"\n\n'
+    "[evals.online]\nsample = 0.2\ninterval_s = 300\n"
+    'scorers = [{type = "faithfulness"}, {type = "judge", rubric = "Does it answer the question?", model = "judge"}]\n'
+)
+
+
+def _answers(now: float) -> list[list[Span]]:
+    rng = random.Random(7)
+    out = []
+    for i, (start, model, prompt, quality) in enumerate(VERSIONS):
+        end = VERSIONS[i + 1][0] if i + 1 < len(VERSIONS) else 0.0
+        for k in range(int((start - end) * 12)):  # 12 sampled answers a day
+            t = now - (start - k / 12) * DAY
+            supported = [rng.random() < quality for _ in range(5)]
+            root = Span(new_trace_id(), new_id(8), None, "rag.ask handbook", t - 2, t)
+            root.attributes = {"gen_ai.operation.name": "rag", "keel.metadata.prompt_version": prompt}
+            root.input = {"question": f"question {k}"}
+            root.output = {"answer": f"answer {k} {sum(supported)}", "kind": "generated",
+                           "sentences": [{"text": "s", "supported": s} for s in supported]}  # fmt: skip
+            child = Span(root.trace_id, new_id(8), root.span_id, "chat", t - 1.5, t - 0.5)
+            child.attributes = {"gen_ai.operation.name": "chat", "gen_ai.response.model": model,
+                                "keel.metadata.purpose": "rag.answer"}  # fmt: skip
+            out.append([root, child])
+    return out
+
+
+def _grade(request: ChatRequest) -> str:
+    text = str(request.messages[-1].content)
+    good = int(text.split("Output to grade:\nanswer ", 1)[1].split()[1])  # the number of supported sentences
+    return f"SCORE: {max(1, good)}"
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("quality-page")
+    gw = gateway(tmp, CONFIG, store=str(tmp / "keel.db"), models={"judge": FunctionModel(_grade)})
+    assert gw.store is not None
+    store = gw.store
+    answers = _answers(time.time())
+    store.write_spans([s for pair in answers for s in pair])
+    scorers = OnlineConfig(sample=1.0, scorers=[
+        OnlineScorer(type="faithfulness"), OnlineScorer(type="judge", rubric="Does it answer?", model="judge"),
+    ])  # fmt: skip
+
+    async def score() -> None:
+        for root, _ in answers:
+            await score_span(store, gw, scorers, root.trace_id, root.span_id)
+
+    scoring = threading.Thread(target=asyncio.run, args=(score(),))  # Playwright may hold this thread's loop
+    scoring.start()
+    scoring.join(timeout=120)
+    yield gw
+    closing = threading.Thread(target=gw.close)  # Playwright leaves an event loop set in this thread
+    closing.start()
+    closing.join(timeout=30)
+
+
+@pytest.fixture
+def client(seeded: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("KEEL_ADMIN_KEY", ADMIN_KEY)
+    with TestClient(create_app(gateway=seeded), **LOCAL) as test_client:
+        yield test_client
+
+
+def test_the_quality_api_gives_means_with_cis_by_version_and_the_latest_change(client: TestClient) -> None:
+    body = client.get("/api/quality", params={"period": "day"}, headers=ADMIN).json()
+    assert body["scorers"] == ["faithfulness", "judge"]
+    assert body["online"] == {"sample": 0.2, "interval_s": 300.0, "scorers": ["faithfulness", "judge"]}
+    versions = {(r["model_version"], r["prompt_version"]) for r in body["rows"]}
+    assert versions == {(m, p) for _, m, p, _ in VERSIONS}
+    assert sum(r["n"] for r in body["rows"] if r["scorer"] == "faithfulness") == 162  # 13.5 days x 12
+    assert all(r["ci_low"] <= r["mean"] <= r["ci_high"] for r in body["rows"] if r["n"] > 1)
+    assert [(c["model_version"], c["prompt_version"]) for c in body["changes"]] == [
+        ("gpt-4o-mini-2024-07-18", "v2"), ("gpt-4.1-nano-2025-04-14", "v2"),
+    ]  # fmt: skip
+    [faith] = [t for t in body["tests"] if t["scorer"] == "faithfulness"]
+    assert faith["previous"] == ["gpt-4o-mini-2024-07-18", "v2"] and faith["n_after"] == 42
+    assert faith["drop"] > 0.15 and faith["p_value"] < 0.001
+    hourly = client.get("/api/quality", params={"period": "hour", "scorer": "judge"}, headers=ADMIN).json()
+    assert {r["scorer"] for r in hourly["rows"]} == {"judge"} and len(hourly["rows"]) > len(body["rows"]) / 2
+
+
+def test_the_quality_api_needs_the_admin_key_and_names_bad_input(client: TestClient) -> None:
+    assert client.get("/api/quality").status_code == 401
+    for query, param in (("period=month", "period"), ("since=5&until=4", None), ("scorer=a%00b", "scorer")):
+        bad = client.get("/api/quality?" + query, headers=ADMIN)
+        assert bad.status_code == 400, (query, bad.text)
+        if param:
+            assert bad.json()["error"]["param"].endswith(param)
+    assert "since must be before until" in client.get("/api/quality?since=5&until=4", headers=ADMIN).text
+
+
+def test_keel_eval_quality_prints_the_table_and_the_latest_change(
+    seeded: Gateway, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert seeded.store is not None
+    monkeypatch.setenv("KEEL_STORE", seeded.store.url)
+    monkeypatch.setenv("COLUMNS", "140")
+    result = CliRunner().invoke(
+        app, ["eval", "quality", "--since", "14d", "--period", "week", "--scorer", "faithfulness"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "gpt-4.1-nano-2025-04-14" in result.output and "95% CI" in result.output
+    text = " ".join(result.output.split())  # rich wraps long lines
+    assert "faithfulness: since" in text and "one-sided Welch t-test p =" in text
+    as_json = CliRunner().invoke(app, ["eval", "quality", "--since", "3d", "--json"])
+    assert as_json.exit_code == 0
+    assert {r["model_version"] for r in json.loads(as_json.output)["rows"]} == {"gpt-4.1-nano-2025-04-14"}
+    for args, message in ((["--period", "month"], "--period 'month'"), (["--since", "soon"], "--since")):
+        bad = CliRunner().invoke(app, ["eval", "quality", *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+
+
+# --- the page in Chromium ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(seeded: Gateway) -> Iterator[Server]:
+    with admin_key_set(ADMIN_KEY):
+        running = Server(seeded)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with launched_browser() as launched:
+        yield launched
+
+
+@pytest.fixture(params=[1024, 1440])
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": request.param, "height": 900})
+    context.add_init_script(f"localStorage.setItem('keel.adminKey', {ADMIN_KEY!r})")
+    opened = context.new_page()
+    problems: list[str] = []
+    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    opened.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    yield opened
+    context.close()
+    assert problems == [], problems
+
+
+@pytest.mark.slow
+def test_the_quality_page_charts_each_scorer_by_version_with_change_points(page: Page, server: Server) -> None:
+    page.goto(server.base + "/")
+    page.click("#nav a[data-view='quality']")
+    expect(page.locator("#quality-view")).to_be_visible()
+    expect(page.locator("#nav a[data-view='quality']")).to_have_class("active")
+    charts = page.locator(".quality-chart")
+    expect(charts).to_have_count(2)
+    faith = page.locator(".quality-chart[data-scorer='faithfulness']")
+    expect(faith.locator(".legend-item")).to_have_count(3)
+    expect(faith.locator("line.change-line")).to_have_count(2)
+    expect(faith.locator(".quality-test")).to_have_attribute("data-significant", "yes")
+    expect(faith.locator(".quality-test")).to_contain_text("gpt-4o-mini-2024-07-18 / v2 → gpt-4.1-nano-2025-04-14 / v2")
+    assert faith.locator("circle.quality-dot").count() >= 14
+    expect(page.locator("#quality-config")).to_contain_text("20% of calls scored every 300 s")
+    expect(page.locator("#quality-table tbody tr").first).to_contain_text("gpt-4.1-nano-2025-04-14")
+    widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], f"the page scrolls sideways: {widths}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    width = page.viewport_size["width"] if page.viewport_size else 0
+    page.screenshot(path=str(ARTIFACTS / f"30-quality-{width}.png"), full_page=True)
+    daily = faith.locator("circle.quality-dot").count()
+    page.select_option("#quality-period", "week")
+    expect(faith.locator("circle.quality-dot")).not_to_have_count(daily)  # fewer, wider periods
+    page.click("#nav a[data-view='jobs']")  # leaving the page hides it
+    expect(page.locator("#quality-view")).to_be_hidden()
