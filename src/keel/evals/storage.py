@@ -142,12 +142,12 @@ def get_run_row(store: Store, run_id: str) -> dict[str, Any]:
 
 
 def list_runs(store: Store, *, job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Runs, newest first, with how many case repeats are recorded and their cost."""
+    """Runs, newest first, with how many case repeats are recorded, their cost and when the last was written."""
     migrate(store)
     where = " WHERE r.job = ?" if job else ""
     sql = (
         "SELECT r.run_id, r.job, r.suite, r.variant, r.variant_index, r.total, r.created_at,"
-        " COUNT(c.case_id), SUM(CASE WHEN c.passed = 1 THEN 1 ELSE 0 END), SUM(c.cost_usd)"
+        " COUNT(c.case_id), SUM(CASE WHEN c.passed = 1 THEN 1 ELSE 0 END), SUM(c.cost_usd), MAX(c.updated_at)"
         " FROM keel_eval_runs r LEFT JOIN keel_eval_cases c ON c.run_id = r.run_id"
         f"{where} GROUP BY r.run_id, r.job, r.suite, r.variant, r.variant_index, r.total, r.created_at"
         " ORDER BY r.created_at DESC, r.variant_index LIMIT ?"
@@ -156,7 +156,7 @@ def list_runs(store: Store, *, job: str | None = None, limit: int = 50) -> list[
         cur.execute(sql, [*([job] if job else []), limit])
         rows = cur.fetchall()
     names = ("run_id", "job", "suite", "variant", "variant_index", "total", "created_at", "recorded", "passed",
-             "cost_usd")  # fmt: skip
+             "cost_usd", "updated_at")  # fmt: skip
     return [dict(zip(names, r, strict=True)) for r in rows]
 
 

@@ -3,7 +3,7 @@
 The page is plain HTML, CSS and JavaScript shipped in `keel/server/static/`
 (no build step, nothing fetched from a CDN); it draws its charts as SVG from
 `/api/overview`, lists traces from `/api/traces` and jobs from `/api/jobs` (read
-through keel.jobs, from keel's store). The page itself is public:
+through keel.jobs, from keel's store), and eval runs from `/api/evals` (dashboard_evals.py). The page itself is public:
 it holds no data. Every `/api/` route needs the admin key (open mode on
 localhost counts as admin); on a 401 or 403 the page asks for the key.
 """
@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse
 
 from keel.errors import InputError, NotFound, StoreDisabled
 from keel.server.auth import require_admin
+from keel.server.dashboard_evals import evals_router
 from keel.store import SpanFilter, Store, analytics
 from keel.trace import Span
 
@@ -32,7 +33,7 @@ __all__ = ["dashboard_router"]
 
 STATIC = Path(__file__).parent / "static"
 #: What /static/ serves: only these files, whatever the path asks for.
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css", "evals.js": "text/javascript"}
 DEFAULT_RANGE_S = 86400.0
 NO_CACHE = {"cache-control": "no-cache"}  # an upgraded keel serves its new page at once
 
@@ -177,6 +178,7 @@ def _api_router() -> APIRouter:
         trace of its last run."""
         return await asyncio.to_thread(_job_detail, _job_runner(request), name, limit)
 
+    api.include_router(evals_router(_store))  # /api/evals, /api/evals/{run}, /api/evals/compare
     return api
 
 
