@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from playwright.sync_api import Browser, Page, expect
 
+from browsers import admin_key_set, launched_browser
 from helpers import gateway
 from keel import Gateway
 from keel.evals import Suite, load_run, run_suite
@@ -24,10 +26,11 @@ from keel.evals.compare import compare
 from keel.evals.report_data import build_report_data
 from keel.models.test import FunctionModel
 from keel.server.app import create_app
-from serving import LOCAL
+from serving import LOCAL, Server
 
 ADMIN_KEY = "sk-keel-admin-evals-page-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
 TOPICS = ["billing", "shipping", "returns", "accounts"]
 TOML = (
     '[models.cheap]\nprovider = "test"\nmodel = "cheap"\nprice = { input = 150.0, output = 600.0 }\n'
@@ -209,3 +212,120 @@ def test_no_run_yet_says_which_command_fills_the_page(tmp_path: Path, monkeypatc
         assert body["runs"] == [] and "keel eval run SUITE" in body["empty_hint"]
     finally:
         gw.close()
+
+
+# --- the page in Chromium ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(seeded: tuple[Gateway, dict[str, str]]) -> Iterator[Server]:
+    with admin_key_set(ADMIN_KEY):
+        running = Server(seeded[0])
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(server: Server) -> Iterator[Browser]:
+    # after the runs: Playwright's sync API leaves an event loop running in this thread, and DBOS refuses to
+    # start a suite's queue under one
+    with launched_browser() as launched:
+        yield launched
+
+
+@pytest.fixture(params=[1024, 1440])
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": request.param, "height": 900})
+    context.add_init_script(f"localStorage.setItem('keel.adminKey', {ADMIN_KEY!r})")
+    opened = context.new_page()
+    problems: list[str] = []
+    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    opened.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    yield opened
+    context.close()
+    # the unknown run's 404 is asked for on purpose (its message shows in the banner)
+    assert [p for p in problems if "status of 404" not in p] == [], problems
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    width = page.viewport_size["width"] if page.viewport_size else 0
+    page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"), full_page=True)
+
+
+def no_horizontal_scroll(page: Page) -> None:
+    widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], f"the page scrolls sideways at {widths[1]} px: {widths[0]} px wide"
+
+
+@pytest.mark.slow
+def test_the_evals_page_lists_runs_compares_two_and_opens_a_flips_trace(
+    page: Page, server: Server, seeded: tuple[Gateway, dict[str, str]]
+) -> None:
+    runs = seeded[1]
+    page.goto(server.base + "/")
+    page.click("#nav a[data-view='evals']")
+    rows = page.locator("#evals-view tr.eval-row")
+    expect(rows).to_have_count(6)
+    expect(page.locator("#nav a[data-view='evals']")).to_have_class("active")
+    expect(page.locator("#filters")).to_be_hidden()
+    cheap = rows.filter(has_text=runs["cheap"])
+    expect(cheap.locator(".badge")).to_have_text("done")
+    expect(cheap).to_contain_text("model=cheap")
+    expect(cheap).to_contain_text("contains 0.")
+    expect(page.locator("#eval-compare")).to_be_disabled()
+    cheap.locator("input.eval-tick").check()
+    rows.filter(has_text=runs["smart"]).locator("input.eval-tick").check()
+    pick = f"Compare B {runs['smart']} against the baseline A {runs['cheap']}"
+    expect(page.locator("#eval-pick-text")).to_have_text(pick)
+    expect(rows.filter(has_text=runs["smart"]).locator(".eval-ab")).to_have_text("B")
+    no_horizontal_scroll(page)
+    shot(page, "evals-list")
+
+    page.click("#eval-compare")
+    expect(page).to_have_url(f"{server.base}/#/evals/compare/{runs['cheap']}/{runs['smart']}")
+    expect(page.locator("#eval-verdict")).to_have_text("no significant drop · better: contains, token_f1, pass")
+    table = page.locator("#evals-view table.eval-table").nth(1)
+    expect(table.locator("tr", has_text="pass rate (McNemar)")).to_contain_text("better")
+    expect(table.locator("tr", has_text="cost per case")).to_contain_text("higher")
+    expect(page.locator("#evals-view .eval-line")).to_contain_text("fail→pass")
+    expect(page.locator("#evals-view .eval-plot svg")).to_have_count(4)  # two metrics; cost and latency
+    flips = page.locator("#evals-view table.eval-flips tbody tr")
+    flip = flips.filter(has_text="c03")
+    expect(flip).to_contain_text("fail→pass")
+    expect(flip).to_contain_text("Order 3 shipped yesterday.")
+    page.wait_for_timeout(200)  # the plots are drawn in the next frame
+    no_horizontal_scroll(page)
+    shot(page, "evals-compare")
+
+    flip.get_by_role("link", name="trace B").click()  # the case's trace in run B
+    expect(page.locator("#trace-view")).to_be_visible()
+    assert seeded[0].store is not None
+    smart = {c.case_id: c for c in load_run(seeded[0].store, runs["smart"]).cases}
+    expect(page.locator("#trace-id")).to_have_text(str(smart["c03"].trace_id))
+    expect(page.locator("#trace-back")).to_have_text("← Eval")
+    page.click("#trace-back")
+    expect(page.locator("#eval-verdict")).to_be_visible()
+
+    page.goto(f"{server.base}/#/evals/{runs['cheap']}")
+    expect(page.locator("#evals-view h1")).to_contain_text(runs["cheap"])
+    expect(page.locator("#evals-view .kpi").first).to_contain_text("Pass rate")
+    expect(page.locator("#evals-view .eval-dot")).to_have_count(4)  # two variants x (cost, latency)
+    expect(page.locator("#evals-view .eval-dot.current")).to_have_count(2)
+    failing = page.locator("#evals-view table.eval-table tbody tr")
+    expect(failing.first).to_contain_text("I could not find that order.")
+    page.wait_for_timeout(200)
+    no_horizontal_scroll(page)
+    shot(page, "evals-run")
+
+    page.goto(f"{server.base}/#/evals/no-such-run")
+    expect(page.locator("#banner")).to_contain_text("no evaluation run 'no-such-run'")
+
+
+def test_the_pages_script_is_served_and_loaded_before_app_js(client: TestClient) -> None:
+    script = client.get("/static/evals.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert "keelPages" in script.text
+    page = client.get("/").text
+    assert page.index('src="static/evals.js"') < page.index('src="static/app.js"')  # it registers, app.js routes
+    assert 'href="#/evals"' in page
