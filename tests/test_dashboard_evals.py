@@ -329,3 +329,22 @@ def test_the_pages_script_is_served_and_loaded_before_app_js(client: TestClient)
     page = client.get("/").text
     assert page.index('src="static/evals.js"') < page.index('src="static/app.js"')  # it registers, app.js routes
     assert 'href="#/evals"' in page
+
+
+@pytest.mark.slow
+def test_the_evals_page_with_no_run_names_the_command_that_fills_it(page: Page, tmp_path: Path) -> None:
+    gw = gateway(tmp_path, "", store=str(tmp_path / "empty.db"))
+    with admin_key_set(ADMIN_KEY):
+        empty = Server(gw)
+    try:
+        page.goto(empty.base + "/#/evals")
+        expect(page.locator("#evals-view .empty-row")).to_have_text(
+            "No evaluation run yet: keel eval run SUITE records one run per variant."
+        )
+        expect(page.locator("#eval-compare")).to_have_count(0)  # nothing to pick
+        shot(page, "evals-empty")
+    finally:
+        empty.stop()
+        closing = threading.Thread(target=gw.close)
+        closing.start()
+        closing.join(timeout=30)

@@ -24,7 +24,7 @@ __all__ = ["evals_router"]
 
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL refuses NUL in text: a 400, not a 500
 RunId = Annotated[str, Query(min_length=1, max_length=300, pattern=NO_NUL, description="A run id (keel eval list).")]
-EMPTY_HINT = "no evaluation run yet: `keel eval run SUITE` records one per variant"
+EMPTY_HINT = "No evaluation run yet: keel eval run SUITE records one run per variant."
 
 
 def _load(store: Store, run_id: str) -> RunResult:

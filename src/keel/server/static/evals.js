@@ -11,7 +11,6 @@
   const COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"];
   const color = (i) => COLORS[i % COLORS.length];
   const TEXT_CLIP = 400; // characters of an input or output shown in a cell (the whole text on hover)
-  const EMPTY = "No evaluation runs yet: keel eval run SUITE records one run per variant.";
 
   let k = null; // app.js's kit
   let request = 0; // the latest load: an older answer is dropped
@@ -372,7 +371,7 @@
     if (mine !== request) return;
     const render = () => {
       const rows = body.runs.length ? body.runs.map((r) => runRow(r, render))
-        : [k.h("tr", { class: "empty-row" }, k.h("td", { colspan: 8, text: EMPTY }))];
+        : [k.h("tr", { class: "empty-row" }, k.h("td", { colspan: 8, text: body.empty_hint }))]; // names the command
       const count = `${body.runs.length} run${body.runs.length === 1 ? "" : "s"}`;
       k.replace(el(), card("Evaluation runs", count, body.runs.length ? compareBar(body.runs) : null,
         table([[""], ["Run · suite · variant"], ["Status"], ["Cases", 1], ["Pass rate", 1], ["Mean scores"], ["Cost", 1], ["Started"]], rows, "eval-runs")));
