@@ -10,6 +10,7 @@ the same code. Screenshots at 1024 and 1440 px land in tests/artifacts/dashboard
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,13 @@ from playwright.sync_api import Browser, Page, expect
 from browsers import admin_key_set, launched_browser
 from helpers import gateway
 from keel import Gateway
-from keel.evals import Suite, load_run, run_suite
+from keel.evals import CaseResult, Suite, load_run, run_suite, storage
 from keel.evals.compare import compare
 from keel.evals.report_data import build_report_data
 from keel.models.test import FunctionModel
+from keel.server import dashboard_evals
 from keel.server.app import create_app
+from keel.store import Store
 from serving import LOCAL, Server
 
 ADMIN_KEY = "sk-keel-admin-evals-page-0123456789"
@@ -243,8 +246,8 @@ def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
     opened.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     yield opened
     context.close()
-    # the unknown run's 404 is asked for on purpose (its message shows in the banner)
-    assert [p for p in problems if "status of 404" not in p] == [], problems
+    # an unknown run (404) and runs that share no case (400) are asked for on purpose: the banner says why
+    assert [p for p in problems if "status of 404" not in p and "status of 400" not in p] == [], problems
 
 
 def shot(page: Page, name: str) -> None:
@@ -320,6 +323,11 @@ def test_the_evals_page_lists_runs_compares_two_and_opens_a_flips_trace(
 
     page.goto(f"{server.base}/#/evals/no-such-run")
     expect(page.locator("#banner")).to_contain_text("no evaluation run 'no-such-run'")
+    page.goto(f"{server.base}/#/evals/compare/{runs['cheap']}/{runs['later']}")  # 20 cases in common
+    expect(page.locator("#evals-view .eval-note").first).to_contain_text("compared on the 20 shared cases only")
+    expect(page.locator("#banner")).to_be_hidden()
+    page.goto(f"{server.base}/#/evals/compare/{runs['cheap']}/{runs['other']}")
+    expect(page.locator("#banner")).to_contain_text("share no case: compare two runs of the same suite")
 
 
 def test_the_pages_script_is_served_and_loaded_before_app_js(client: TestClient) -> None:
@@ -348,3 +356,31 @@ def test_the_evals_page_with_no_run_names_the_command_that_fills_it(page: Page, 
         closing = threading.Thread(target=gw.close)
         closing.start()
         closing.join(timeout=30)
+
+
+def _seed_run(store: Store, run_id: str, index: int, recorded: int, total: int, shift: float) -> None:
+    storage.create_run(store, {
+        "run_id": run_id, "job": "eval:seeded", "suite": "seeded", "variant": run_id, "variant_index": index,
+        "variant_params": {}, "thresholds": {"f1": 0.5}, "spec": {}, "base_dir": ".", "source": None, "total": total,
+        "created_at": time.time() - 60,
+    })  # fmt: skip
+    for i in range(recorded):
+        f1 = min(1.0, (i % 10) / 10 + shift)
+        case = CaseResult(case_id=f"c{i}", scores={"f1": f1}, passed=f1 >= 0.5, output=f"answer {i}", cost_usd=0.001,
+                          latency_s=0.1, trace_id=f"{run_id}-t{i}", tags=(f"topic:{i % 3}",))  # fmt: skip
+        storage.write_case(store, run_id, i, f"key-{run_id}-{i}", case, {"input": f"q{i}"})
+
+
+def test_the_api_reads_runs_from_either_store(store: Store) -> None:
+    """The SQL under the page (eval runs with their last write) on SQLite and PostgreSQL."""
+    _seed_run(store, "base", 0, 30, 30, 0.0)
+    _seed_run(store, "cut-short", 1, 20, 30, 0.2)  # a run whose job is gone before its end
+    listed = {r["run_id"]: r for r in dashboard_evals.list_runs(store, 10)["runs"]}
+    assert listed["base"]["status"] == "done" and listed["base"]["finished_at"] >= listed["base"]["started_at"]
+    assert listed["cut-short"]["status"] == "partial" and listed["cut-short"]["finished_at"] is None
+    assert (listed["base"]["cases"], listed["cut-short"]["recorded"], listed["cut-short"]["total"]) == (30, 20, 30)
+    assert listed["base"]["pass_rate"] == pytest.approx(0.5) and listed["base"]["cost_usd"] == pytest.approx(0.03)
+    report = dashboard_evals.run_report(store, "base", 5)
+    assert [v["run_id"] for v in report["variants"]] == ["base", "cut-short"] and report["failing_total"] == [15]
+    c = dashboard_evals.compare_report(store, "base", "cut-short", None, 0.05)["compared"][0]["comparison"]
+    assert c["shared"] == 20 and c["only_a"] == [f"c{i}" for i in range(20, 30)]

@@ -36,7 +36,9 @@ def _load(store: Store, run_id: str) -> RunResult:
 def _job_status(store: Store, job: str) -> str | None:
     """The run's job state (running, failed, cancelled), read only for runs that are not complete."""
     from keel.jobs import records
+    from keel.jobs.schema import ensure_tables
 
+    ensure_tables(store)  # the jobs app's tables, made on first use (a store may hold runs and no job table yet)
     try:
         return records.get_job(store, job).status
     except UnknownJob:
