@@ -53,6 +53,15 @@ def _status(store: Store, row: dict[str, Any]) -> str:
     return job if job in ("running", "failed", "cancelled") else "partial"
 
 
+def _summary_run(store: Store, row: dict[str, Any]) -> RunResult:
+    """A listed run with only what its summary needs (no inputs, outputs or details decoded)."""
+    from keel.evals import storage
+    from keel.evals.results import RunResult
+
+    return RunResult(run_id=row["run_id"], suite=row["suite"], variant=row["variant"], created_at=row["created_at"],
+                     cases=storage.summary_cases(store, row["run_id"]), status=_status(store, row))  # fmt: skip
+
+
 def list_runs(store: Store, limit: int) -> dict[str, Any]:
     from keel.evals import storage
     from keel.evals.report_data import run_stats
@@ -60,8 +69,8 @@ def list_runs(store: Store, limit: int) -> dict[str, Any]:
     rows = storage.list_runs(store, limit=limit)
     runs = []
     for row in rows:
-        stats = run_stats(_load(store, row["run_id"])).to_dict()
-        stats.update(job=row["job"], total=row["total"], started_at=row["created_at"], status=_status(store, row),
+        stats = run_stats(_summary_run(store, row)).to_dict()
+        stats.update(job=row["job"], total=row["total"], started_at=row["created_at"],
                      finished_at=row["updated_at"] if int(row["recorded"]) >= int(row["total"]) else None)  # fmt: skip
         runs.append(stats)
     return {"runs": runs, "empty_hint": None if runs else EMPTY_HINT}
@@ -77,7 +86,7 @@ def run_report(store: Store, run_id: str, failing: int) -> dict[str, Any]:
     out = build_report_data([run], max_failing=failing).to_dict()
     siblings = storage.list_runs(store, job=job, limit=100)
     out["variants"] = [
-        run_stats(run if row["run_id"] == run_id else _load(store, row["run_id"])).to_dict()
+        run_stats(run if row["run_id"] == run_id else _summary_run(store, row)).to_dict()
         for row in sorted(siblings, key=lambda r: r["variant_index"])
     ]
     out["job"] = job
