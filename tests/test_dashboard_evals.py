@@ -25,6 +25,8 @@ from keel import Gateway
 from keel.evals import CaseResult, Suite, load_run, run_suite, storage
 from keel.evals.compare import compare
 from keel.evals.report_data import build_report_data
+from keel.jobs import records
+from keel.jobs.schema import ensure_tables
 from keel.models.test import FunctionModel
 from keel.server import dashboard_evals
 from keel.server.app import create_app
@@ -384,3 +386,30 @@ def test_the_api_reads_runs_from_either_store(store: Store) -> None:
     assert [v["run_id"] for v in report["variants"]] == ["base", "cut-short"] and report["failing_total"] == [15]
     c = dashboard_evals.compare_report(store, "base", "cut-short", None, 0.05)["compared"][0]["comparison"]
     assert c["shared"] == 20 and c["only_a"] == [f"c{i}" for i in range(20, 30)]
+
+
+@pytest.mark.slow
+def test_the_runs_list_reloads_while_a_run_runs(page: Page, tmp_path: Path) -> None:
+    gw = gateway(tmp_path, "", store=str(tmp_path / "live.db"))
+    assert gw.store is not None
+    ensure_tables(gw.store)
+    records.create_job(gw.store, "eval:seeded", "eval.case", "default", [(str(i), i) for i in range(30)])
+    _seed_run(gw.store, "live", 0, 10, 30, 0.0)
+    with admin_key_set(ADMIN_KEY):
+        live = Server(gw)
+    try:
+        page.goto(live.base + "/#/evals")
+        row = page.locator("#evals-view tr.eval-row")
+        expect(row.locator(".badge")).to_have_text("running")
+        expect(row).to_contain_text("not finished")
+        for i in range(10, 30):  # the worker records the rest, and the job ends
+            case = CaseResult(case_id=f"c{i}", scores={"f1": 1.0}, passed=True, trace_id=f"t{i}")
+            storage.write_case(gw.store, "live", i, f"key-{i}", case, {"input": f"q{i}"})
+        records.set_job_status(gw.store, "eval:seeded", records.DONE, only_from=[records.RUNNING])
+        expect(row.locator(".badge")).to_have_text("done", timeout=10_000)  # no click: the page reloaded itself
+        expect(row).to_contain_text("30")
+    finally:
+        live.stop()
+        closing = threading.Thread(target=gw.close)
+        closing.start()
+        closing.join(timeout=30)

@@ -11,6 +11,7 @@
   const COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"];
   const color = (i) => COLORS[i % COLORS.length];
   const TEXT_CLIP = 400; // characters of an input or output shown in a cell (the whole text on hover)
+  const REFRESH_MS = 3000; // a page showing a running run reloads it this often
 
   let k = null; // app.js's kit
   let request = 0; // the latest load: an older answer is dropped
@@ -377,6 +378,7 @@
         table([[""], ["Run · suite · variant"], ["Status"], ["Cases", 1], ["Pass rate", 1], ["Mean scores"], ["Cost", 1], ["Started"]], rows, "eval-runs")));
     };
     render();
+    return body.runs.some((r) => r.status === "running");
   }
 
   // --- #/evals/RUN ----------------------------------------------------------------------------------
@@ -419,6 +421,7 @@
       card("By tag", null, tagBars(body)),
       card("Failing cases", total ? (shown < total ? `the first ${shown} of ${total}` : `${total}`) + ` case repeat${total === 1 ? "" : "s"} that failed a threshold or errored` : null,
         failingTable(body.failing[0], total, here)));
+    return body.variants.some((v) => v.status === "running");
   }
 
   // --- #/evals/compare/A/B ----------------------------------------------------------------------------
@@ -507,10 +510,14 @@
     const compareMatch = hash.match(/^#\/evals\/compare\/([^/]+)\/([^/]+)$/);
     const runMatch = hash.match(/^#\/evals\/(.+)$/);
     try {
+      let running = false;
       if (compareMatch) await showCompare(mine, decodeURIComponent(compareMatch[1]), decodeURIComponent(compareMatch[2]));
-      else if (runMatch) await showRun(mine, decodeURIComponent(runMatch[1]));
-      else await showRuns(mine);
-      if (mine === request) k.markUpdated();
+      else if (runMatch) running = await showRun(mine, decodeURIComponent(runMatch[1]));
+      else running = await showRuns(mine);
+      if (mine !== request) return;
+      k.markUpdated();
+      // while a run runs, reload (unless another page, or another load of this one, came in between)
+      if (running) setTimeout(() => { if (mine === request && location.hash === hash) open(hash, k); }, REFRESH_MS);
     } catch (error) {
       if (mine !== request) return;
       el().replaceChildren(k.h("button", { type: "button", class: "btn", text: "← Evals", onclick: () => { location.hash = "#/evals"; } }));
