@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,15 @@ def test_write_report_and_its_errors(tmp_path: Path) -> None:
         write_report([a], tmp_path / "missing-dir" / "r.html")
     with pytest.raises(InputError, match="at least one run"):
         build_report([])
+
+
+def test_one_runs_report_lists_its_failing_cases_with_outputs_and_traces() -> None:
+    run = sample_run("solo", "prompt=v1", -0.2, 0.001, 1)
+    failing = [c for c in run.cases if c.passed is False]
+    traced = [replace(c, trace_id="t-0123") if c.case_id == failing[0].case_id else c for c in run.cases]
+    run = RunResult(run_id="solo", suite="qa", variant="prompt=v1", cases=traced)
+    page = build_report([run])
+    assert "<h2>Failing cases</h2>" in page
+    rows = re.findall(r"<tr><td>(q\d{3})</td>", page.split("<h2>Failing cases</h2>")[1])
+    assert rows == [c.case_id for c in failing][: len(rows)] and len(rows) == min(25, len(failing))
+    assert f"prompt=v1 answer {int(failing[0].case_id[1:])}" in page and "<code>t-0123</code>" in page

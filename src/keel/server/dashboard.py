@@ -3,7 +3,7 @@
 The page is plain HTML, CSS and JavaScript shipped in `keel/server/static/`
 (no build step, nothing fetched from a CDN); it draws its charts as SVG from
 `/api/overview`, lists traces from `/api/traces` and jobs from `/api/jobs` (read
-through keel.jobs, from keel's store). The page itself is public:
+through keel.jobs, from keel's store), and eval runs from `/api/evals` (dashboard_evals.py). The page itself is public:
 it holds no data. Every `/api/` route needs the admin key (open mode on
 localhost counts as admin); on a 401 or 403 the page asks for the key.
 """
@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse
 
 from keel.errors import InputError, NotFound, StoreDisabled
 from keel.server.auth import require_admin
+from keel.server.dashboard_evals import evals_router
 from keel.store import SpanFilter, Store, analytics
 from keel.trace import Span
 
@@ -34,7 +35,12 @@ __all__ = ["dashboard_router"]
 
 STATIC = Path(__file__).parent / "static"
 #: What /static/ serves: only these files, whatever the path asks for.
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css", "quality.js": "text/javascript"}
+ASSETS = {
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+    "quality.js": "text/javascript",
+    "evals.js": "text/javascript",
+}
 DEFAULT_RANGE_S = 86400.0
 QUALITY_RANGE_S = 14 * 86400.0  # the Quality page looks further back: a version's effect shows over days
 PERIODS = {"hour": 3600.0, "day": 86400.0, "week": 7 * 86400.0}
@@ -197,6 +203,7 @@ def _api_router() -> APIRouter:
         config = request.app.state.gateway.config
         return await asyncio.to_thread(_quality, config, _store(request), start, end, PERIODS[period], scorer, model)
 
+    api.include_router(evals_router(_store))  # /api/evals, /api/evals/{run}, /api/evals/compare
     return api
 
 

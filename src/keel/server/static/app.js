@@ -1,5 +1,6 @@
 // keel dashboard: plain JavaScript, no build step, no dependencies.
-// Reads /api/overview, /api/traces, /api/traces/{id}, /api/facets, /api/jobs and /api/jobs/{name};
+// Reads /api/overview, /api/traces, /api/traces/{id}, /api/facets, /api/jobs and /api/jobs/{name}
+// (the Evals page, static/evals.js, reads /api/evals*);
 // draws its charts as SVG.
 // The filters live in the page's query string (?session=sess-42&sort=cost), so a view can be linked.
 // Every value from the store reaches the page through textContent, never as HTML.
@@ -33,7 +34,8 @@
     overview: null,
     trace: null,
     selected: null,
-    returnTo: null, // the job page a trace was opened from (its back button goes there)
+    returnTo: null, // the job (or eval) page a trace was opened from (its back button goes there)
+    returnLabel: null, // that back button's text, when not "← Job"
   };
 
   const $ = (selector) => document.querySelector(selector);
@@ -1163,56 +1165,54 @@
 
   // --- routing ----------------------------------------------------------------------------
 
-  const VIEWS = ["overview-view", "trace-view", "jobs-view", "job-view"];
-  //: Pages in scripts of their own (static/quality.js...): `#/NAME` shows `view` and calls `open(dashboard)`.
-  const pages = window.keelPages || {};
+  // Pages in files of their own (static/evals.js) load first and push {view, nav, match(hash), open(hash, kit)}
+  // onto window.keelPages; the kit is this file's helpers, so a page needs nothing else.
+  const PAGES = window.keelPages || [];
+  const KIT = { $, h, s, replace, api, showError, clearError, markUpdated, withTip, svgRoot, niceScale, clip, shortId,
+    fmtInt, fmtCost, fmtMs, fmtPercent, fmtDateTime, fmtBucket, tooltip, empty, plotArea, xLabels, state };
+  const VIEWS = ["overview-view", "trace-view", "jobs-view", "job-view", ...PAGES.map((p) => p.view)];
 
   /** Show one view; the filter bar and the range buttons belong to the overview only. */
   function showView(id) {
-    for (const view of [...VIEWS, ...Object.values(pages).map((p) => p.view)]) $("#" + view).hidden = view !== id;
+    for (const view of VIEWS) $("#" + view).hidden = view !== id;
     $("#filters").hidden = id !== "overview-view";
     $("#ranges").hidden = id !== "overview-view";
-    const page = Object.keys(pages).find((name) => pages[name].view === id);
-    const section = page || (id.startsWith("job") ? "jobs" : "overview");
+    const page = PAGES.find((p) => p.view === id);
+    const section = page ? page.nav : id.startsWith("job") ? "jobs" : "overview";
     for (const link of document.querySelectorAll("#nav a")) link.classList.toggle("active", link.dataset.view === section);
   }
 
   function route() {
     const trace = location.hash.match(/^#\/trace\/(.+)$/);
     const job = location.hash.match(/^#\/jobs\/(.+)$/);
+    const page = PAGES.find((p) => p.match(location.hash));
     tooltip().hidden = true;
     stopJobRefresh();
     jobRequest++; // an answer still on its way belongs to the page we left
     if (trace) {
       showView("trace-view");
-      $("#trace-back").textContent = state.returnTo ? "← Job" : "← Traces";
+      $("#trace-back").textContent = state.returnTo ? state.returnLabel || "← Job" : "← Traces";
       window.scrollTo(0, 0);
       openTrace(decodeURIComponent(trace[1]));
     } else if (job) {
       showView("job-view");
       window.scrollTo(0, 0);
       openJob(decodeURIComponent(job[1]));
+    } else if (page) {
+      showView(page.view);
+      window.scrollTo(0, 0);
+      page.open(location.hash, KIT);
     } else if (location.hash === "#/jobs") {
       showView("jobs-view");
       loadJobs();
-    } else if (pages[location.hash.slice(2)]) {
-      const page = pages[location.hash.slice(2)];
-      showView(page.view);
-      page.open(dashboard);
     } else {
       state.trace = null;
       state.selected = null;
       showView("overview-view");
       reloadAll();
     }
-    if (!trace) state.returnTo = null;
+    if (!trace) state.returnTo = state.returnLabel = null;
   }
-
-  //: What a page script may use: the API client, DOM and chart helpers.
-  const dashboard = {
-    api, h, s, replace, showError, clearError, markUpdated, withTip, tooltip, empty, svgRoot, plotArea, xLabels,
-    fmtInt, fmtDateTime, fmtBucket, clip,
-  };
 
   function start() {
     readUrl();

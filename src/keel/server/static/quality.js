@@ -1,7 +1,7 @@
 // keel dashboard, Quality page (#/quality): online quality from /api/quality ([evals.online]).
 // One chart per scorer: the mean score of each (model version, prompt version) over time, with its 95% CI,
 // and a dashed line where a new version was first scored; then the test of the latest change and a table.
-// Registered in window.keelPages before app.js runs; app.js shows the view and calls open(dashboard).
+// Registered in window.keelPages before app.js runs; app.js shows the view and calls open(hash, kit) with its helpers.
 // Every value from the store reaches the page through textContent, never as HTML.
 "use strict";
 
@@ -130,10 +130,11 @@
   }
 
   let bound = false;
-  window.keelPages = window.keelPages || {};
-  window.keelPages.quality = {
+  (window.keelPages = window.keelPages || []).push({
     view: "quality-view",
-    open(d) {
+    nav: "quality",
+    match: (hash) => hash === "#/quality",
+    open(hash, d) {
       if (!bound) {
         bound = true;
         $("#quality-range").addEventListener("change", () => open(d));
@@ -141,5 +142,5 @@
       }
       open(d);
     },
-  };
+  });
 })();
