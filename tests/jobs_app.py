@@ -63,3 +63,24 @@ def unreachable(value: int) -> int:
         UNREACHABLE[value] -= 1
         raise psycopg.OperationalError("connection failed: FATAL:  sorry, too many clients already")
     return value * 10
+
+
+@jobs.kind("test.where")
+def where(value: int) -> dict[str, Any]:
+    """Where a plain handler runs: its thread and the span it runs under (the item's)."""
+    import threading
+
+    from keel.trace import current_span
+
+    span = current_span()
+    return {"thread": threading.current_thread().name, "trace": span.trace_id if span else None}
+
+
+@jobs.kind("test.where_async")
+async def where_async(value: int) -> dict[str, Any]:
+    import threading
+
+    from keel.trace import current_span
+
+    span = current_span()
+    return {"thread": threading.current_thread().name, "trace": span.trace_id if span else None}

@@ -206,3 +206,48 @@ def test_a_stale_worker_is_claimed_by_exactly_one_live_worker(env: Path) -> None
         assert {w.worker_id: w.recovered_by for w in heartbeats.list_workers(store)} == {"dead-one": "live-a"}
     finally:
         store.close()
+
+
+def test_an_item_takes_two_store_transactions_and_no_thread_hop(
+    runner: JobRunner, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the per-item overhead was CPU: 3 store transactions (start, outcome, span) and ~9 hops between DBOS's
+    # event loop and its thread pool per no-op item; now the span rides in the outcome's transaction and a
+    # plain workflow runs the item on one executor thread
+    import asyncio
+    import threading
+
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(func, "__qualname__", repr(func)))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    transactions: list[str] = []
+    transaction = worker.store.transaction
+
+    def counting(**kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name.startswith("dbos-executor"):
+            transactions.append("tx")
+        return transaction(**kwargs)
+
+    monkeypatch.setattr(worker.store, "transaction", counting)
+    runner.submit("lean", "test.where", list(range(10)))
+    assert runner.wait("lean", timeout=60).done == 10
+    assert hops == []
+    assert len(transactions) == 2 * 10 + 1  # start and outcome per item, and the job's kind once
+    items = runner.items("lean")
+    assert all(i.result["thread"].startswith("dbos-executor") for i in items)
+    assert all(i.result["trace"] == i.trace_id for i in items)  # the handler runs under the item's span
+    spans = runner.store.get_trace(items[0].trace_id)
+    assert [(s.name, s.attributes["keel.job.item"]) for s in spans] == [("job.item", "0")]
+
+
+def test_a_coroutine_handler_runs_on_the_workers_loop_under_the_items_span(runner: JobRunner, worker: Worker) -> None:
+    runner.submit("loop", "test.where_async", list(range(6)))
+    assert runner.wait("loop", timeout=60).done == 6
+    items = runner.items("loop")
+    assert {i.result["thread"] for i in items} == {"keel-jobs-loop"}
+    assert all(i.result["trace"] == i.trace_id for i in items)

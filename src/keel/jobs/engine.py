@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from dbos import DBOS
 
 from keel.config import Config
 from keel.jobs import records
-from keel.jobs.kinds import ItemContext, get_kind
+from keel.jobs.kinds import ItemContext, Kind, get_kind
 from keel.store.base import Store
 from keel.trace import Span, _current, new_id, new_trace_id
 
@@ -113,50 +114,59 @@ def _database_unreachable(exc: BaseException) -> bool:
 
 
 class ItemExecutor:
-    """Runs items in a worker process: the state the DBOS step needs (the store, kinds, job rows)."""
+    """Runs items in a worker process: the state the DBOS step needs (the store, kinds, job rows).
+
+    An item runs start to end on the DBOS executor thread that runs its
+    workflow: its store writes, a plain handler and DBOS's own records, with no
+    hop between threads (each hop cost more CPU than the no-op item itself). A
+    coroutine handler runs on the executor's event loop while that thread waits.
+    """
 
     def __init__(self, store: Store, *, max_wait_s: float = 24 * 3600.0) -> None:
         self.store = store
         self.max_wait_s = max_wait_s
         self._kinds: dict[str, str] = {}  # job name -> kind: a job's kind never changes
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
 
-    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A store call in a thread (the event loop runs other items meanwhile), retried while the store is away."""
+    def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store call, retried while the store is away (the item's work is kept meanwhile)."""
         delay, waited = 0.1, 0.0
         while True:
             try:
-                return await asyncio.to_thread(fn, self.store, *args, **kwargs)
+                return fn(self.store, *args, **kwargs)
             except Exception as exc:
                 if not _transient(exc) or waited >= self.max_wait_s:
                     raise
                 log.warning("store unavailable (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+                time.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 5.0)
 
-    async def kind_of(self, job: str) -> str:
+    def kind_of(self, job: str) -> str:
         if job not in self._kinds:
-            self._kinds[job] = (await self.db(records.get_job, job)).kind
+            self._kinds[job] = self.db(records.get_job, job).kind
         return self._kinds[job]
 
-    async def run_item(self, job: str, key: str, run: int) -> str:
+    def run_item(self, job: str, key: str, run: int) -> str:
         """Run one item unless it is done, superseded or its job cancelled; "done", "failed" or "skipped"."""
         trace_id = new_trace_id()
-        item = await self.db(records.start_item, job, key, run, trace_id)
+        item = self.db(records.start_item, job, key, run, trace_id)
         if item is None:
             return "skipped"
         ctx = ItemContext(job=job, key=key, attempt=item.attempts, trace_id=trace_id)
         span = Span(trace_id, new_id(8), None, "job.item", time.time(), attributes={
             "keel.job": job, "keel.job.item": key, "keel.job.attempt": item.attempts,
         })  # fmt: skip
-        result, error = await self._attempts(await self.kind_of(job), item.input, ctx, span)
+        result, error = self._attempts(self.kind_of(job), item.input, ctx, span)
         span.end_time = time.time()
         span.set(keel__cost_usd=ctx.cost_usd or None, keel__job__kind=self._kinds.get(job))
-        await self.db(records.finish_item, job, key, run, result=result, error=error, cost_usd=ctx.cost_usd)
-        await self.db(Store.write_spans, [span])
+        # the item's span goes in the transaction of its outcome: one commit, not two
+        self.db(records.finish_item, job, key, run, result=result, error=error, cost_usd=ctx.cost_usd, span=span)
         return "failed" if error is not None else "done"
 
-    async def _attempts(self, kind_name: str, value: Any, ctx: ItemContext, span: Span) -> tuple[Any, str | None]:
+    def _attempts(self, kind_name: str, value: Any, ctx: ItemContext, span: Span) -> tuple[Any, str | None]:
         """The handler's JSON result, or the error of its last attempt."""
         error: str | None = None
         try:
@@ -164,13 +174,13 @@ class ItemExecutor:
         except Exception as exc:
             span.fail(exc)
             return None, f"{type(exc).__name__}: {exc}"
-        token = _current.set(span)
+        token = _current.set(span)  # a coroutine handler sees it too: its task copies this thread's context
         delay, waited = 0.1, 0.0
         try:
             attempt = 0
             while attempt < kind.attempts:
                 try:
-                    result = await kind.run(value, ctx)
+                    result = self._call(kind, value, ctx)
                     json.dumps(result)  # a result that cannot be stored is the handler's failure, not the store's
                     return result, None
                 except Exception as exc:
@@ -178,7 +188,7 @@ class ItemExecutor:
                     if _database_unreachable(exc) and waited < self.max_wait_s:
                         log.warning("item %s of %s: database unreachable (%s); again in %.1f s", ctx.key, ctx.job,
                                     exc, delay)  # fmt: skip
-                        await asyncio.sleep(delay)
+                        time.sleep(delay)
                         waited += delay
                         delay = min(delay * 2, 5.0)
                         continue
@@ -186,10 +196,46 @@ class ItemExecutor:
                     log.debug("item %s of %s failed: %s", ctx.key, ctx.job, "".join(traceback.format_exception(exc)))
                     span.fail(exc)
                     if attempt < kind.attempts:
-                        await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 30.0))
+                        time.sleep(min(0.5 * 2 ** (attempt - 1), 30.0))
         finally:
             _current.reset(token)
         return None, error
+
+    def _call(self, kind: Kind, value: Any, ctx: ItemContext) -> Any:
+        """The handler's result: a plain function in this thread, a coroutine function on the event loop."""
+        if not kind.is_async:
+            return kind.call(value, ctx)
+        return asyncio.run_coroutine_threadsafe(kind.run(value, ctx), self._event_loop()).result()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop of coroutine handlers, started at the first one: one loop for the process's items, so
+        clients a handler keeps (HTTP, the gateway's) stay on the loop they were made on."""
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=loop.run_forever, name="keel-jobs-loop", daemon=True)
+                self._loop_thread.start()
+                self._loop = loop
+            return self._loop
+
+    def close(self) -> None:
+        """Stop the event loop: handlers still running on it are cancelled (their items run again elsewhere)."""
+        with self._loop_lock:
+            loop, thread, self._loop, self._loop_thread = self._loop, self._loop_thread, None, None
+        if loop is None or thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
+
+
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 _active: ItemExecutor | None = None
@@ -201,13 +247,15 @@ def set_executor(executor: ItemExecutor | None) -> None:
     _active = executor
 
 
+# Plain functions, not coroutines: DBOS runs a plain workflow and its steps on one executor thread, where a
+# coroutine workflow hops between its event loop and the thread pool for each of its records (9 hops an item).
 @DBOS.step(name="keel.jobs.item.run")
-async def item_step(job: str, key: str, run: int) -> str:
+def item_step(job: str, key: str, run: int) -> str:
     if _active is None:
         raise RuntimeError("a keel job item ran in a process without a started keel worker")
-    return await _active.run_item(job, key, run)
+    return _active.run_item(job, key, run)
 
 
 @DBOS.workflow(name=ITEM_WORKFLOW)
-async def item_workflow(job: str, key: str, run: int) -> str:
-    return await item_step(job, key, run)
+def item_workflow(job: str, key: str, run: int) -> str:
+    return item_step(job, key, run)

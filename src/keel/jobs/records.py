@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from keel.errors import JobConflict, UnknownJob
-from keel.store.base import Store
+from keel.store.base import SPAN_COLUMNS, Store, span_row
+from keel.trace import Span
 
 __all__ = [
     "ItemRow",
@@ -202,22 +203,33 @@ def start_item(store: Store, job: str, key: str, run: int, trace_id: str) -> Ite
         " AND EXISTS (SELECT 1 FROM keel_jobs WHERE name = ? AND status = ?)"
     )
     with store.transaction() as cur:
-        cur.execute(sql, [ITEM_RUNNING, trace_id, time.time(), job, key, run, PENDING, ITEM_RUNNING, job, RUNNING])
-        if cur.rowcount != 1:
-            return None
-        select = f"SELECT {', '.join(ITEM_COLUMNS)} FROM keel_job_items WHERE job = ? AND idempotency_key = ?"
-        cur.execute(select, [job, key])
-        return _item(cur.fetchone())
+        # RETURNING (SQLite 3.35+, PostgreSQL): the row as updated, without a second statement to read it
+        cur.execute(
+            f"{sql} RETURNING {', '.join(ITEM_COLUMNS)}",
+            [ITEM_RUNNING, trace_id, time.time(), job, key, run, PENDING, ITEM_RUNNING, job, RUNNING],
+        )
+        row = cur.fetchone()
+    return None if row is None else _item(row)
 
 
 def finish_item(
-    store: Store, job: str, key: str, run: int, *, result: Any = None, error: str | None = None, cost_usd: float = 0.0
+    store: Store,
+    job: str,
+    key: str,
+    run: int,
+    *,
+    result: Any = None,
+    error: str | None = None,
+    cost_usd: float = 0.0,
+    span: Span | None = None,
 ) -> bool:
     """Record an item's outcome (a result, or an error when it failed for good); False if it was already recorded.
 
-    One transaction: the item's row, then the job's counters, cost and status
-    (finished when nothing is left). The item's update is conditional on it not
-    being done or failed, so a second call for the same item changes nothing.
+    One transaction: the span of this run of the item (if given, written even
+    when the outcome was recorded before: the run happened), the item's row,
+    then the job's counters, cost and status (finished when nothing is left).
+    The item's update is conditional on it not being done or failed, so a
+    second call for the same item changes nothing.
     """
     status = ITEM_FAILED if error is not None else ITEM_DONE
     now = time.time()
@@ -233,11 +245,23 @@ def finish_item(
     )
     encoded = None if error is not None else store.json_param(json.dumps(result))
     with store.transaction() as cur:
+        if span is not None:
+            cur.execute(_SPAN_INSERT, _span_params(store, span))
         cur.execute(sql, [status, encoded, error, cost_usd, now, job, key, run, PENDING, ITEM_RUNNING])
         if cur.rowcount != 1:
             return False
         cur.execute(job_sql, [cost_usd, now, RUNNING, int(error is not None), FAILED, DONE, job])
     return True
+
+
+_SPAN_INSERT = f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) VALUES ({', '.join('?' for _ in SPAN_COLUMNS)})"
+
+
+def _span_params(store: Store, span: Span) -> list[Any]:
+    """The span's row as `Store.write_spans` writes it (its last three columns are JSON)."""
+    row = list(span_row(span))
+    row[-3:] = [store.json_param(v) for v in row[-3:]]
+    return row
 
 
 def set_job_status(store: Store, name: str, status: str, *, only_from: Sequence[str]) -> bool:
