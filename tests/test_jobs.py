@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,14 +209,16 @@ def test_a_stale_worker_is_claimed_by_exactly_one_live_worker(env: Path) -> None
         store.close()
 
 
-def test_an_item_takes_two_store_transactions_and_no_thread_hop(
+def test_an_item_takes_two_store_transactions_one_dbos_commit_and_no_thread_hop(
     runner: JobRunner, worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the per-item overhead was CPU: 3 store transactions (start, outcome, span) and ~9 hops between DBOS's
-    # event loop and its thread pool per no-op item; now the span rides in the outcome's transaction and a
-    # plain workflow runs the item on one executor thread
+    # the per-item overhead was CPU and SQLite's busy handler: 3 store transactions (start, outcome, span),
+    # 3 DBOS transactions (step check, step record, outcome), ~9 hops between DBOS's event loop and its
+    # thread pool, and the items' threads sleeping in SQLite's busy handler for the store's write lock
     import asyncio
     import threading
+
+    import sqlalchemy as sa
 
     hops: list[str] = []
     to_thread = asyncio.to_thread
@@ -226,18 +229,43 @@ def test_an_item_takes_two_store_transactions_and_no_thread_hop(
 
     monkeypatch.setattr(asyncio, "to_thread", counted)
     transactions: list[str] = []
+    inside = [0, 0]  # store transactions of item threads open now, and the most at once
     transaction = worker.store.transaction
 
+    @contextlib.contextmanager
     def counting(**kwargs):  # type: ignore[no-untyped-def]
-        if threading.current_thread().name.startswith("dbos-executor"):
-            transactions.append("tx")
-        return transaction(**kwargs)
+        if not threading.current_thread().name.startswith("dbos-executor"):
+            with transaction(**kwargs) as cur:
+                yield cur
+            return
+        transactions.append("tx")
+        inside[0] += 1
+        inside[1] = max(inside)
+        try:
+            time.sleep(0.005)  # long enough for item threads to overlap unless they take turns
+            with transaction(**kwargs) as cur:
+                yield cur
+        finally:
+            inside[0] -= 1
 
     monkeypatch.setattr(worker.store, "transaction", counting)
-    runner.submit("lean", "test.where", list(range(10)))
-    assert runner.wait("lean", timeout=60).done == 10
+    commits: list[str] = []
+
+    def on_commit(conn: object) -> None:
+        if threading.current_thread().name.startswith("dbos-executor"):
+            commits.append("commit")
+
+    assert worker._engine is not None
+    sa.event.listen(worker._engine, "commit", on_commit)
+    try:
+        runner.submit("lean", "test.where", list(range(10)))
+        assert runner.wait("lean", timeout=60).done == 10
+    finally:
+        sa.event.remove(worker._engine, "commit", on_commit)
     assert hops == []
     assert len(transactions) == 2 * 10 + 1  # start and outcome per item, and the job's kind once
+    assert inside[1] == 1  # on SQLite the items' writes take turns in the process
+    assert len(commits) == 10  # each workflow's outcome: no DBOS step record around the item
     items = runner.items("lean")
     assert all(i.result["thread"].startswith("dbos-executor") for i in items)
     assert all(i.result["trace"] == i.trace_id for i in items)  # the handler runs under the item's span

@@ -1,20 +1,31 @@
-"""The DBOS side of jobs: the item workflow, its one step, and where DBOS keeps its own tables.
+"""The DBOS side of jobs: the item workflow, and where DBOS keeps its own tables.
 
 Each item is one DBOS workflow (id: job, item key, run) enqueued on a DBOS
 queue, so queues bound concurrency and rate across every worker, and a worker
 that dies leaves its items PENDING under its executor id for another to
-recover. The workflow has one step, which does the item's work and writes its
-outcome to keel's store (`records.finish_item`, conditional on the item not
-being done: a step DBOS re-runs after a crash changes nothing).
+recover. The workflow does the item's work and records its outcome in keel's
+store (`records.finish_item`, conditional on the item not being done: a run
+DBOS repeats after a crash changes nothing).
 
-Store writes inside the step wait out an unreachable database (PostgreSQL
-restarting, a network cut) instead of failing the item: the work is kept and
-written when the store is back.
+The workflow has no DBOS step of its own. A step's record (its output, read
+back before it runs, written after) lets a workflow of several steps resume
+after the last one done; an item is one unit of work whose record is keel's
+own item row, written in the transaction that marks it done. DBOS's step
+record said the same thing a second time and cost two of its three
+transactions per item; without it, a workflow DBOS recovers runs again from
+the start, finds its item done (`start_item`) and does nothing, which is what
+the replayed step did. The workflow body holds no decision DBOS replays, so
+the time and ids it makes cannot diverge between runs.
+
+Store writes wait out an unreachable database (PostgreSQL restarting, a
+network cut) instead of failing the item: the work is kept and written when
+the store is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -114,7 +125,7 @@ def _database_unreachable(exc: BaseException) -> bool:
 
 
 class ItemExecutor:
-    """Runs items in a worker process: the state the DBOS step needs (the store, kinds, job rows).
+    """Runs items in a worker process: the state the item workflow needs (the store, kinds, job rows).
 
     An item runs start to end on the DBOS executor thread that runs its
     workflow: its store writes, a plain handler and DBOS's own records, with no
@@ -126,16 +137,21 @@ class ItemExecutor:
         self.store = store
         self.max_wait_s = max_wait_s
         self._kinds: dict[str, str] = {}  # job name -> kind: a job's kind never changes
+        self._kinds_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._loop_lock = threading.Lock()
+        # SQLite has one writer: the items' threads take turns on a lock that wakes the next at once, where
+        # SQLite's busy handler would have them sleep up to 100 ms between tries (most of the time per item)
+        self._writes = threading.Lock() if store.dialect == "sqlite" else contextlib.nullcontext()
 
     def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A store call, retried while the store is away (the item's work is kept meanwhile)."""
         delay, waited = 0.1, 0.0
         while True:
             try:
-                return fn(self.store, *args, **kwargs)
+                with self._writes:
+                    return fn(self.store, *args, **kwargs)
             except Exception as exc:
                 if not _transient(exc) or waited >= self.max_wait_s:
                     raise
@@ -145,9 +161,10 @@ class ItemExecutor:
                 delay = min(delay * 2, 5.0)
 
     def kind_of(self, job: str) -> str:
-        if job not in self._kinds:
-            self._kinds[job] = self.db(records.get_job, job).kind
-        return self._kinds[job]
+        with self._kinds_lock:  # one lookup per job, not one per item thread that starts before it is known
+            if job not in self._kinds:
+                self._kinds[job] = self.db(records.get_job, job).kind
+            return self._kinds[job]
 
     def run_item(self, job: str, key: str, run: int) -> str:
         """Run one item unless it is done, superseded or its job cancelled; "done", "failed" or "skipped"."""
@@ -242,20 +259,15 @@ _active: ItemExecutor | None = None
 
 
 def set_executor(executor: ItemExecutor | None) -> None:
-    """The executor of this process's worker (DBOS calls the step by name, so it finds it here)."""
+    """The executor of this process's worker (DBOS calls the workflow by name, so it finds it here)."""
     global _active
     _active = executor
 
 
-# Plain functions, not coroutines: DBOS runs a plain workflow and its steps on one executor thread, where a
-# coroutine workflow hops between its event loop and the thread pool for each of its records (9 hops an item).
-@DBOS.step(name="keel.jobs.item.run")
-def item_step(job: str, key: str, run: int) -> str:
+# A plain function, not a coroutine: DBOS runs a plain workflow on one executor thread, where a coroutine
+# workflow hops between its event loop and the thread pool around each of its records (9 hops an item).
+@DBOS.workflow(name=ITEM_WORKFLOW)
+def item_workflow(job: str, key: str, run: int) -> str:
     if _active is None:
         raise RuntimeError("a keel job item ran in a process without a started keel worker")
     return _active.run_item(job, key, run)
-
-
-@DBOS.workflow(name=ITEM_WORKFLOW)
-def item_workflow(job: str, key: str, run: int) -> str:
-    return item_step(job, key, run)
