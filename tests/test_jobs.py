@@ -13,7 +13,9 @@ import jobs_app
 from keel.config import load_config
 from keel.errors import InputError, JobConflict, UnknownJob, UnknownJobKind, WorkerIdInUse
 from keel.jobs import JobRunner, Worker, heartbeats, records
-from keel.store import open_store
+from keel.jobs.schema import ensure_tables
+from keel.store import Store, open_store
+from keel.trace import Span, new_id
 
 pytestmark = pytest.mark.slow
 
@@ -279,3 +281,50 @@ def test_a_coroutine_handler_runs_on_the_workers_loop_under_the_items_span(runne
     items = runner.items("loop")
     assert {i.result["thread"] for i in items} == {"keel-jobs-loop"}
     assert all(i.result["trace"] == i.trace_id for i in items)
+
+
+def test_an_items_start_and_outcome_are_one_statement_each_and_a_second_outcome_changes_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # on PostgreSQL each is sent alone (one round trip, not BEGIN ... COMMIT); the outcome carries the span
+    ensure_tables(store)
+    records.create_job(store, "j", "test.flaky", "default", [("a", 1), ("b", 2), ("c", 3)])
+    transactions: list[str] = []
+    transaction = store.transaction
+
+    def counting(**kwargs):  # type: ignore[no-untyped-def]
+        transactions.append("tx")
+        return transaction(**kwargs)
+
+    monkeypatch.setattr(store, "transaction", counting)
+
+    def span(trace_id: str) -> Span:
+        made = Span(trace_id, new_id(8), None, "job.item", time.time(), attributes={"keel.job.item": "a"})
+        made.end_time = made.start_time + 0.01
+        return made
+
+    item = records.start_item(store, "j", "a", 0, "t1")
+    assert item is not None and (item.status, item.attempts, item.input, item.trace_id) == ("running", 1, 1, "t1")
+    assert records.finish_item(store, "j", "a", 0, result={"x": 1}, cost_usd=0.5, span=span("t1")) is True
+    # a run DBOS repeats after a crash: its span is kept (it ran), its outcome is not
+    assert records.finish_item(store, "j", "a", 0, result={"x": 2}, cost_usd=0.5, span=span("t1")) is False
+    assert records.start_item(store, "j", "a", 0, "t2") is None  # done
+    assert records.start_item(store, "j", "b", 1, "t3") is None  # another run owns it
+    assert records.start_item(store, "j", "b", 0, "t4") is not None
+    assert records.finish_item(store, "j", "b", 0, error="ValueError: no", span=span("t4")) is True
+    monkeypatch.setattr(store, "transaction", transaction)
+    assert transactions == ([] if store.dialect == "postgres" else ["tx"] * 7)
+    job = records.get_job(store, "j")
+    assert (job.status, job.done, job.failed, job.cost_usd) == ("running", 1, 1, 0.5)
+    items = {i.key: i for i in records.list_items(store, "j")}
+    assert (items["a"].status, items["a"].result, items["b"].status, items["b"].error) == (
+        "done", {"x": 1}, "failed", "ValueError: no",
+    )  # fmt: skip
+    assert [s.name for s in store.get_trace("t1")] == ["job.item", "job.item"]
+    assert store.get_trace("t4")[0].attributes["keel.job.item"] == "a"
+    records.set_job_status(store, "j", "cancelled", only_from=["running"])
+    assert records.start_item(store, "j", "c", 0, "t5") is None  # its job is cancelled
+    records.set_job_status(store, "j", "running", only_from=["cancelled"])
+    assert records.start_item(store, "j", "c", 0, "t6") is not None
+    assert records.finish_item(store, "j", "c", 0, result=None) is True
+    assert records.get_job(store, "j").status == "failed"  # the last item finished it, one item failed
