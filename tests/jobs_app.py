@@ -84,3 +84,12 @@ async def where_async(value: int) -> dict[str, Any]:
 
     span = current_span()
     return {"thread": threading.current_thread().name, "trace": span.trace_id if span else None}
+
+
+@jobs.kind("test.stuck")
+async def stuck(value: int) -> int:
+    """A coroutine handler that takes JOBS_STUCK_S seconds (a worker stopped meanwhile cancels it)."""
+    import asyncio
+
+    await asyncio.sleep(float(os.environ.get("JOBS_STUCK_S", "0.01")))
+    return value

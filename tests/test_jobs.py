@@ -283,6 +283,29 @@ def test_a_coroutine_handler_runs_on_the_workers_loop_under_the_items_span(runne
     assert all(i.result["trace"] == i.trace_id for i in items)
 
 
+def test_a_worker_stopped_while_coroutine_items_run_leaves_them_to_run_again(
+    runner: JobRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cancelled mid-item, a handler has not failed: the items stay unrecorded (no attempt spent on a failure)
+    # and the worker started again under its id takes them back
+    monkeypatch.setenv("JOBS_STUCK_S", "30")
+    worker = Worker(runner.config, worker_id="stopper").start()
+    try:
+        runner.submit("stuck", "test.stuck", list(range(3)))
+        deadline = time.monotonic() + 30
+        while runner.status("stuck").counts.get("running", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop(drain_s=0)
+    status = runner.status("stuck")
+    assert (status.counts, status.job.failed) == ({"running": 3}, 0)
+    monkeypatch.setenv("JOBS_STUCK_S", "0.01")
+    with Worker(runner.config, worker_id="stopper"):
+        job = runner.wait("stuck", timeout=60)
+    assert (job.status, job.done, job.failed) == ("done", 3, 0)
+    assert [i.attempts for i in runner.items("stuck")] == [2, 2, 2]
+
+
 def test_an_items_start_and_outcome_are_one_statement_each_and_a_second_outcome_changes_nothing(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ the store is back.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -141,6 +142,7 @@ class ItemExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._loop_lock = threading.Lock()
+        self._stopping = threading.Event()
         # SQLite has one writer: the items' threads take turns on a lock that wakes the next at once, where
         # SQLite's busy handler would have them sleep up to 100 ms between tries (most of the time per item)
         self._writes = threading.Lock() if store.dialect == "sqlite" else contextlib.nullcontext()
@@ -156,7 +158,7 @@ class ItemExecutor:
                 if not _transient(exc) or waited >= self.max_wait_s:
                     raise
                 log.warning("store unavailable (%s); retrying in %.1f s", exc, delay)
-                time.sleep(delay)
+                self._pause(delay)
                 waited += delay
                 delay = min(delay * 2, 5.0)
 
@@ -205,7 +207,7 @@ class ItemExecutor:
                     if _database_unreachable(exc) and waited < self.max_wait_s:
                         log.warning("item %s of %s: database unreachable (%s); again in %.1f s", ctx.key, ctx.job,
                                     exc, delay)  # fmt: skip
-                        time.sleep(delay)
+                        self._pause(delay)
                         waited += delay
                         delay = min(delay * 2, 5.0)
                         continue
@@ -213,7 +215,7 @@ class ItemExecutor:
                     log.debug("item %s of %s failed: %s", ctx.key, ctx.job, "".join(traceback.format_exception(exc)))
                     span.fail(exc)
                     if attempt < kind.attempts:
-                        time.sleep(min(0.5 * 2 ** (attempt - 1), 30.0))
+                        self._pause(min(0.5 * 2 ** (attempt - 1), 30.0))
         finally:
             _current.reset(token)
         return None, error
@@ -222,22 +224,37 @@ class ItemExecutor:
         """The handler's result: a plain function in this thread, a coroutine function on the event loop."""
         if not kind.is_async:
             return kind.call(value, ctx)
-        return asyncio.run_coroutine_threadsafe(kind.run(value, ctx), self._event_loop()).result()
+        with self._loop_lock:  # `close` cancels every task submitted before it: none slips in after
+            if self._stopping.is_set():
+                raise WorkerStopped
+            future = asyncio.run_coroutine_threadsafe(kind.run(value, ctx), self._event_loop())
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if self._stopping.is_set():
+                raise WorkerStopped from None
+            raise
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before trying again, unless the worker stops meanwhile."""
+        if self._stopping.wait(seconds):
+            raise WorkerStopped
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The loop of coroutine handlers, started at the first one: one loop for the process's items, so
-        clients a handler keeps (HTTP, the gateway's) stay on the loop they were made on."""
-        with self._loop_lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                self._loop_thread = threading.Thread(target=loop.run_forever, name="keel-jobs-loop", daemon=True)
-                self._loop_thread.start()
-                self._loop = loop
-            return self._loop
+        """The loop of coroutine handlers, started at the first one (under `_loop_lock`): one loop for the
+        process's items, so clients a handler keeps (HTTP, the gateway's) stay on the loop they were made on."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(target=loop.run_forever, name="keel-jobs-loop", daemon=True)
+            self._loop_thread.start()
+            self._loop = loop
+        return self._loop
 
     def close(self) -> None:
-        """Stop the event loop: handlers still running on it are cancelled (their items run again elsewhere)."""
+        """Stop: coroutine handlers still running are cancelled, and items waiting to try again give up; all
+        of them are left unrecorded, to run again when DBOS recovers them. A plain handler runs to its end."""
         with self._loop_lock:
+            self._stopping.set()
             loop, thread, self._loop, self._loop_thread = self._loop, self._loop_thread, None, None
         if loop is None or thread is None:
             return
@@ -246,6 +263,14 @@ class ItemExecutor:
         thread.join(timeout=10)
         if not thread.is_alive():
             loop.close()
+
+
+class WorkerStopped(BaseException):
+    """The worker stopped while an item ran: the item is left unrecorded, to run again when DBOS recovers it.
+
+    A BaseException, as asyncio's CancelledError: neither the item's attempts
+    nor DBOS's record of the workflow's outcome take it for the item failing.
+    """
 
 
 async def _cancel_all() -> None:
