@@ -93,3 +93,25 @@ async def stuck(value: int) -> int:
 
     await asyncio.sleep(float(os.environ.get("JOBS_STUCK_S", "0.01")))
     return value
+
+
+BLOCKING = {"now": 0, "most": 0}  # blocking calls of test.to_thread running at once, and the most seen
+_blocking_lock = __import__("threading").Lock()
+
+
+def _blocking_call() -> None:
+    with _blocking_lock:
+        BLOCKING["now"] += 1
+        BLOCKING["most"] = max(BLOCKING["most"], BLOCKING["now"])
+    time.sleep(0.3)
+    with _blocking_lock:
+        BLOCKING["now"] -= 1
+
+
+@jobs.kind("test.to_thread")
+async def to_thread(value: int) -> int:
+    """A coroutine handler that hands a blocking call to a thread, as one wrapping a blocking client does."""
+    import asyncio
+
+    await asyncio.to_thread(_blocking_call)
+    return value

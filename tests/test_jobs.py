@@ -283,6 +283,16 @@ def test_a_coroutine_handler_runs_on_the_workers_loop_under_the_items_span(runne
     assert all(i.result["trace"] == i.trace_id for i in items)
 
 
+def test_coroutine_handlers_blocking_calls_in_threads_are_not_held_to_asyncios_few_threads(
+    runner: JobRunner, worker: Worker
+) -> None:
+    # asyncio's default pool (cpu_count + 4 threads, 6 here) would run 16 items' blocking calls 6 at a time
+    jobs_app.BLOCKING.update(now=0, most=0)
+    runner.submit("blocking", "test.to_thread", list(range(16)))
+    assert runner.wait("blocking", timeout=60).done == 16
+    assert jobs_app.BLOCKING["most"] > 10
+
+
 def test_a_worker_stopped_while_coroutine_items_run_leaves_them_to_run_again(
     runner: JobRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
