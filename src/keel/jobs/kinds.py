@@ -3,7 +3,7 @@
 A handler takes an item's JSON input and returns a JSON result; it may be a
 plain function or a coroutine function, and may take a second argument, the
 `ItemContext`, for the item's idempotency key (to key its side effects: DBOS
-steps are at-least-once) and to report what the item cost. Registering is
+runs an item's workflow at least once) and to report what the item cost. Registering is
 importing: `keel worker` imports the modules named in `[jobs] imports` (or
 `--import`), whose `@kind(...)` decorators fill the registry.
 

@@ -1,12 +1,13 @@
 """The SQL of jobs: the `keel_jobs` and `keel_job_items` rows that say what is done, failed and spent.
 
-DBOS records which workflow steps ran; these rows record what the items
-produced, in keel's own store, so `keel jobs show` and the dashboard read
-progress and cost without touching DBOS's tables. The one write that matters
-for exactly-once effects is `finish_item`: the item's result, its `done` mark
-and the job's counters move in one transaction, and only if the item was not
-done already (a step DBOS re-runs after a crash finds it done and changes
-nothing).
+DBOS records which item workflows are queued, running and over; these rows
+record what the items produced, in keel's own store, so `keel jobs show` and
+the dashboard read progress and cost without touching DBOS's tables. The one
+write that matters for exactly-once effects is `finish_item`: the item's
+result, its `done` mark and the job's counters move in one transaction, and
+only if the item was not done already (an item DBOS runs again after a crash
+finds it done and changes nothing). It is also the item's only record of
+having run: its workflow has no DBOS step (see keel.jobs.engine).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def item_counts(store: Store, job: str) -> dict[str, int]:
 def start_item(store: Store, job: str, key: str, run: int, trace_id: str) -> ItemRow | None:
     """Mark an item running (one more attempt) and return it; None when it must not run.
 
-    It must not run when it is done or failed already (a re-run step), when a
+    It must not run when it is done or failed already (a workflow run again), when a
     newer run owns it (retry or resume started another workflow), or when its
     job is cancelled.
     """
