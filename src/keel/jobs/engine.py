@@ -47,7 +47,15 @@ from keel.jobs.kinds import ItemContext, Kind, get_kind
 from keel.store.base import Store
 from keel.trace import Span, _current, new_id, new_trace_id
 
-__all__ = ["APP_NAME", "APP_VERSION", "ItemExecutor", "sqlite_system_engine", "system_database_url", "workflow_id"]
+__all__ = [
+    "APP_NAME",
+    "APP_VERSION",
+    "ItemExecutor",
+    "WorkerStopped",
+    "sqlite_system_engine",
+    "system_database_url",
+    "workflow_id",
+]
 
 log = logging.getLogger("keel.jobs")
 
