@@ -63,3 +63,55 @@ def unreachable(value: int) -> int:
         UNREACHABLE[value] -= 1
         raise psycopg.OperationalError("connection failed: FATAL:  sorry, too many clients already")
     return value * 10
+
+
+@jobs.kind("test.where")
+def where(value: int) -> dict[str, Any]:
+    """Where a plain handler runs: its thread and the span it runs under (the item's)."""
+    import threading
+
+    from keel.trace import current_span
+
+    span = current_span()
+    return {"thread": threading.current_thread().name, "trace": span.trace_id if span else None}
+
+
+@jobs.kind("test.where_async")
+async def where_async(value: int) -> dict[str, Any]:
+    import threading
+
+    from keel.trace import current_span
+
+    span = current_span()
+    return {"thread": threading.current_thread().name, "trace": span.trace_id if span else None}
+
+
+@jobs.kind("test.stuck")
+async def stuck(value: int) -> int:
+    """A coroutine handler that takes JOBS_STUCK_S seconds (a worker stopped meanwhile cancels it)."""
+    import asyncio
+
+    await asyncio.sleep(float(os.environ.get("JOBS_STUCK_S", "0.01")))
+    return value
+
+
+BLOCKING = {"now": 0, "most": 0}  # blocking calls of test.to_thread running at once, and the most seen
+_blocking_lock = __import__("threading").Lock()
+
+
+def _blocking_call() -> None:
+    with _blocking_lock:
+        BLOCKING["now"] += 1
+        BLOCKING["most"] = max(BLOCKING["most"], BLOCKING["now"])
+    time.sleep(0.3)
+    with _blocking_lock:
+        BLOCKING["now"] -= 1
+
+
+@jobs.kind("test.to_thread")
+async def to_thread(value: int) -> int:
+    """A coroutine handler that hands a blocking call to a thread, as one wrapping a blocking client does."""
+    import asyncio
+
+    await asyncio.to_thread(_blocking_call)
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,9 @@ import jobs_app
 from keel.config import load_config
 from keel.errors import InputError, JobConflict, UnknownJob, UnknownJobKind, WorkerIdInUse
 from keel.jobs import JobRunner, Worker, heartbeats, records
-from keel.store import open_store
+from keel.jobs.schema import ensure_tables
+from keel.store import Store, open_store
+from keel.trace import Span, new_id
 
 pytestmark = pytest.mark.slow
 
@@ -206,3 +209,155 @@ def test_a_stale_worker_is_claimed_by_exactly_one_live_worker(env: Path) -> None
         assert {w.worker_id: w.recovered_by for w in heartbeats.list_workers(store)} == {"dead-one": "live-a"}
     finally:
         store.close()
+
+
+def test_an_item_takes_two_store_transactions_one_dbos_commit_and_no_thread_hop(
+    runner: JobRunner, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the per-item overhead was CPU and SQLite's busy handler: 3 store transactions (start, outcome, span),
+    # 3 DBOS transactions (step check, step record, outcome), ~9 hops between DBOS's event loop and its
+    # thread pool, and the items' threads sleeping in SQLite's busy handler for the store's write lock
+    import asyncio
+    import threading
+
+    import sqlalchemy as sa
+
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(func, "__qualname__", repr(func)))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    transactions: list[str] = []
+    inside = [0, 0]  # store transactions of item threads open now, and the most at once
+    transaction = worker.store.transaction
+
+    @contextlib.contextmanager
+    def counting(**kwargs):  # type: ignore[no-untyped-def]
+        if not threading.current_thread().name.startswith("dbos-executor"):
+            with transaction(**kwargs) as cur:
+                yield cur
+            return
+        transactions.append("tx")
+        inside[0] += 1
+        inside[1] = max(inside)
+        try:
+            time.sleep(0.005)  # long enough for item threads to overlap unless they take turns
+            with transaction(**kwargs) as cur:
+                yield cur
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(worker.store, "transaction", counting)
+    commits: list[str] = []
+
+    def on_commit(conn: object) -> None:
+        if threading.current_thread().name.startswith("dbos-executor"):
+            commits.append("commit")
+
+    assert worker._engine is not None
+    sa.event.listen(worker._engine, "commit", on_commit)
+    try:
+        runner.submit("lean", "test.where", list(range(10)))
+        assert runner.wait("lean", timeout=60).done == 10
+    finally:
+        sa.event.remove(worker._engine, "commit", on_commit)
+    assert hops == []
+    assert len(transactions) == 2 * 10 + 1  # start and outcome per item, and the job's kind once
+    assert inside[1] == 1  # on SQLite the items' writes take turns in the process
+    assert len(commits) == 10  # each workflow's outcome: no DBOS step record around the item
+    items = runner.items("lean")
+    assert all(i.result["thread"].startswith("dbos-executor") for i in items)
+    assert all(i.result["trace"] == i.trace_id for i in items)  # the handler runs under the item's span
+    spans = runner.store.get_trace(items[0].trace_id)
+    assert [(s.name, s.attributes["keel.job.item"]) for s in spans] == [("job.item", "0")]
+
+
+def test_a_coroutine_handler_runs_on_the_workers_loop_under_the_items_span(runner: JobRunner, worker: Worker) -> None:
+    runner.submit("loop", "test.where_async", list(range(6)))
+    assert runner.wait("loop", timeout=60).done == 6
+    items = runner.items("loop")
+    assert {i.result["thread"] for i in items} == {"keel-jobs-loop"}
+    assert all(i.result["trace"] == i.trace_id for i in items)
+
+
+def test_coroutine_handlers_blocking_calls_in_threads_are_not_held_to_asyncios_few_threads(
+    runner: JobRunner, worker: Worker
+) -> None:
+    # asyncio's default pool (cpu_count + 4 threads, 6 here) would run 16 items' blocking calls 6 at a time
+    jobs_app.BLOCKING.update(now=0, most=0)
+    runner.submit("blocking", "test.to_thread", list(range(16)))
+    assert runner.wait("blocking", timeout=60).done == 16
+    assert jobs_app.BLOCKING["most"] > 10
+
+
+def test_a_worker_stopped_while_coroutine_items_run_leaves_them_to_run_again(
+    runner: JobRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cancelled mid-item, a handler has not failed: the items stay unrecorded (no attempt spent on a failure)
+    # and the worker started again under its id takes them back
+    monkeypatch.setenv("JOBS_STUCK_S", "30")
+    worker = Worker(runner.config, worker_id="stopper").start()
+    try:
+        runner.submit("stuck", "test.stuck", list(range(3)))
+        deadline = time.monotonic() + 30
+        while runner.status("stuck").counts.get("running", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop(drain_s=0)
+    status = runner.status("stuck")
+    assert (status.counts, status.job.failed) == ({"running": 3}, 0)
+    monkeypatch.setenv("JOBS_STUCK_S", "0.01")
+    with Worker(runner.config, worker_id="stopper"):
+        job = runner.wait("stuck", timeout=60)
+    assert (job.status, job.done, job.failed) == ("done", 3, 0)
+    assert [i.attempts for i in runner.items("stuck")] == [2, 2, 2]
+
+
+def test_an_items_start_and_outcome_are_one_statement_each_and_a_second_outcome_changes_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # on PostgreSQL each is sent alone (one round trip, not BEGIN ... COMMIT); the outcome carries the span
+    ensure_tables(store)
+    records.create_job(store, "j", "test.flaky", "default", [("a", 1), ("b", 2), ("c", 3)])
+    transactions: list[str] = []
+    transaction = store.transaction
+
+    def counting(**kwargs):  # type: ignore[no-untyped-def]
+        transactions.append("tx")
+        return transaction(**kwargs)
+
+    monkeypatch.setattr(store, "transaction", counting)
+
+    def span(trace_id: str) -> Span:
+        made = Span(trace_id, new_id(8), None, "job.item", time.time(), attributes={"keel.job.item": "a"})
+        made.end_time = made.start_time + 0.01
+        return made
+
+    item = records.start_item(store, "j", "a", 0, "t1")
+    assert item is not None and (item.status, item.attempts, item.input, item.trace_id) == ("running", 1, 1, "t1")
+    assert records.finish_item(store, "j", "a", 0, result={"x": 1}, cost_usd=0.5, span=span("t1")) is True
+    # a run DBOS repeats after a crash: its span is kept (it ran), its outcome is not
+    assert records.finish_item(store, "j", "a", 0, result={"x": 2}, cost_usd=0.5, span=span("t1")) is False
+    assert records.start_item(store, "j", "a", 0, "t2") is None  # done
+    assert records.start_item(store, "j", "b", 1, "t3") is None  # another run owns it
+    assert records.start_item(store, "j", "b", 0, "t4") is not None
+    assert records.finish_item(store, "j", "b", 0, error="ValueError: no", span=span("t4")) is True
+    monkeypatch.setattr(store, "transaction", transaction)
+    assert transactions == ([] if store.dialect == "postgres" else ["tx"] * 7)
+    job = records.get_job(store, "j")
+    assert (job.status, job.done, job.failed, job.cost_usd) == ("running", 1, 1, 0.5)
+    items = {i.key: i for i in records.list_items(store, "j")}
+    assert (items["a"].status, items["a"].result, items["b"].status, items["b"].error) == (
+        "done", {"x": 1}, "failed", "ValueError: no",
+    )  # fmt: skip
+    assert [s.name for s in store.get_trace("t1")] == ["job.item", "job.item"]
+    assert store.get_trace("t4")[0].attributes["keel.job.item"] == "a"
+    records.set_job_status(store, "j", "cancelled", only_from=["running"])
+    assert records.start_item(store, "j", "c", 0, "t5") is None  # its job is cancelled
+    records.set_job_status(store, "j", "running", only_from=["cancelled"])
+    assert records.start_item(store, "j", "c", 0, "t6") is not None
+    assert records.finish_item(store, "j", "c", 0, result=None) is True
+    assert records.get_job(store, "j").status == "failed"  # the last item finished it, one item failed

@@ -3,7 +3,7 @@
 A handler takes an item's JSON input and returns a JSON result; it may be a
 plain function or a coroutine function, and may take a second argument, the
 `ItemContext`, for the item's idempotency key (to key its side effects: DBOS
-steps are at-least-once) and to report what the item cost. Registering is
+runs an item's workflow at least once) and to report what the item cost. Registering is
 importing: `keel worker` imports the modules named in `[jobs] imports` (or
 `--import`), whose `@kind(...)` decorators fill the registry.
 
@@ -54,12 +54,23 @@ class Kind:
     attempts: int = 1  # runs of a raising handler before the item fails for good
     takes_context: bool = field(default=False)
 
+    @property
+    def is_async(self) -> bool:
+        """The handler is a coroutine function (it runs on an event loop)."""
+        return inspect.iscoroutinefunction(self.handler)
+
     async def run(self, value: Any, ctx: ItemContext) -> Any:
         """Call the handler: a coroutine in this loop, a plain function in a thread (it may block)."""
-        args = (value, ctx) if self.takes_context else (value,)
-        if inspect.iscoroutinefunction(self.handler):
-            return await self.handler(*args)
-        return await asyncio.to_thread(self.handler, *args)
+        if self.is_async:
+            return await self.handler(*self._args(value, ctx))
+        return await asyncio.to_thread(self.call, value, ctx)
+
+    def call(self, value: Any, ctx: ItemContext) -> Any:
+        """Call a plain handler in this thread (a coroutine function gives its coroutine: use `run`)."""
+        return self.handler(*self._args(value, ctx))
+
+    def _args(self, value: Any, ctx: ItemContext) -> tuple[Any, ...]:
+        return (value, ctx) if self.takes_context else (value,)
 
 
 _KINDS: dict[str, Kind] = {}

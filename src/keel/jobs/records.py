@@ -1,12 +1,13 @@
 """The SQL of jobs: the `keel_jobs` and `keel_job_items` rows that say what is done, failed and spent.
 
-DBOS records which workflow steps ran; these rows record what the items
-produced, in keel's own store, so `keel jobs show` and the dashboard read
-progress and cost without touching DBOS's tables. The one write that matters
-for exactly-once effects is `finish_item`: the item's result, its `done` mark
-and the job's counters move in one transaction, and only if the item was not
-done already (a step DBOS re-runs after a crash finds it done and changes
-nothing).
+DBOS records which item workflows are queued, running and over; these rows
+record what the items produced, in keel's own store, so `keel jobs show` and
+the dashboard read progress and cost without touching DBOS's tables. The one
+write that matters for exactly-once effects is `finish_item`: the item's
+result, its `done` mark and the job's counters move in one transaction, and
+only if the item was not done already (an item DBOS runs again after a crash
+finds it done and changes nothing). It is also the item's only record of
+having run: its workflow has no DBOS step (see keel.jobs.engine).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from keel.errors import JobConflict, UnknownJob
-from keel.store.base import Store
+from keel.store.base import SPAN_COLUMNS, Store, span_row
+from keel.trace import Span
 
 __all__ = [
     "ItemRow",
@@ -192,7 +194,7 @@ def item_counts(store: Store, job: str) -> dict[str, int]:
 def start_item(store: Store, job: str, key: str, run: int, trace_id: str) -> ItemRow | None:
     """Mark an item running (one more attempt) and return it; None when it must not run.
 
-    It must not run when it is done or failed already (a re-run step), when a
+    It must not run when it is done or failed already (a workflow run again), when a
     newer run owns it (retry or resume started another workflow), or when its
     job is cancelled.
     """
@@ -201,23 +203,33 @@ def start_item(store: Store, job: str, key: str, run: int, trace_id: str) -> Ite
         " WHERE job = ? AND idempotency_key = ? AND run = ? AND status IN (?, ?)"
         " AND EXISTS (SELECT 1 FROM keel_jobs WHERE name = ? AND status = ?)"
     )
-    with store.transaction() as cur:
-        cur.execute(sql, [ITEM_RUNNING, trace_id, time.time(), job, key, run, PENDING, ITEM_RUNNING, job, RUNNING])
-        if cur.rowcount != 1:
-            return None
-        select = f"SELECT {', '.join(ITEM_COLUMNS)} FROM keel_job_items WHERE job = ? AND idempotency_key = ?"
-        cur.execute(select, [job, key])
-        return _item(cur.fetchone())
+    # RETURNING (SQLite 3.35+, PostgreSQL): the row as updated, without a second statement to read it
+    rows = _statement(
+        store,
+        f"{sql} RETURNING {', '.join(ITEM_COLUMNS)}",
+        [ITEM_RUNNING, trace_id, time.time(), job, key, run, PENDING, ITEM_RUNNING, job, RUNNING],
+    )
+    return _item(rows[0]) if rows else None
 
 
 def finish_item(
-    store: Store, job: str, key: str, run: int, *, result: Any = None, error: str | None = None, cost_usd: float = 0.0
+    store: Store,
+    job: str,
+    key: str,
+    run: int,
+    *,
+    result: Any = None,
+    error: str | None = None,
+    cost_usd: float = 0.0,
+    span: Span | None = None,
 ) -> bool:
     """Record an item's outcome (a result, or an error when it failed for good); False if it was already recorded.
 
-    One transaction: the item's row, then the job's counters, cost and status
-    (finished when nothing is left). The item's update is conditional on it not
-    being done or failed, so a second call for the same item changes nothing.
+    One transaction: the span of this run of the item (if given, written even
+    when the outcome was recorded before: the run happened), the item's row,
+    then the job's counters, cost and status (finished when nothing is left).
+    The item's update is conditional on it not being done or failed, so a
+    second call for the same item changes nothing.
     """
     status = ITEM_FAILED if error is not None else ITEM_DONE
     now = time.time()
@@ -232,12 +244,46 @@ def finish_item(
         " THEN (CASE WHEN failed + ? > 0 THEN ? ELSE ? END) ELSE status END WHERE name = ?"
     )
     encoded = None if error is not None else store.json_param(json.dumps(result))
+    item_params = [status, encoded, error, cost_usd, now, job, key, run, PENDING, ITEM_RUNNING]
+    job_params = [cost_usd, now, RUNNING, int(error is not None), FAILED, DONE, job]
+    if store.dialect == "postgres":
+        # One statement, so one round trip instead of five (BEGIN, three writes, COMMIT): the span and the
+        # item's update as data-modifying WITH clauses, the job's counters moved only if the item's row was.
+        spans = f"span AS ({_SPAN_INSERT}), " if span is not None else ""
+        statement = f"WITH {spans}item AS ({sql} RETURNING 1) {job_sql} AND EXISTS (SELECT 1 FROM item) RETURNING 1"
+        span_params = _span_params(store, span) if span is not None else []
+        return bool(_statement(store, statement, [*span_params, *item_params, *job_params]))
     with store.transaction() as cur:
-        cur.execute(sql, [status, encoded, error, cost_usd, now, job, key, run, PENDING, ITEM_RUNNING])
+        if span is not None:
+            cur.execute(_SPAN_INSERT, _span_params(store, span))
+        cur.execute(sql, item_params)
         if cur.rowcount != 1:
             return False
-        cur.execute(job_sql, [cost_usd, now, RUNNING, int(error is not None), FAILED, DONE, job])
+        cur.execute(job_sql, job_params)
     return True
+
+
+def _statement(store: Store, sql: str, params: Sequence[Any]) -> list[Any]:
+    """The rows of one statement that is atomic on its own: on PostgreSQL sent alone, without the BEGIN and
+    COMMIT round trips of a transaction (an item's start and outcome are two of a worker's hottest writes)."""
+    if store.dialect == "postgres":
+        from keel.store.postgres import PostgresStore
+
+        if isinstance(store, PostgresStore):
+            return store.run(sql.replace("?", "%s"), params)  # keel's SQL here has no `?` or `%` in literals
+    with store.transaction() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
+
+
+_SPAN_INSERT = f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) VALUES ({', '.join('?' for _ in SPAN_COLUMNS)})"
+
+
+def _span_params(store: Store, span: Span) -> list[Any]:
+    """The span's row as `Store.write_spans` writes it (its last three columns are JSON)."""
+    row = list(span_row(span))
+    row[-3:] = [store.json_param(v) for v in row[-3:]]
+    return row
 
 
 def set_job_status(store: Store, name: str, status: str, *, only_from: Sequence[str]) -> bool:

@@ -39,7 +39,7 @@ JOBS_MIGRATIONS: tuple[Migration, ...] = (
             """,
             # One row per item. `run` is the generation of the durable workflow that owns the item
             # (retry and resume start a new one); an item's result and its `done` mark are written in
-            # one transaction, conditional on it not being done yet, so a re-run step changes nothing.
+            # one transaction, conditional on it not being done yet, so a re-run item changes nothing.
             """
             CREATE TABLE keel_job_items (
                 job TEXT NOT NULL,

@@ -84,6 +84,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._lost_store_at: float | None = None
         self._engine: sa.Engine | None = None  # keel's engine for a SQLite system database
+        self._executor: ItemExecutor | None = None
 
     def start(self) -> Worker:
         global _running
@@ -94,7 +95,8 @@ class Worker:
         self.incarnation = heartbeats.register(self.store, self.worker_id, jobs.dead_after_s)
         _running = self
         try:
-            set_executor(ItemExecutor(self.store))
+            self._executor = ItemExecutor(self.store)
+            set_executor(self._executor)
             DBOS(config=self._dbos_config())
             if self.queues is not None:
                 DBOS.listen_queues(self.queues)
@@ -180,6 +182,9 @@ class Worker:
     def _teardown(self) -> None:
         global _running
         set_executor(None)
+        if self._executor is not None:
+            self._executor.close()  # after DBOS's drain: what still runs on its loop is cancelled
+            self._executor = None
         if self._engine is not None:
             self._engine.dispose()  # DBOS disposes only the engines it created
             self._engine = None
