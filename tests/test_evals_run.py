@@ -53,7 +53,7 @@ def test_a_run_records_every_case_and_a_rerun_calls_no_model() -> None:
         assert summary.pass_hat_k[2] == pytest.approx(4 / 6)
         case = run.cases[0]
         assert case.output == "it is 0" and case.input_tokens and case.latency_s is not None
-        span = next(s for s in gw.store.get_trace(case.trace_id) if s.name == "job.item")  # type: ignore[union-attr]
+        span = next(s for s in gw.store.get_trace(case.trace_id) if s.name == "eval.case")  # type: ignore[union-attr]
         assert span.attributes["keel.eval.run"] == run.run_id and span.attributes["keel.eval.case"] == "c0"
         assert span.attributes["keel.eval.variant"] == "model=fn"
         assert any(s.name.startswith("chat") for s in gw.store.get_trace(case.trace_id))  # type: ignore[union-attr]
@@ -165,3 +165,113 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     assert bad.returncode == 3 and "suite.yaml:6 [concurency]: unknown field" in bad.stderr
     missing = _keel(["eval", "show", "nope"], tmp_path)
     assert missing.returncode == 2 and "no evaluation run 'nope'" in missing.stderr
+
+
+# --- items of many cases ---------------------------------------------------------------------------------------
+
+
+def test_how_a_run_is_split_into_items_and_how_many_cases_an_item_runs_at_once() -> None:
+    from keel.evals.runner import case_window, item_count
+
+    assert item_count(1000, 16) == 64  # 4 items per unit of concurrency: 15-16 cases each
+    assert item_count(12, 3) == 12 and item_count(10, 16) == 10  # small suites: a case per item
+    assert item_count(100_000, 16) == 1563  # at most 64 cases an item
+    assert item_count(1000, 16, cases_per_item=100) == 10 and item_count(5, 16, cases_per_item=100) == 1
+    for concurrency in (1, 3, 16, 64):
+        for items in (1, 2, 5, 16, 64, 1000):
+            window = case_window(concurrency, items)
+            assert window >= 1 and window * min(concurrency, items) <= max(concurrency, 1)
+    assert case_window(16, 64) == 1 and case_window(16, 2) == 8 and case_window(4, 1) == 4
+
+
+def _function_suite(n: int, concurrency: int, function: str = "evals_app:slow_answer", **extra: Any) -> Suite:
+    rows = [{"id": f"f{i}", "input": f"case {i}"} for i in range(n)]
+    spec = {
+        "name": f"chunks{n}",
+        "dataset": {"rows": rows},
+        "task": {"function": function},
+        "scorers": [{"type": "contains", "value": "CASE", "threshold": 1}],
+        "concurrency": concurrency,
+        **extra,
+    }
+    return Suite.from_spec(spec)
+
+
+def test_chunks_record_every_case_in_its_own_trace_with_per_case_progress() -> None:
+    import evals_app
+    from keel.evals.runner import start_suite
+
+    evals_app.peak = 0
+    gw = Gateway(models={"fn": _model(Counter())})
+    try:
+        seen: list[tuple[int, int]] = []
+        handle = start_suite(_function_suite(40, 2, repeats=2), gateway=gw)
+        try:
+            [run] = handle.wait(lambda p: seen.append((p.done, p.total)))
+            items = handle.runner.items(handle.job)
+        finally:
+            handle.close()
+        assert len(items) == 8 and {len(i.input["cases"]) for i in items} == {10}  # 80 repeats, 4 x 2 items
+        assert run.status == "done" and len(run.cases) == 80 and summarize(run).pass_rate == 1.0
+        assert evals_app.peak == 2  # the suite's concurrency, across items (a window of 1 in each)
+        assert seen[-1] == (80, 80) and len({done for done, _ in seen}) > 2  # progress moved case by case
+        assert len({c.trace_id for c in run.cases}) == 80  # a trace per case repeat, not per item
+        assert gw.store is not None
+        for case in run.cases[:3] + run.cases[-3:]:
+            [root] = [s for s in gw.store.get_trace(case.trace_id) if s.parent_id is None]  # type: ignore[arg-type]
+            assert root.name == "eval.case" and root.attributes["keel.eval.case"] == case.case_id
+            assert root.attributes["keel.eval.repeat"] == case.repeat and root.attributes["keel.eval.run"] == run.run_id
+            assert root.attributes["keel.job.item"] in {i.key for i in items}
+    finally:
+        gw.close()
+
+
+def test_fewer_items_than_the_concurrency_run_their_cases_at_once_and_a_resume_keeps_the_split() -> None:
+    import evals_app
+    from keel.errors import InputError
+    from keel.evals.runner import start_suite
+
+    evals_app.peak = 0
+    gw = Gateway(models={"fn": _model(Counter())})
+    try:
+        [run] = run_suite(_function_suite(30, 4), gateway=gw, cases_per_item=15)  # 2 items, 2 cases each at once
+        assert len(run.cases) == 30 and evals_app.peak == 4
+        with pytest.raises(InputError, match="started with 2 items"):
+            start_suite(_function_suite(30, 4), gateway=gw, cases_per_item=10)
+        [again] = run_suite(_function_suite(30, 8), gateway=gw)  # other concurrency: the same job, resumed
+        assert again.run_id == run.run_id and len(again.cases) == 30
+    finally:
+        gw.close()
+
+
+CHUNK_SUITE_YAML = """\
+name: killed-chunks
+dataset: {path: data.jsonl}
+task: {function: "evals_app:answer_async"}
+scorers:
+  - {type: contains, value: WHAT, threshold: 1}
+concurrency: 4
+"""
+
+
+def test_kill_9_in_the_middle_of_chunks_loses_no_case_and_does_none_twice(tmp_path: Path) -> None:
+    import sqlite3
+
+    rows = [{"id": f"k{i}", "input": f"what {i}"} for i in range(12)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "suite.yaml").write_text(CHUNK_SUITE_YAML)
+    # 2 items of 6 cases, 2 at once in each: the 5th call kills the process while both chunks are half done
+    killed = _keel(["eval", "run", "suite.yaml", "--cases-per-item", "6"], tmp_path, EVALS_KILL_AT="5")
+    assert killed.returncode == -9, killed.stderr
+    answered = (tmp_path / "calls").read_text().splitlines()
+    with sqlite3.connect(tmp_path / "keel.db") as db:
+        positions = [p for (p,) in db.execute("SELECT position FROM keel_eval_cases")]
+        items = db.execute("SELECT COUNT(*) FROM keel_job_items").fetchone()[0]
+    assert items == 2 and len(positions) == len(answered)  # every answered case was recorded at once
+    assert 0 < sum(p < 6 for p in positions) < 6 and 0 < sum(p >= 6 for p in positions) < 6  # both chunks midway
+    done = _keel(["eval", "run", "suite.yaml", "--json"], tmp_path)  # no --cases-per-item: the run keeps its split
+    assert done.returncode == 0, done.stderr
+    calls = Counter((tmp_path / "calls").read_text().splitlines())
+    assert set(calls) == {r["input"] for r in rows} and set(calls.values()) == {1}  # none twice, none lost
+    summary = json.loads(done.stdout)[0]
+    assert summary["cases"] == 12 and summary["pass_rate"] == 1.0

@@ -6,8 +6,9 @@ applied on first use, as RAG does), so a gateway-only deployment never has them.
 - `keel_eval_runs`: one row per run (one suite under one variant), with the
   suite's spec so that any worker can rebuild the task and `rescore` can find it.
 - `keel_eval_cases`: one row per case and repeat, keyed (run, case, repeat);
-  written with ON CONFLICT DO NOTHING, so a job step DBOS re-runs after a crash
-  changes nothing (rescoring updates the scores explicitly).
+  written as soon as the case is done, with ON CONFLICT DO NOTHING, so a job
+  step DBOS re-runs after a crash changes nothing (it skips the cases recorded
+  already: `recorded_cases`); rescoring updates the scores explicitly.
 - `keel_eval_cache`: model outputs by (task config, variant, case input, repeat)
   and judge answers by input: a re-run or a re-score calls no model for them.
 """
@@ -26,7 +27,7 @@ from keel.store.base import Store
 from keel.store.migrations import Migration
 
 __all__ = ["EVAL_MIGRATIONS", "UnknownRun", "cache_get", "cache_put", "create_run", "get_run_row", "list_runs",
-           "load_run", "write_case"]  # fmt: skip
+           "load_run", "progress", "recorded_cases", "write_case"]  # fmt: skip
 
 EVAL_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -186,6 +187,42 @@ def write_case(
     with store.transaction() as cur:
         cur.execute(sql, values)
         return bool(cur.rowcount == 1)
+
+
+def recorded_cases(store: Store, units: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, int]]:
+    """Which of these case repeats (dicts with `run`, `case` (with its `id`) and `repeat`) are recorded, as
+    (run, case id, repeat): index lookups by run and case id, 500 ids a query."""
+    migrate(store)
+    wanted = {(u["run"], str(u["case"]["id"]), int(u["repeat"])) for u in units}
+    by_run: dict[str, list[str]] = {}
+    for run_id, case_id, _ in wanted:
+        by_run.setdefault(run_id, []).append(case_id)
+    found: set[tuple[str, str, int]] = set()
+    with store.transaction() as cur:
+        for run_id, ids in by_run.items():
+            unique = sorted(set(ids))
+            for start in range(0, len(unique), 500):
+                batch = unique[start : start + 500]
+                marks = ", ".join("?" for _ in batch)
+                sql = f"SELECT case_id, repeat FROM keel_eval_cases WHERE run_id = ? AND case_id IN ({marks})"
+                cur.execute(sql, [run_id, *batch])
+                found.update((run_id, str(case_id), int(repeat)) for case_id, repeat in cur.fetchall())
+    return found & wanted
+
+
+def progress(store: Store, run_ids: Sequence[str]) -> tuple[int, int, float]:
+    """(case repeats recorded, of which the task errored, their task cost) over these runs."""
+    if not run_ids:
+        return 0, 0, 0.0
+    marks = ", ".join("?" for _ in run_ids)
+    sql = (
+        "SELECT COUNT(*), SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), SUM(cost_usd)"
+        f" FROM keel_eval_cases WHERE run_id IN ({marks})"
+    )
+    with store.transaction() as cur:
+        cur.execute(sql, list(run_ids))
+        done, errored, cost = cur.fetchone()
+    return int(done or 0), int(errored or 0), float(cost or 0.0)
 
 
 def update_scores(store: Store, run_id: str, case: CaseResult) -> None:
