@@ -275,3 +275,32 @@ def test_kill_9_in_the_middle_of_chunks_loses_no_case_and_does_none_twice(tmp_pa
     assert set(calls) == {r["input"] for r in rows} and set(calls.values()) == {1}  # none twice, none lost
     summary = json.loads(done.stdout)[0]
     assert summary["cases"] == 12 and summary["pass_rate"] == 1.0
+
+
+def test_the_runs_worker_runs_its_own_job_only_and_stops_at_once_when_the_run_is_over(monkeypatch: Any) -> None:
+    from keel import jobs
+
+    ran: list[Any] = []
+
+    @jobs.kind("test.evals.other")
+    def other(value: int) -> int:
+        ran.append(value)
+        return value
+
+    stops: list[int] = []
+    stop = jobs.Worker.stop
+
+    def spy(self: jobs.Worker, drain_s: int = 10) -> None:
+        stops.append(drain_s)
+        stop(self, drain_s=drain_s)
+
+    monkeypatch.setattr(jobs.Worker, "stop", spy)
+    gw = Gateway(models={"fn": _model(Counter())})
+    try:
+        with jobs.JobRunner(gw.config, store=gw.store) as runner:
+            runner.submit("not-the-evals", "test.evals.other", [1, 2, 3])  # the default queue: a `keel worker`'s
+            [run] = run_suite(_function_suite(10, 2), gateway=gw)
+            assert run.status == "done" and ran == [] and runner.get("not-the-evals").status == "running"
+        assert stops == [0]  # DBOS's drain (which sleeps a second before it first looks) is not needed
+    finally:
+        gw.close()

@@ -309,16 +309,41 @@ class RunHandle:
     def close(self) -> None:
         """Stop this process's worker and flush the spans of its cases (the caller closes the gateway)."""
         try:
+            over = self.runner.get(self.job).status in (records.DONE, records.FAILED, records.CANCELLED)
             self.runner.settle(self.job)  # a run that is over: its queue back on the default poll
         finally:
             try:
                 if self.worker is not None:
-                    self.worker.stop()
-                    self.worker = None
+                    worker, self.worker = self.worker, None
+                    _stop_worker(worker, over)
             finally:
                 self.runner.close()
                 if self.gateway is not None:
                     self.gateway.flush()
+
+
+
+def _stop_worker(worker: jobs.Worker, over: bool) -> None:
+    """Stop the run's worker; at once if the run is over. It runs this job's queue only, so nothing else is
+    running then; DBOS's own drain would sleep a second before it first looks (DBOS 3.4)."""
+    if over and worker.queues and _workflows_ended(worker.queues, timeout_s=2.0):
+        worker.stop(drain_s=0)
+    else:
+        worker.stop()
+
+
+def _workflows_ended(queues: list[str], timeout_s: float) -> bool:
+    """Whether DBOS has recorded the end of every workflow of these queues (an item's outcome is in keel's store a
+    moment before its workflow's is in DBOS's), waiting up to `timeout_s`."""
+    from dbos import DBOS
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = DBOS.list_workflows(queue_name=queues, status=["PENDING", "ENQUEUED"], limit=1, load_input=False,
+                                   load_output=False)  # fmt: skip
+        if not left or time.monotonic() >= deadline:
+            return not left
+        time.sleep(0.01)
 
 
 def _case_units(suite: Suite, variants: list[Variant], job: str) -> list[dict[str, Any]]:
@@ -419,11 +444,13 @@ def start_suite(
         count = _split(runner, job, total * len(variants), concurrency, cases_per_item)
         window = case_window(concurrency, count)
         _contexts[job] = _Context(suite, gateway, store, scorers, limits, variants, window)
+        row = runner.submit(job, EVAL_KIND, _items(suite, variants, job, count), concurrency=concurrency,
+                            poll_s=min(POLL_S, gateway.config.jobs.poll_s))  # fmt: skip
         if worker and worker_module._running is None:
-            # the same worker id on every attempt: after kill -9, DBOS gives this worker its pending items back
-            started = jobs.Worker(gateway.config, worker_id=job, store=store).start()
-        runner.submit(job, EVAL_KIND, _items(suite, variants, job, count), concurrency=concurrency,
-                      poll_s=min(POLL_S, gateway.config.jobs.poll_s))  # fmt: skip
+            # Started after the job's queue exists, listening to it alone: a launched worker looks for new queues
+            # once a second, and `keel eval run` should not run other jobs' items. The same worker id on every
+            # attempt: after kill -9, DBOS gives this worker its pending items back.
+            started = jobs.Worker(gateway.config, worker_id=job, store=store, queues=[row.queue]).start()
     except BaseException:
         if started is not None:
             started.stop()
