@@ -556,7 +556,8 @@ def main() -> None:
     finally:
         stub_process.close()
     rows = medians(results)
-    print()
+    info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"\nload average at the end: {info['load_average_after']}")
     print(table(rows, args.markdown))
     print(f"\nideal wall (n x latency / C): {args.cases * args.latency_ms / 1000 / args.concurrency:.2f} s")
     checks = goals(rows, args.cases)
