@@ -304,3 +304,43 @@ def test_the_runs_worker_runs_its_own_job_only_and_stops_at_once_when_the_run_is
         assert stops == [0]  # DBOS's drain (which sleeps a second before it first looks) is not needed
     finally:
         gw.close()
+
+
+def test_chunks_across_variants() -> None:
+    calls: Counter[str] = Counter()
+    gw = Gateway(models={"fn": _model(calls), "fn2": _model(calls)})
+    try:
+        rows = [{"id": f"c{i}", "q": f"what is {i}?", "a": str(i)} for i in range(30)]
+        suite = Suite.from_spec({
+            "name": "variants", "dataset": {"rows": rows, "columns": {"input": "q", "expected": "a"}},
+            "task": {"prompt": "{q}"}, "variants": {"models": ["fn", "fn2"]},
+            "scorers": [{"type": "contains", "threshold": 1}], "concurrency": 2,
+        })  # fmt: skip
+        runs = run_suite(suite, gateway=gw)  # 60 case repeats in 8 items of 7-8: one holds both variants
+        assert [len(r.cases) for r in runs] == [30, 30] and set(calls.values()) == {2}
+        assert [r.variant for r in runs] == ["model=fn", "model=fn2"]
+        assert all(c.error is None for r in runs for c in r.cases)
+    finally:
+        gw.close()
+
+
+def test_a_worker_elsewhere_rebuilds_a_chunked_run_from_the_store() -> None:
+    import evals_app
+    from keel import jobs
+    from keel.evals import runner as runner_module
+
+    evals_app.peak = 0
+    gw = Gateway(models={"fn": _model(Counter())})
+    try:
+        handle = runner_module.start_suite(_function_suite(24, 3), gateway=gw, worker=False)
+        runner_module._contexts.clear()  # a `keel worker` knows nothing of this process: it reads the stored spec
+        worker = jobs.Worker(gw.config, store=gw.store).start()
+        try:
+            [run] = handle.wait()
+        finally:
+            worker.stop()
+            handle.close()
+        assert len(handle.runner.items(handle.job)) == 12 and len(run.cases) == 24
+        assert summarize(run).pass_rate == 1.0 and evals_app.peak == 3
+    finally:
+        gw.close()
