@@ -344,3 +344,19 @@ def test_a_worker_elsewhere_rebuilds_a_chunked_run_from_the_store() -> None:
         assert summarize(run).pass_rate == 1.0 and evals_app.peak == 3
     finally:
         gw.close()
+
+
+def test_eval_run_called_in_process_returns_instead_of_exiting(tmp_path: Path) -> None:
+    """The command leaves without the interpreter's teardown only as a real process: called in-process (a test
+    runner, a host application) it must return like any command."""
+    from typer.testing import CliRunner
+
+    from keel.cli.app import app
+
+    rows = [{"id": f"p{i}", "input": f"what {i}"} for i in range(3)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "suite.yaml").write_text(SUITE_YAML.replace("evals_app:answer", "evals_app:slow_answer"))
+    result = CliRunner().invoke(app, ["eval", "run", str(tmp_path / "suite.yaml"), "--json"],
+                                env={"KEEL_STORE": str(tmp_path / "keel.db")})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["cases"] == 3

@@ -71,7 +71,10 @@ def _exit_now(code: int) -> NoReturn:
 
 
 def _can_exit_now() -> bool:
-    """Only when nothing else is still working: the interpreter would wait for a live non-daemon thread."""
+    """Only as a command of its own (output to the process's own streams, not a test runner's or a host
+    application's) and when nothing else is still working (the interpreter would wait for a non-daemon thread)."""
+    if sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__:
+        return False
     return all(t.daemon or t is threading.main_thread() or not t.is_alive() for t in threading.enumerate())
 
 
