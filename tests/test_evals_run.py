@@ -360,3 +360,32 @@ def test_eval_run_called_in_process_returns_instead_of_exiting(tmp_path: Path) -
                                 env={"KEEL_STORE": str(tmp_path / "keel.db")})  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["cases"] == 3
+
+
+def test_a_case_reaches_the_store_in_one_transaction_unless_a_scorer_may_call_a_model(monkeypatch: Any) -> None:
+    """Per case: the row and the output to cache in one commit, cached outputs read once per item; a suite whose
+    scorers may call a model (slow, billed) caches each output as soon as the task returns, before scoring."""
+    from keel.evals import storage
+
+    counts: Counter[str] = Counter()
+    for name in ("cache_get", "cache_put", "cache_get_many", "write_case"):
+        original = getattr(storage, name)
+        monkeypatch.setattr(storage, name, lambda *a, _f=original, _n=name, **k: counts.update([_n]) or _f(*a, **k))
+    gw = Gateway(models={"fn": _model(Counter())})
+    try:
+        [run] = run_suite(_function_suite(40, 2), gateway=gw)  # 8 items of 5
+        assert len(run.cases) == 40 and all(c.output == c.input.upper() for c in run.cases)  # type: ignore[union-attr]
+        assert counts == Counter(write_case=40, cache_get_many=8)
+        counts.clear()
+        custom = [{"type": "contains", "value": "CASE", "threshold": 1},
+                  {"type": "custom", "function": "evals_app:length_score"}]  # fmt: skip
+        suite = _function_suite(40, 2, "evals_app:slow_answer_too", name="chunks-custom", scorers=custom)
+        [other] = run_suite(suite, gateway=gw)
+        assert len(other.cases) == 40 and all(c.scores["custom"] is not None for c in other.cases)
+        assert counts == Counter(write_case=40, cache_get_many=8, cache_put=40)
+        counts.clear()
+        [again] = run_suite(_function_suite(40, 2, "evals_app:slow_answer_too", name="again", scorers=custom),
+                            gateway=gw)  # fmt: skip
+        assert len(again.cases) == 40 and "cache_put" not in counts  # every output came from the cache
+    finally:
+        gw.close()

@@ -155,17 +155,24 @@ def _score_context(ctx: _Context) -> ScoreContext:
     )
 
 
-async def _evaluate(ctx: _Context, unit: Mapping[str, Any], trace_id: str) -> tuple[CaseResult, float]:
-    """Run (or take from the cache) and score one case repeat; the result and what it cost now."""
+#: Scorers that may call a model (slow, and billed): with one of these a task's output is cached as soon as the
+#: task returns, before scoring; otherwise it is cached with the case's row, in one transaction.
+MODEL_SCORERS = frozenset({"judge", "embedding_similarity", "faithfulness", "custom"})
+
+
+async def _evaluate(
+    ctx: _Context, unit: Mapping[str, Any], key: str, cached: Any, trace_id: str
+) -> tuple[CaseResult, float, Any]:
+    """Run the task on one case repeat (or take `cached`, its cached output) and score it: the result, what it
+    cost now, and the output still to cache (None: nothing, or cached already)."""
     variant = ctx.variants[int(unit["variant"])]
     case = Case.from_json(unit["case"])
     repeat = int(unit["repeat"])
     rid = unit["run"]
-    key = cache_key(ctx.suite, variant, case, repeat)
-    cached = await asyncio.to_thread(storage.cache_get, ctx.store, key)
     cost = 0.0
     error: str | None = None
     out: TaskOutput | None = None
+    to_cache: Any = None
     if cached is not None:
         out = TaskOutput.from_json(cached)
     else:
@@ -174,14 +181,17 @@ async def _evaluate(ctx: _Context, unit: Mapping[str, Any], trace_id: str) -> tu
             out = await run_task(ctx.suite, ctx.gateway, ctx.rag_engine(), case, variant, metadata)
             out.trace_id = out.trace_id or trace_id
             cost += out.cost_usd or 0.0
-            await asyncio.to_thread(storage.cache_put, ctx.store, key, out.to_json())
+            to_cache = out.to_json()
+            if any(s.spec.type in MODEL_SCORERS for s in ctx.scorers):
+                await asyncio.to_thread(storage.cache_put, ctx.store, key, to_cache)
+                to_cache = None
         except Exception as exc:  # the task failed on this case: recorded as such, never scored as a pass
             error = f"{type(exc).__name__}: {exc}"[:2000]
             cost += float(getattr(exc, "cost_usd", None) or 0.0)
     base = CaseResult(case_id=case.id, repeat=repeat, tags=case.tags, expected=case.expected, input=case.input,
                       error=error, trace_id=trace_id)  # fmt: skip
     if out is None:
-        return base, cost
+        return base, cost, None
     sctx = _score_context(ctx)
     scores, errors, passed = await score_case(ctx.scorers, Sample(case, out.output, out.details), sctx, ctx.limits)
     result = replace(
@@ -189,7 +199,7 @@ async def _evaluate(ctx: _Context, unit: Mapping[str, Any], trace_id: str) -> tu
         input_tokens=out.input_tokens, output_tokens=out.output_tokens, cost_usd=out.cost_usd,
         trace_id=out.trace_id or trace_id, details=out.details,
     )  # fmt: skip
-    return result, cost + sctx.cost_usd
+    return result, cost + sctx.cost_usd, to_cache
 
 
 def _case_span(ctx: _Context, unit: Mapping[str, Any], job: str, item_key: str) -> Span:
@@ -203,17 +213,17 @@ def _case_span(ctx: _Context, unit: Mapping[str, Any], job: str, item_key: str) 
     return span
 
 
-async def _run_case(ctx: _Context, unit: Mapping[str, Any], job: str, item_key: str) -> tuple[CaseResult, float]:
-    """One case repeat in its own trace, its row written as soon as it is done; what it cost (0 if a run of
-    this item before a crash recorded it first)."""
+async def _run_case(
+    ctx: _Context, unit: Mapping[str, Any], key: str, cached: Any, job: str, item_key: str
+) -> tuple[CaseResult, float]:
+    """One case repeat in its own trace, its output cached and its row written as soon as it is done (one
+    transaction); what it cost (0 if a run of this item before a crash recorded it first)."""
     span = _case_span(ctx, unit, job, item_key)
     token = _current.set(span)
     try:
-        result, cost = await _evaluate(ctx, unit, span.trace_id)
-        variant = ctx.variants[int(unit["variant"])]
-        key = cache_key(ctx.suite, variant, Case.from_json(unit["case"]), result.repeat)
+        result, cost, to_cache = await _evaluate(ctx, unit, key, cached, span.trace_id)
         written = await asyncio.to_thread(
-            storage.write_case, ctx.store, unit["run"], int(unit["position"]), key, result, unit["case"]
+            storage.write_case, ctx.store, unit["run"], int(unit["position"]), key, result, unit["case"], to_cache
         )
         span.set(keel__cost_usd=cost or None)
         if result.error is not None:
@@ -225,6 +235,16 @@ async def _run_case(ctx: _Context, unit: Mapping[str, Any], job: str, item_key: 
     finally:
         _current.reset(token)
         ctx.gateway.tracer.finish(span)
+
+
+def _chunk_state(ctx: _Context, units: list[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str], Any]:
+    """The units not recorded yet, the cache key of each, and the cached outputs of all (one thread hop and two
+    queries a chunk rather than one of each a case)."""
+    recorded = storage.recorded_cases(ctx.store, units)
+    todo = [u for u in units if (u["run"], str(u["case"]["id"]), int(u["repeat"])) not in recorded]
+    keys = [cache_key(ctx.suite, ctx.variants[int(u["variant"])], Case.from_json(u["case"]), int(u["repeat"]))
+            for u in todo]  # fmt: skip
+    return todo, keys, storage.cache_get_many(ctx.store, keys)
 
 
 def _units(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -241,15 +261,14 @@ async def evaluate_item(item: dict[str, Any], ctx: jobs.ItemContext) -> dict[str
     store = _active.store if _active is not None else _contexts[item["job"]].store
     context = _context(item["job"], store)
     units = _units(item)
-    recorded = await asyncio.to_thread(storage.recorded_cases, context.store, units)
-    todo = [u for u in units if (u["run"], str(u["case"]["id"]), int(u["repeat"])) not in recorded]
+    todo, keys, cached = await asyncio.to_thread(_chunk_state, context, units)
     window = asyncio.Semaphore(context.window)
 
-    async def one(unit: Mapping[str, Any]) -> tuple[CaseResult, float]:
+    async def one(unit: Mapping[str, Any], key: str) -> tuple[CaseResult, float]:
         async with window:
-            return await _run_case(context, unit, item["job"], ctx.key)
+            return await _run_case(context, unit, key, cached.get(key), item["job"], ctx.key)
 
-    outcomes = await asyncio.gather(*(one(u) for u in todo), return_exceptions=True)
+    outcomes = await asyncio.gather(*(one(u, k) for u, k in zip(todo, keys, strict=True)), return_exceptions=True)
     done = [o for o in outcomes if not isinstance(o, BaseException)]
     ctx.add_cost(sum(cost for _, cost in done))
     failures = [o for o in outcomes if isinstance(o, BaseException)]

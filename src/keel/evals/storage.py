@@ -26,8 +26,8 @@ from keel.evals.results import CaseResult, RunResult, ScorerError
 from keel.store.base import Store
 from keel.store.migrations import Migration
 
-__all__ = ["EVAL_MIGRATIONS", "UnknownRun", "cache_get", "cache_put", "create_run", "get_run_row", "list_runs",
-           "load_run", "progress", "recorded_cases", "write_case"]  # fmt: skip
+__all__ = ["EVAL_MIGRATIONS", "UnknownRun", "cache_get", "cache_get_many", "cache_put", "create_run", "get_run_row",
+           "list_runs", "load_run", "progress", "recorded_cases", "write_case"]  # fmt: skip
 
 EVAL_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -170,10 +170,17 @@ _JSON_CASE = {"output", "scores", "scorer_errors", "tags", "expected", "input", 
 
 
 def write_case(
-    store: Store, run_id: str, position: int, cache_key: str, case: CaseResult, case_data: Mapping[str, Any]
+    store: Store,
+    run_id: str,
+    position: int,
+    cache_key: str,
+    case: CaseResult,
+    case_data: Mapping[str, Any],
+    output: Any = None,
 ) -> bool:
     """Record one case repeat (`case_data`: the dataset's case, for rescoring); False if it was recorded already
-    (a re-run step)."""
+    (a re-run step). `output`, if given, is the task's output to cache under `cache_key`, in the same
+    transaction (one commit a case rather than two)."""
     migrate(store)
     data = asdict(case)
     data.update(run_id=run_id, position=position, cache_key=cache_key, updated_at=time.time(), case_data=case_data,
@@ -185,6 +192,8 @@ def write_case(
         " ON CONFLICT (run_id, case_id, repeat) DO NOTHING"
     )
     with store.transaction() as cur:
+        if output is not None:
+            cur.execute(_CACHE_PUT, [cache_key, store.json_param(_dumps(output)), time.time()])
         cur.execute(sql, values)
         return bool(cur.rowcount == 1)
 
@@ -208,6 +217,19 @@ def recorded_cases(store: Store, units: Sequence[Mapping[str, Any]]) -> set[tupl
                 cur.execute(sql, [run_id, *batch])
                 found.update((run_id, str(case_id), int(repeat)) for case_id, repeat in cur.fetchall())
     return found & wanted
+
+
+def cache_get_many(store: Store, keys: Sequence[str]) -> dict[str, Any]:
+    """The cached values of these keys (those that have one), 500 keys a query."""
+    migrate(store)
+    unique = sorted(set(keys))
+    found: dict[str, Any] = {}
+    with store.transaction() as cur:
+        for start in range(0, len(unique), 500):
+            batch = unique[start : start + 500]
+            cur.execute(f"SELECT key, value FROM keel_eval_cache WHERE key IN ({', '.join('?' for _ in batch)})", batch)
+            found.update((str(key), _loads(value)) for key, value in cur.fetchall())
+    return found
 
 
 def progress(store: Store, run_ids: Sequence[str]) -> tuple[int, int, float]:
@@ -280,7 +302,9 @@ def cache_get(store: Store, key: str) -> Any:
     return None if row is None else _loads(row[0])
 
 
+_CACHE_PUT = "INSERT INTO keel_eval_cache (key, value, created_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING"
+
+
 def cache_put(store: Store, key: str, value: Any) -> None:
-    sql = "INSERT INTO keel_eval_cache (key, value, created_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING"
     with store.transaction() as cur:
-        cur.execute(sql, [key, store.json_param(_dumps(value)), time.time()])
+        cur.execute(_CACHE_PUT, [key, store.json_param(_dumps(value)), time.time()])
