@@ -389,3 +389,21 @@ def test_a_case_reaches_the_store_in_one_transaction_unless_a_scorer_may_call_a_
         assert len(again.cases) == 40 and "cache_put" not in counts  # every output came from the cache
     finally:
         gw.close()
+
+
+def test_what_an_item_reads_and_writes_on_both_backends(store: Any) -> None:
+    from keel.evals import storage
+    from keel.evals.results import CaseResult
+
+    row = {"run_id": "r1", "job": "j", "suite": "s", "variant": "v", "variant_index": 0, "variant_params": {},
+           "thresholds": {}, "spec": {}, "base_dir": ".", "source": None, "total": 3, "created_at": 1.0}  # fmt: skip
+    storage.create_run(store, row)
+    units = [{"run": "r1", "case": {"id": f"c{i}"}, "repeat": r, "position": i} for i in range(3) for r in range(2)]
+    assert storage.recorded_cases(store, units) == set() and storage.progress(store, ["r1"]) == (0, 0, 0.0)
+    done = CaseResult("c1", 1, output="out", passed=True, cost_usd=0.25)
+    assert storage.write_case(store, "r1", 1, "k1", done, {"id": "c1"}, output={"output": "out"})
+    assert not storage.write_case(store, "r1", 1, "k1", done, {"id": "c1"}, output={"output": "other"})  # a re-run
+    storage.write_case(store, "r1", 2, "k2", CaseResult("c2", 0, error="boom"), {"id": "c2"})
+    assert storage.recorded_cases(store, units) == {("r1", "c1", 1), ("r1", "c2", 0)}
+    assert storage.cache_get_many(store, ["k1", "k2", "k3"]) == {"k1": {"output": "out"}}
+    assert storage.progress(store, ["r1", "r2"]) == (2, 1, 0.25)
