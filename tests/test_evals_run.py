@@ -407,3 +407,25 @@ def test_what_an_item_reads_and_writes_on_both_backends(store: Any) -> None:
     assert storage.recorded_cases(store, units) == {("r1", "c1", 1), ("r1", "c2", 0)}
     assert storage.cache_get_many(store, ["k1", "k2", "k3"]) == {"k1": {"output": "out"}}
     assert storage.progress(store, ["r1", "r2"]) == (2, 1, 0.25)
+
+
+def test_a_cancelled_runs_worker_lets_its_running_cases_finish(monkeypatch: Any) -> None:
+    from keel import jobs
+    from keel.evals.runner import start_suite
+
+    stops: list[int] = []
+    stop = jobs.Worker.stop
+
+    def spy(self: jobs.Worker, drain_s: int = 10) -> None:
+        stops.append(drain_s)
+        stop(self, drain_s=drain_s)
+
+    monkeypatch.setattr(jobs.Worker, "stop", spy)
+    gw = Gateway(models={"fn": _model(Counter())})
+    try:
+        handle = start_suite(_function_suite(60, 2, name="cancelled"), gateway=gw)
+        handle.runner.cancel(handle.job)
+        handle.close()
+        assert stops == [10]  # not a finished job: DBOS's drain lets the cases in flight end
+    finally:
+        gw.close()

@@ -330,25 +330,25 @@ class RunHandle:
 
     def close(self) -> None:
         """Stop this process's worker and flush the spans of its cases (the caller closes the gateway)."""
+        finished = False  # done or failed: no item of the job runs any more (a cancelled job's running ones finish)
         try:
-            over = self.runner.get(self.job).status in (records.DONE, records.FAILED, records.CANCELLED)
+            finished = self.runner.get(self.job).finished
             self.runner.settle(self.job)  # a run that is over: its queue back on the default poll
         finally:
             try:
                 if self.worker is not None:
                     worker, self.worker = self.worker, None
-                    _stop_worker(worker, over)
+                    _stop_worker(worker, finished)
             finally:
                 self.runner.close()
                 if self.gateway is not None:
                     self.gateway.flush()
 
 
-
-def _stop_worker(worker: jobs.Worker, over: bool) -> None:
-    """Stop the run's worker; at once if the run is over. It runs this job's queue only, so nothing else is
+def _stop_worker(worker: jobs.Worker, finished: bool) -> None:
+    """Stop the run's worker; at once if the job is finished. It runs this job's queue only, so nothing else is
     running then; DBOS's own drain would sleep a second before it first looks (DBOS 3.4)."""
-    if over and worker.queues and _workflows_ended(worker.queues, timeout_s=2.0):
+    if finished and worker.queues and _workflows_ended(worker.queues, timeout_s=2.0):
         worker.stop(drain_s=0)
     else:
         worker.stop()
