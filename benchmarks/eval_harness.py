@@ -2,7 +2,8 @@
 
     python benchmarks/eval_harness.py                                  # 1,000 cases, 50 ms, concurrency 16, 2 rounds
     python benchmarks/eval_harness.py --cases 200 --rounds 1           # a quick look
-    python benchmarks/eval_harness.py --harnesses keel --rounds 1      # keel alone (e.g. to profile)
+    python benchmarks/eval_harness.py --only keel --rounds 1           # keel alone (e.g. to profile)
+    python benchmarks/eval_harness.py --only keel --baseline-src /tmp/old   # keel next to an older tree of it
     python benchmarks/eval_harness.py --json benchmarks/out/eval_harness.json --markdown
 
 The stub is an OpenAI-compatible chat server in its own process (the raw
@@ -37,6 +38,11 @@ the stub's request count (each harness must make exactly n) and the most
 requests it held at once (the concurrency the harness really used), and the
 cases the harness itself reports as passed. Rounds rotate the harnesses'
 order; the table gives medians over rounds.
+
+`--baseline-src DIR` adds a harness `keel-baseline`: the same keel command
+with DIR/src first on the path (e.g. `git archive COMMIT | tar -x -C DIR`), in
+the same rounds, so that a change is measured before and after under the same
+load.
 
 Every socket stays on 127.0.0.1; no API key (each harness gets a fake one).
 """
@@ -276,14 +282,19 @@ def install_promptfoo() -> None:
         raise SystemExit(f"npm installed promptfoo but {promptfoo_bin()} is missing: look into {PROMPTFOO_HOME}")
 
 
+BASELINE = "keel-baseline"
+baseline_src: Path | None = None  # --baseline-src: the tree whose src/ the keel-baseline harness runs
+
+
 def environment(name: str, work: Path) -> dict[str, str]:
     """The harness's environment: the caller's minus anything that would send it elsewhere, plus fake keys."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_", "OPENAI_", "INSPECT_", "PROMPTFOO_"))}
     env.update(HOME=str(work / "home"), OPENAI_API_KEY=FAKE_KEY, NO_COLOR="1", TERM="dumb")
     (work / "home").mkdir(exist_ok=True)
-    if name == "keel":
+    if name in ("keel", BASELINE):
         env.update(KEEL_CONFIG=str(work / "keel.toml"), KEEL_BENCH_OPENAI_KEY=FAKE_KEY)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH", "")]))
+        src = baseline_src / "src" if name == BASELINE and baseline_src else HERE.parent / "src"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH", "")]))
     elif name == "inspect":
         env.update(INSPECT_LOG_LEVEL="warning", INSPECT_DISPLAY="none")
     else:
@@ -298,7 +309,7 @@ def environment(name: str, work: Path) -> dict[str, str]:
 def passed(name: str, work: Path, stdout: str) -> int | None:
     """How many cases the harness itself says passed (None: its output could not be read)."""
     try:
-        if name == "keel":
+        if name in ("keel", BASELINE):
             summary = json.loads(stdout)[0]
             return round(summary["pass_rate"] * summary["cases"])
         if name == "inspect":
@@ -357,7 +368,7 @@ def measure(name: str, rnd: int, stub: Stub, n: int, latency_ms: float, concurre
     import psutil
 
     work = Path(tempfile.mkdtemp(prefix=f"keel-evalbench-{name}-", dir=keep))
-    files = {"keel": keel_files, "inspect": inspect_files, "promptfoo": promptfoo_files}[name]
+    files = {"keel": keel_files, BASELINE: keel_files, "inspect": inspect_files, "promptfoo": promptfoo_files}[name]
     command = files(work, stub.url, cases(n), concurrency)
     env = environment(name, work)
     stub.reset()
@@ -478,7 +489,7 @@ def goals(rows: list[dict[str, Any]], n: int) -> list[tuple[str, bool]]:
         return []
     checks = [(f"keel's overhead {keel['overhead_ms']:.2f} ms/case < {GOAL_OVERHEAD_MS:g}",
                keel["overhead_ms"] < GOAL_OVERHEAD_MS)]  # fmt: skip
-    others = [r for r in rows if r["harness"] != "keel"]
+    others = [r for r in rows if r["harness"] not in ("keel", BASELINE)]
     if others:
         lowest = min(others, key=lambda r: r["overhead_ms"])
         checks.append((f"keel's overhead lowest (next: {lowest['harness']} {lowest['overhead_ms']:.2f})",
@@ -500,7 +511,10 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0, help="the stub's fixed latency (default 50)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight, every harness (default 16)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each harness, order rotated (default 2)")
-    parser.add_argument("--harnesses", nargs="+", choices=HARNESSES, default=list(HARNESSES))
+    parser.add_argument("--harnesses", "--only", nargs="+", choices=HARNESSES, default=list(HARNESSES),
+                        help="which harnesses (default: all three); `--only keel` for quick iterations")
+    parser.add_argument("--baseline-src", type=Path,
+                        help="also run keel from this tree's src/ (harness keel-baseline), in the same rounds")
     parser.add_argument("--json", type=Path, help="write every run's figures and the machine here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--keep", type=Path, help="keep each run's files (suite, logs, databases) under this dir")
@@ -513,6 +527,12 @@ def main() -> None:
             parser.error(f"--{flag} must be at least 1")
     if args.latency_ms < 0:
         parser.error("--latency-ms cannot be negative")
+    if args.baseline_src is not None:
+        if not (args.baseline_src / "src" / "keel").is_dir():
+            parser.error(f"--baseline-src: {args.baseline_src}/src/keel is not a keel source tree")
+        global baseline_src
+        baseline_src = args.baseline_src.resolve()
+        args.harnesses = [*args.harnesses, BASELINE]
     if "promptfoo" in args.harnesses:
         install_promptfoo()
     if args.keep:
@@ -536,7 +556,8 @@ def main() -> None:
     finally:
         stub_process.close()
     rows = medians(results)
-    print()
+    info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"\nload average at the end: {info['load_average_after']}")
     print(table(rows, args.markdown))
     print(f"\nideal wall (n x latency / C): {args.cases * args.latency_ms / 1000 / args.concurrency:.2f} s")
     checks = goals(rows, args.cases)

@@ -7,6 +7,7 @@ with SIGKILL before answering (a kill -9 in the middle of a run, at a known poin
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from typing import Any
@@ -36,3 +37,45 @@ def broken_score(output: Any, expected: Any) -> float:
 
 def nan_score(output: Any) -> float:
     return float("nan")
+
+
+# --- async tasks: cases that overlap (a chunk's window, the suite's concurrency) -------------------------------
+
+in_flight = 0
+peak = 0
+
+
+async def slow_answer(text: str) -> str:
+    """Answers after 20 ms, counting how many calls overlap (`peak`)."""
+    global in_flight, peak
+    in_flight += 1
+    peak = max(peak, in_flight)
+    try:
+        await asyncio.sleep(0.02)
+    finally:
+        in_flight -= 1
+    return text.upper()
+
+
+async def answer_async(text: str) -> str:
+    """`answer`, but a coroutine that takes 50 ms, so that the cases of a chunk overlap. The call that would
+    be number EVALS_KILL_AT waits 2 s first: cases that answered meanwhile get recorded, and the kill finds
+    no case answered but unrecorded (that case would be called again, as DBOS steps are at-least-once)."""
+    path = os.environ["EVALS_CALLS"]
+    kill_at = int(os.environ.get("EVALS_KILL_AT", "0"))
+    done = 0
+    if os.path.exists(path):
+        with open(path) as seen:
+            done = seen.read().count("\n")
+    if kill_at and done + 1 >= kill_at:
+        await asyncio.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(0.05)
+    with open(path, "a") as calls:
+        calls.write(f"{text}\n")
+    return text.upper()
+
+
+async def slow_answer_too(text: str) -> str:
+    """`slow_answer` under another name: another task, so nothing of its outputs is cached yet."""
+    return await slow_answer(text)

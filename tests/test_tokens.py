@@ -48,3 +48,25 @@ def test_encodings_of_openai_models() -> None:
     assert tokens.encoding_for("gpt-4") == "cl100k_base"
     assert tokens.encoding_for("claude-haiku-4-5") is None
     assert tokens.count_text("hello world") == 2
+
+
+def test_the_model_table_is_bpe_openais_own_and_needs_no_import_of_it() -> None:
+    """`encoding_for` answers from a copy of bpe_openai's model table: the package loads every encoding's
+    tables when imported (most of a second), which an adapter built for a call that counts nothing
+    should not pay. The copy must stay the package's table."""
+    import subprocess
+    import sys
+
+    from bpe_openai import compat
+
+    assert {name: meta.encoding for name, meta in compat.MODEL_REGISTRY.items()} == tokens.MODEL_ENCODINGS
+    for name in ("GPT-4o-Mini", "gpt-4o-mini-2024-07-18", "llama3", ""):
+        try:
+            expected: str | None = compat.get_metadata(name).encoding
+        except KeyError:
+            expected = None
+        assert tokens.encoding_for(name) == expected
+    code = "import sys, keel.tokens as t\nassert t.encoding_for('gpt-4o') == 'o200k_base'\n"
+    code += "print('bpe_openai' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APPROX_MARGIN",
+    "MODEL_ENCODINGS",
     "approx_request_tokens",
     "completion_tokens",
     "count_text",
@@ -56,14 +57,34 @@ def _encoding(name: str) -> Any:
     return _bpe().get_encoding(name)
 
 
-@lru_cache(maxsize=256)
+def _models(encoding: str, names: str) -> dict[str, str]:
+    return dict.fromkeys([encoding, *names.split()], encoding)
+
+
+#: bpe_openai's model table (`bpe_openai.compat.MODEL_REGISTRY`, exact lower-case names), copied: the
+#: package builds that table by loading every encoding at import, so asking it which encoding a model
+#: uses would cost every OpenAI adapter most of a second. A test pins the copy to the package's table.
+MODEL_ENCODINGS: dict[str, str] = {
+    **_models("cl100k_base", "gpt-3.5 gpt-3.5-turbo gpt-3.5-turbo-0301 gpt-3.5-turbo-0401 gpt-3.5-turbo-0125"
+              " gpt-35-turbo gpt-4 gpt-4-0314 gpt-4-0613 gpt-4-32k text-embedding-ada-002 text-embedding-3-small"
+              " text-embedding-3-large"),
+    **_models("o200k_base", "gpt-4o gpt-4o-mini gpt-4.1 gpt-4.1-mini gpt-4o-128k gpt-4.1-128k"),
+    **_models("voyage3_base", "voyage-3"),
+    **_models("gpt2", "gpt-2"),
+    **_models("r50k_base", "text-davinci-001 text-curie-001 text-babbage-001 text-ada-001 davinci curie babbage ada"
+              " text-similarity-davinci-001 text-similarity-curie-001 text-similarity-babbage-001"
+              " text-similarity-ada-001 text-search-davinci-doc-001 text-search-curie-doc-001"
+              " text-search-babbage-doc-001 text-search-ada-doc-001 code-search-babbage-code-001"
+              " code-search-ada-code-001"),
+    **_models("p50k_base", "text-davinci-003 text-davinci-002 code-davinci-002 code-davinci-001 code-cushman-002"
+              " code-cushman-001 davinci-codex cushman-codex"),
+    **_models("p50k_edit", "text-davinci-edit-001 code-davinci-edit-001"),
+}  # fmt: skip
+
+
 def encoding_for(model_id: str) -> str | None:
     """The tiktoken encoding name of an OpenAI model, or None if not an OpenAI model."""
-    bpe = _bpe()
-    try:
-        return str(bpe.encoding_name_for_model(model_id))
-    except (KeyError, bpe.UnsupportedModelError):
-        return None
+    return MODEL_ENCODINGS.get(model_id.lower())
 
 
 def count_text(text: str, encoding: str = "o200k_base") -> int:

@@ -9,18 +9,20 @@ pass@k (Chen et al. 2021) is the chance that at least one of k attempts
 passes, pass^k (Yao et al. 2024, tau-bench) that all k pass; both use the
 unbiased estimators from n repeats with c passes: 1 - C(n-c, k)/C(n, k) and
 C(c, k)/C(n, k).
+
+scipy and numpy are imported when a run is reduced, not with this module:
+`keel eval run` imports it at start, and scipy.stats alone takes about a
+second to import. The interval needs only Student's t quantile, which comes
+from `scipy.special` (half of that).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
-from scipy import stats
-from scipy.special import comb
 
 from keel.evals.results import CaseResult, RunResult
 
@@ -33,14 +35,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
     if n - c < k:
         return 1.0
-    return float(1.0 - comb(n - c, k, exact=True) / comb(n, k, exact=True))
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def pass_hat_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of P(all of k attempts pass) from n attempts with c passes."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    return float(comb(c, k, exact=True) / comb(n, k, exact=True))
+    return math.comb(c, k) / math.comb(n, k)
 
 
 def _by_case(cases: Sequence[CaseResult]) -> dict[str, list[CaseResult]]:
@@ -90,6 +92,14 @@ class RunSummary:
     output_tokens: int = 0
 
 
+def _t_interval(mean: float, sem: float, df: int) -> tuple[float, float]:
+    """The 95% t-interval (scipy.stats.t.interval) from scipy.special's t quantile (lighter to import)."""
+    from scipy.special import stdtrit
+
+    half = float(stdtrit(df, 0.975)) * sem
+    return mean - half, mean + half
+
+
 def _metric(run: RunResult, name: str) -> MetricSummary:
     per_case: list[float] = []
     errored = 0
@@ -107,9 +117,9 @@ def _metric(run: RunResult, name: str) -> MetricSummary:
     mean = statistics.fmean(per_case)
     if len(per_case) < 2:
         return MetricSummary(name, 1, mean, None, None, None, errored, threshold, pass_rate)
-    sem = float(stats.sem(per_case))
-    low, high = (mean, mean) if sem == 0 else stats.t.interval(0.95, len(per_case) - 1, loc=mean, scale=sem)
-    low, high = max(0.0, float(low)), min(1.0, float(high))  # scores live in [0, 1]
+    sem = statistics.stdev(per_case) / math.sqrt(len(per_case))  # scipy.stats.sem (ddof=1)
+    low, high = (mean, mean) if sem == 0 else _t_interval(mean, sem, len(per_case) - 1)
+    low, high = max(0.0, low), min(1.0, high)  # scores live in [0, 1]
     return MetricSummary(name, len(per_case), mean, sem, low, high, errored, threshold, pass_rate)
 
 
@@ -125,6 +135,8 @@ def summarize(run: RunResult) -> RunSummary:
             at_k[k] = statistics.fmean(pass_at_k(len(rs), sum(bool(r.passed) for r in rs), k) for rs in full)
             hat_k[k] = statistics.fmean(pass_hat_k(len(rs), sum(bool(r.passed) for r in rs), k) for rs in full)
     latencies = [r.latency_s for r in run.cases if r.latency_s is not None]
+    import numpy as np  # here, not at import (see the module's docstring)
+
     return RunSummary(
         run.run_id, run.variant, len(grouped), repeats, sum(r.error is not None for r in run.cases),
         [_metric(run, m) for m in run.metric_names()],

@@ -6,8 +6,9 @@ applied on first use, as RAG does), so a gateway-only deployment never has them.
 - `keel_eval_runs`: one row per run (one suite under one variant), with the
   suite's spec so that any worker can rebuild the task and `rescore` can find it.
 - `keel_eval_cases`: one row per case and repeat, keyed (run, case, repeat);
-  written with ON CONFLICT DO NOTHING, so a job step DBOS re-runs after a crash
-  changes nothing (rescoring updates the scores explicitly).
+  written as soon as the case is done, with ON CONFLICT DO NOTHING, so a job
+  step DBOS re-runs after a crash changes nothing (it skips the cases recorded
+  already: `recorded_cases`); rescoring updates the scores explicitly.
 - `keel_eval_cache`: model outputs by (task config, variant, case input, repeat)
   and judge answers by input: a re-run or a re-score calls no model for them.
 """
@@ -25,8 +26,8 @@ from keel.evals.results import CaseResult, RunResult, ScorerError
 from keel.store.base import Store
 from keel.store.migrations import Migration
 
-__all__ = ["EVAL_MIGRATIONS", "UnknownRun", "cache_get", "cache_put", "create_run", "get_run_row", "list_runs",
-           "load_run", "write_case"]  # fmt: skip
+__all__ = ["EVAL_MIGRATIONS", "UnknownRun", "cache_get", "cache_get_many", "cache_put", "create_run", "get_run_row",
+           "list_runs", "load_run", "progress", "recorded_cases", "write_case"]  # fmt: skip
 
 EVAL_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -86,13 +87,10 @@ EVAL_MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
-_migrated: set[int] = set()
-
-
 def migrate(store: Store) -> None:
-    if id(store) not in _migrated:
-        store.migrate(EVAL_MIGRATIONS, namespace="evals")
-        _migrated.add(id(store))
+    # the store remembers the lists it has applied (per object): no id() memo here, which a new store born
+    # at a closed one's address would inherit
+    store.migrate(EVAL_MIGRATIONS, namespace="evals")
 
 
 def _dumps(value: Any) -> str:
@@ -169,10 +167,17 @@ _JSON_CASE = {"output", "scores", "scorer_errors", "tags", "expected", "input", 
 
 
 def write_case(
-    store: Store, run_id: str, position: int, cache_key: str, case: CaseResult, case_data: Mapping[str, Any]
+    store: Store,
+    run_id: str,
+    position: int,
+    cache_key: str,
+    case: CaseResult,
+    case_data: Mapping[str, Any],
+    output: Any = None,
 ) -> bool:
     """Record one case repeat (`case_data`: the dataset's case, for rescoring); False if it was recorded already
-    (a re-run step)."""
+    (a re-run step). `output`, if given, is the task's output to cache under `cache_key`, in the same
+    transaction (one commit a case rather than two)."""
     migrate(store)
     data = asdict(case)
     data.update(run_id=run_id, position=position, cache_key=cache_key, updated_at=time.time(), case_data=case_data,
@@ -184,8 +189,59 @@ def write_case(
         " ON CONFLICT (run_id, case_id, repeat) DO NOTHING"
     )
     with store.transaction() as cur:
+        if output is not None:
+            cur.execute(_CACHE_PUT, [cache_key, store.json_param(_dumps(output)), time.time()])
         cur.execute(sql, values)
         return bool(cur.rowcount == 1)
+
+
+def recorded_cases(store: Store, units: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, int]]:
+    """Which of these case repeats (dicts with `run`, `case` (with its `id`) and `repeat`) are recorded, as
+    (run, case id, repeat): index lookups by run and case id, 500 ids a query."""
+    migrate(store)
+    wanted = {(u["run"], str(u["case"]["id"]), int(u["repeat"])) for u in units}
+    by_run: dict[str, list[str]] = {}
+    for run_id, case_id, _ in wanted:
+        by_run.setdefault(run_id, []).append(case_id)
+    found: set[tuple[str, str, int]] = set()
+    with store.transaction() as cur:
+        for run_id, ids in by_run.items():
+            unique = sorted(set(ids))
+            for start in range(0, len(unique), 500):
+                batch = unique[start : start + 500]
+                marks = ", ".join("?" for _ in batch)
+                sql = f"SELECT case_id, repeat FROM keel_eval_cases WHERE run_id = ? AND case_id IN ({marks})"
+                cur.execute(sql, [run_id, *batch])
+                found.update((run_id, str(case_id), int(repeat)) for case_id, repeat in cur.fetchall())
+    return found & wanted
+
+
+def cache_get_many(store: Store, keys: Sequence[str]) -> dict[str, Any]:
+    """The cached values of these keys (those that have one), 500 keys a query."""
+    migrate(store)
+    unique = sorted(set(keys))
+    found: dict[str, Any] = {}
+    with store.transaction() as cur:
+        for start in range(0, len(unique), 500):
+            batch = unique[start : start + 500]
+            cur.execute(f"SELECT key, value FROM keel_eval_cache WHERE key IN ({', '.join('?' for _ in batch)})", batch)
+            found.update((str(key), _loads(value)) for key, value in cur.fetchall())
+    return found
+
+
+def progress(store: Store, run_ids: Sequence[str]) -> tuple[int, int, float]:
+    """(case repeats recorded, of which the task errored, their task cost) over these runs."""
+    if not run_ids:
+        return 0, 0, 0.0
+    marks = ", ".join("?" for _ in run_ids)
+    sql = (
+        "SELECT COUNT(*), SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), SUM(cost_usd)"
+        f" FROM keel_eval_cases WHERE run_id IN ({marks})"
+    )
+    with store.transaction() as cur:
+        cur.execute(sql, list(run_ids))
+        done, errored, cost = cur.fetchone()
+    return int(done or 0), int(errored or 0), float(cost or 0.0)
 
 
 def update_scores(store: Store, run_id: str, case: CaseResult) -> None:
@@ -243,10 +299,12 @@ def cache_get(store: Store, key: str) -> Any:
     return None if row is None else _loads(row[0])
 
 
+_CACHE_PUT = "INSERT INTO keel_eval_cache (key, value, created_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING"
+
+
 def cache_put(store: Store, key: str, value: Any) -> None:
-    sql = "INSERT INTO keel_eval_cache (key, value, created_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING"
     with store.transaction() as cur:
-        cur.execute(sql, [key, store.json_param(_dumps(value)), time.time()])
+        cur.execute(_CACHE_PUT, [key, store.json_param(_dumps(value)), time.time()])
 
 
 _SUMMARY_COLUMNS = ("case_id", "repeat", "scores", "passed", "error", "cost_usd", "latency_s")
