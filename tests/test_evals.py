@@ -256,3 +256,41 @@ def test_summary_flags_flaky_cases_and_reduces_over_cases() -> None:
     assert metric.pass_rate == pytest.approx(2 / 3)
     assert summary.pass_at_k == {1: 0.5, 2: 1.0} and summary.pass_hat_k == {1: 0.5, 2: 0.0}
     assert summary.latency_p50_s == 2.0
+
+
+def test_the_interval_is_scipys_t_interval_and_scipy_loads_only_when_a_run_is_reduced() -> None:
+    import subprocess
+    import sys
+
+    from scipy import stats
+
+    values = [0.1, 0.9, 0.4, 0.35, 0.8, 0.55, 0.6]
+    cases = [CaseResult(f"c{i}", 0, scores={"m": v}, passed=True) for i, v in enumerate(values)]
+    metric = summarize(RunResult("r", "s", "v", thresholds={}, cases=cases)).metrics[0]
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=sum(values) / len(values), scale=stats.sem(values))
+    assert metric.stderr == pytest.approx(stats.sem(values)) and (metric.ci_low, metric.ci_high) == pytest.approx(
+        (low, high)
+    )
+    # `keel eval run` imports these at start; scipy.stats alone takes about a second to import
+    code = (
+        "import sys, keel.evals, keel.evals.runner, keel.evals.metrics, keel.cli.evals, keel.cli.app\n"
+        "print(sorted(m for m in ('scipy', 'bpe_openai', 'sklearn', 'statsmodels') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_new_store_object_gets_the_eval_and_debug_tables_even_at_a_freed_objects_address(tmp_path: Path) -> None:
+    """The tables were remembered by id(store): a store object born at a closed one's address (CPython reuses
+    them at once) skipped its migrations and failed with "no such table"."""
+    from keel.evals import rag_debug, storage
+    from keel.store import open_store
+
+    for i in range(8):
+        store = open_store(str(tmp_path / f"{i}.db"))
+        try:
+            assert storage.list_runs(store) == []
+            assert rag_debug.load_diagnoses(store, "no-such-run") == {}
+        finally:
+            store.close()
+        del store

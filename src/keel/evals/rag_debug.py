@@ -332,13 +332,8 @@ def diagnose_run(run: RunResult, *, faithfulness_metric: str = "faithfulness") -
 
 # --- storing it, and the trace ------------------------------------------------------------------------
 
-_migrated: set[int] = set()
-
-
 def _migrate(store: Store) -> None:
-    if id(store) not in _migrated:
-        store.migrate(RAG_DEBUG_MIGRATIONS, namespace="rag_debug")
-        _migrated.add(id(store))
+    store.migrate(RAG_DEBUG_MIGRATIONS, namespace="rag_debug")  # a no-op after the first time on this store
 
 
 def _span_id(run_id: str, diagnosis: CaseDiagnosis) -> str:
