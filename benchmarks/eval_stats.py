@@ -21,10 +21,10 @@ resamples; pass/fail: Tango's score interval for paired proportions). Per scenar
 - power: with delta = -0.03, the share where it does (reported; the issue asks for 1,000 cases).
 Next to each share, its 95% Clopper-Pearson interval from the number of simulations.
 
-    .venv/bin/python benchmarks/eval_stats.py                  # 1,000 simulations per scenario (about 25 min)
+    .venv/bin/python benchmarks/eval_stats.py                  # 1,000 simulations per scenario (about 10 min)
     .venv/bin/python benchmarks/eval_stats.py --sims 200       # a quick look
     .venv/bin/python benchmarks/eval_stats.py --markdown       # the table for docs/benchmarks.md
-    .venv/bin/python benchmarks/eval_stats.py --only delta=-0.03 --sims 500   # the power scenarios alone
+    .venv/bin/python benchmarks/eval_stats.py --only delta=-0.03   # the power scenarios alone
 
 Exit status 1 when a coverage or false-alarm goal is missed beyond its simulation noise (the goal
 range lies outside the share's 99.9% Clopper-Pearson interval), or the exact coverage is outside it.
