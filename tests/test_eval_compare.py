@@ -8,12 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
 from keel.errors import InputError
 from keel.evals import CaseResult, RunResult
 from keel.evals.compare import compare
 from keel.evals.results import run_from_json, run_to_json
+from keel.evals.stats import paired_proportion_interval
 
 
 def _passed(scores: Sequence[float | None] | None, i: int) -> bool | None:
@@ -314,6 +315,99 @@ def test_a_single_flip_among_many_cases_gives_a_finite_interval() -> None:
     pb = [True] * 299 + [False]
     passed = compare(make_run("a", passed=pa), make_run("b", passed=pb)).metric("pass")
     assert passed.ci is not None and all(math.isfinite(v) for v in passed.ci)
-    assert passed.ci[0] <= passed.delta <= passed.ci[1] <= 0  # type: ignore[operator]
+    # one flip is no evidence either way: the interval reaches above 0, as McNemar's p of 1 says (the
+    # bootstrap drew [-1/300, 0], as it cannot resample a case that was never better)
+    assert passed.ci[0] < passed.delta < 0 < passed.ci[1]  # type: ignore[operator]
     assert passed.mcnemar is not None and passed.mcnemar.p_value == pytest.approx(1.0)
     assert passed.change() == "none"
+
+
+# --- the pass/fail interval: a score interval for paired proportions ---------------------------
+
+
+def flipped_runs(gains: int, losses: int, n: int) -> tuple[RunResult, RunResult]:
+    """n cases: `losses` pass->fail, `gains` fail->pass, the rest pass in both runs."""
+    same = n - gains - losses
+    pa = [True] * same + [True] * losses + [False] * gains
+    pb = [True] * same + [False] * losses + [True] * gains
+    return make_run("a", passed=pa), make_run("b", passed=pb)
+
+
+def score_statistic(gains: int, losses: int, n: int, d: float) -> float:
+    """The score statistic of "B - A = d" for paired proportions, with its variance at the restricted
+    maximum-likelihood cell probabilities found numerically (not Tango's closed form): an
+    independent check of the interval's bounds."""
+
+    def nll(p_loss: float) -> float:
+        p_gain = p_loss + d
+        same = n - gains - losses
+        return -(losses * math.log(p_loss) + gains * math.log(p_gain) + same * math.log(1 - p_loss - p_gain))
+
+    low, high = max(0.0, -d) + 1e-12, (1 - d) / 2 - 1e-12
+    p_loss = float(optimize.minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-13}).x)
+    variance = (2 * p_loss + d - d * d) / n
+    return ((gains - losses) / n - d) / math.sqrt(variance)
+
+
+@pytest.mark.parametrize(
+    ("gains", "losses", "n"), [(3, 12, 100), (5, 20, 300), (1, 0, 300), (70, 40, 1000), (9, 0, 10), (0, 10, 10)]
+)
+def test_the_pass_interval_is_the_score_interval_for_paired_proportions(gains: int, losses: int, n: int) -> None:
+    comparison = compare(*flipped_runs(gains, losses, n))
+    for alpha in (0.05, 0.01):
+        passed = comparison.at_alpha(alpha).metric("pass")
+        assert passed.interval == "tango" and passed.ci is not None
+        z = stats.norm.isf(alpha / 2)
+        # the bounds are the differences the score test rejects at exactly alpha (or the ends of [-1, 1])
+        low, high = passed.ci
+        assert low == pytest.approx(-1.0) or score_statistic(gains, losses, n, low) == pytest.approx(z, abs=1e-4)
+        assert high == pytest.approx(1.0) or score_statistic(gains, losses, n, high) == pytest.approx(-z, abs=1e-4)
+        assert low <= (gains - losses) / n <= high and low < high
+
+
+def test_no_flip_among_many_cases_still_gives_an_interval_with_some_width() -> None:
+    # 200 cases, none flipped: the pass rates could still differ by a point or two (the bootstrap
+    # drew [0, 0], as if 200 cases proved the rates identical)
+    passed = compare(*flipped_runs(0, 0, 200)).metric("pass")
+    assert passed.delta == 0 and passed.ci is not None
+    assert -0.03 < passed.ci[0] < -0.01 and passed.ci[1] == pytest.approx(-passed.ci[0])
+    assert passed.change() == "none"
+
+
+def test_the_pass_interval_excludes_0_exactly_when_mcnemars_score_test_rejects() -> None:
+    # the interval inverts the score statistic whose value at 0 is McNemar's z: the interval beside
+    # the test never contradicts it (the decision stays with the exact test, slightly stricter)
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    for gains in range(0, 26, 2):
+        for losses in range(0, 26, 3):
+            passed = compare(*flipped_runs(gains, losses, 200)).metric("pass")
+            assert passed.ci is not None
+            table = [[200 - gains - losses, losses], [gains, 0]]
+            rejects = gains + losses > 0 and mcnemar(table, exact=False, correction=False).pvalue < 0.05
+            assert (passed.ci[1] < 0 or passed.ci[0] > 0) == rejects, (gains, losses, passed.ci)
+
+
+def test_pass_rates_averaged_over_repeats_or_clustered_keep_the_bootstrap() -> None:
+    # the score interval is for one pass/fail outcome per case and independent cases; a case's pass
+    # rate over repeats (2 of 3), or clustered cases, are resampled as before
+    a = RunResult(run_id="a", suite="s", variant="a", cases=[
+        CaseResult(case_id=f"c{i}", repeat=r, passed=(i + r) % 3 != 0) for i in range(30) for r in range(3)
+    ])  # fmt: skip
+    b = RunResult(run_id="b", suite="s", variant="b", cases=[CaseResult(case_id=f"c{i}", passed=i % 2 == 0)
+                                                             for i in range(30)])  # fmt: skip
+    assert compare(a, b).metric("pass").interval == "BCa"
+    assert compare(a, b, method="percentile").metric("pass").interval == "percentile"
+    ca, cb = clustered_runs(correlated=True)
+    clustered = compare(ca, cb, cluster_by="topic")
+    assert clustered.metric("pass").interval == "BCa" and clustered.metric("f1").interval == "BCa"
+    unclustered = compare(ca, cb)
+    assert unclustered.metric("pass").interval == "tango" and unclustered.metric("f1").interval == "BCa"
+    assert unclustered.to_dict()["metrics"][1]["interval"] == "tango"
+
+
+def test_the_paired_proportion_interval_refuses_impossible_counts() -> None:
+    assert paired_proportion_interval(1, 0, 2) is None  # too few cases to say anything
+    for gains, losses, n in [(-1, 0, 10), (0, -2, 10), (6, 5, 10)]:
+        with pytest.raises(InputError, match="paired counts"):
+            paired_proportion_interval(gains, losses, n)

@@ -20,8 +20,12 @@ Per metric (a score in [0, 1], higher is better)
     clustered).
 
 Pass/fail
-    the pass rate's difference with its interval as above, and McNemar's exact test on the
-    per-case outcomes: a case passes when more than half its repeats passed (one repeat: it
+    the pass rate's difference with its interval, and McNemar's exact test on the per-case
+    outcomes. With one outcome per case in each run (no repeats to average) and no clusters, the
+    interval is Tango's score interval for paired proportions (`interval == "tango"`: it inverts
+    the statistic of McNemar's asymptotic test and stays right with few flipped cases, where the
+    bootstrap does not); pass rates averaged over repeats, or clustered cases, are bootstrapped as
+    above. For McNemar, a case passes when more than half its repeats passed (one repeat: it
     passed); a case at exactly half is a tie and left out of the test (`ties`). The cases that
     flipped are listed both ways.
 
@@ -52,13 +56,22 @@ import numpy as np
 
 from keel.errors import InputError
 from keel.evals.results import CaseResult, RunResult
-from keel.evals.stats import IntervalMethod, McNemar, mcnemar_exact, mean_p_value, paired_interval
+from keel.evals.stats import (
+    IntervalMethod,
+    McNemar,
+    mcnemar_exact,
+    mean_p_value,
+    paired_interval,
+    paired_proportion_interval,
+)
 
 __all__ = ["Change", "Comparison", "MetricDelta", "compare"]
 
 PASS_METRIC = "pass"
 Kind = Literal["score", "pass", "cost", "latency"]
 Change = Literal["drop", "rise", "none", "unknown"]
+#: How an interval was drawn: a bootstrap (compare's `method`) or Tango's score interval (pass/fail).
+Interval = Literal["BCa", "percentile", "tango"]
 #: Fewer clusters than this and a cluster bootstrap is known to draw intervals that are too narrow.
 FEW_CLUSTERS = 10
 
@@ -81,6 +94,7 @@ class MetricDelta:
     ties: int = 0  # pass/fail only: cases at exactly half their repeats passed, left out of McNemar
     diffs: tuple[float, ...] = field(default=(), repr=False)  # kept to redraw the interval at another level
     clusters: tuple[int, ...] | None = field(default=None, repr=False)
+    interval: Interval = "BCa"  # how `ci` was drawn (and is redrawn at another level)
 
     @property
     def alpha(self) -> float:
@@ -116,7 +130,8 @@ class MetricDelta:
         out: dict[str, Any] = {
             "metric": self.metric, "kind": self.kind, "n": self.n, "excluded": self.excluded,
             "mean_a": self.mean_a, "mean_b": self.mean_b, "delta": self.delta,
-            "ci": list(self.ci) if self.ci else None, "level": self.level, "p_value": self.p_value,
+            "ci": list(self.ci) if self.ci else None, "level": self.level, "interval": self.interval,
+            "p_value": self.p_value,
             "change": self.change(), "verdict": self.verdict(),
         }  # fmt: skip
         if self.mcnemar is not None:
@@ -162,11 +177,10 @@ class Comparison:
             return self
 
         def redraw(delta: MetricDelta | None) -> MetricDelta | None:
-            return None if delta is None else _redraw(delta, 1 - alpha, self.n_boot, self.seed, self.method)
+            return None if delta is None else _redraw(delta, 1 - alpha, self.n_boot, self.seed)
 
         return dataclasses.replace(
-            self, alpha=alpha, metrics=tuple(_redraw(m, 1 - alpha, self.n_boot, self.seed, self.method)
-                                             for m in self.metrics),
+            self, alpha=alpha, metrics=tuple(_redraw(m, 1 - alpha, self.n_boot, self.seed) for m in self.metrics),
             cost=redraw(self.cost), latency=redraw(self.latency),
         )  # fmt: skip
 
@@ -195,9 +209,33 @@ def _check_alpha(alpha: float) -> None:
         raise InputError(f"alpha must be between 0 and 1 (exclusive), got {alpha!r}")
 
 
-def _redraw(delta: MetricDelta, level: float, n_boot: int, seed: int | None, method: IntervalMethod) -> MetricDelta:
-    ci = paired_interval(delta.diffs, clusters=delta.clusters, level=level, n_boot=n_boot, seed=seed, method=method)
+def _redraw(delta: MetricDelta, level: float, n_boot: int, seed: int | None) -> MetricDelta:
+    ci = _interval(delta.interval, delta.diffs, delta.clusters, level, n_boot, seed)
     return dataclasses.replace(delta, ci=ci, level=level)
+
+
+def _interval(
+    how: Interval,
+    diffs: Sequence[float],
+    clusters: Sequence[int] | None,
+    level: float,
+    n_boot: int,
+    seed: int | None,
+) -> tuple[float, float] | None:
+    if how == "tango":
+        d = np.asarray(diffs, dtype=np.float64)
+        return paired_proportion_interval(int(np.sum(d > 0)), int(np.sum(d < 0)), d.size, level=level)
+    return paired_interval(diffs, clusters=clusters, level=level, n_boot=n_boot, seed=seed, method=how)
+
+
+def _interval_for(kind: Kind, a: np.ndarray, b: np.ndarray, clustered: bool, bootstrap: IntervalMethod) -> Interval:
+    """Pass/fail with one outcome per case in each run, on independent cases, is a pair of paired
+    proportions: Tango's interval, made for them. Pass rates over repeats (2 of 3 passed), clustered
+    cases and scores are bootstrapped."""
+    outcomes = np.concatenate([a, b])
+    if kind == "pass" and not clustered and np.all((outcomes == 0.0) | (outcomes == 1.0)):
+        return "tango"
+    return bootstrap
 
 
 # --- one value per case ------------------------------------------------------------------------
@@ -314,12 +352,14 @@ def _delta(
     if s.clusters is not None and kept:
         # renumber densely: the clusters left after the exclusions, 0..k-1
         clusters = tuple(int(i) for i in np.unique([s.clusters[p[0]] for p in kept], return_inverse=True)[1])
-    ci = paired_interval(diffs, clusters=clusters, level=s.level, n_boot=s.n_boot, seed=s.seed, method=s.method)
+    how = _interval_for(kind, a, b, clusters is not None, s.method)
+    ci = _interval(how, diffs.tolist(), clusters, s.level, s.n_boot, s.seed)
     return MetricDelta(
         metric=name, kind=kind, n=len(kept), excluded=len(pairs) - len(kept),
         mean_a=float(a.mean()) if kept else None, mean_b=float(b.mean()) if kept else None,
         delta=float(diffs.mean()) if kept else None, ci=ci, level=s.level,
         p_value=mean_p_value(diffs, clusters=clusters), diffs=tuple(float(d) for d in diffs), clusters=clusters,
+        interval=how,
     )  # fmt: skip
 
 

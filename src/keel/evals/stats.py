@@ -1,5 +1,6 @@
-"""The statistics under `keel eval compare`: paired bootstrap intervals, McNemar's exact test and a
-reference p-value, on plain arrays (compare.py turns runs into these arrays).
+"""The statistics under `keel eval compare`: paired bootstrap intervals, a score interval for paired
+pass/fail outcomes, McNemar's exact test and a reference p-value, on plain arrays (compare.py turns
+runs into these arrays).
 
 Why paired: two runs of one suite score the same cases, and most of the variance is between cases
 (some are hard for every model). Comparing per-case differences removes it; an unpaired test on
@@ -12,6 +13,14 @@ The maths comes from scipy and statsmodels, not from this file:
   paired bootstrap). With clusters (cases that share a topic, a document, a template and so fail
   together), whole clusters are resampled: the statistic is the ratio of the resampled clusters'
   summed differences to their summed sizes, so a cluster keeps its weight.
+- Paired pass/fail outcomes (one per case in each run) get Tango's score interval for a difference
+  of paired proportions instead of the bootstrap: with few flipped cases the bootstrap of a handful
+  of -1/+1 values is coarse (BCa's 95% intervals covered 90-91% at a 95% pass rate on 100 cases
+  and at 90% on 50, computed exactly in tests/test_eval_stats_simulation.py; Tango's 95.4%) and with
+  none it draws [0, 0]. Neither scipy nor statsmodels (0.15)
+  ships an interval for paired proportions, so the score statistic is written here and its roots
+  found with `scipy.optimize.brentq`; the tests check the bounds against a numerical restricted
+  maximum likelihood.
 - `statsmodels.stats.contingency_tables.mcnemar(exact=True)` tests paired pass/fail outcomes on
   the discordant cases only (the exact binomial test on pass->fail against fail->pass).
 - The p-value shown next to a continuous metric is the t-test of the mean difference from
@@ -21,6 +30,7 @@ The maths comes from scipy and statsmodels, not from this file:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +39,11 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["IntervalMethod", "McNemar", "mcnemar_exact", "mean_p_value", "paired_interval"]
+from keel.errors import InputError
+
+__all__ = [
+    "IntervalMethod", "McNemar", "mcnemar_exact", "mean_p_value", "paired_interval", "paired_proportion_interval",
+]  # fmt: skip
 
 FloatArray = npt.NDArray[np.float64]
 IntervalMethod = Literal["BCa", "percentile"]
@@ -126,6 +140,47 @@ def paired_interval(
                 paired=len(data) > 1, vectorized=True, rng=np.random.default_rng(seed),
             )  # fmt: skip
             low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return low, high
+
+
+def _tango_score(gains: int, losses: int, n: int, d: float) -> float:
+    """Tango's (1998) score statistic of "B - A = d" for paired proportions: the observed difference
+    minus d, over its standard error at the cell probabilities that maximise the likelihood under d
+    (closed form). At d = 0 it is McNemar's z, (gains - losses) / sqrt(gains + losses)."""
+    excess = gains - losses - n * d
+    if excess == 0:
+        return 0.0  # also the 0/0 of no flipped case at d = 0
+    w = -gains - losses + (2 * n - gains + losses) * d
+    p_loss = (math.sqrt(max(w * w + 8 * n * losses * d * (1 - d), 0.0)) - w) / (4 * n)
+    variance = n * (2 * p_loss + d * (1 - d))
+    return excess / math.sqrt(variance) if variance > 0 else math.copysign(math.inf, excess)
+
+
+def paired_proportion_interval(gains: int, losses: int, n: int, *, level: float = 0.95) -> tuple[float, float] | None:
+    """Tango's score interval for B - A = (gains - losses) / n, the difference of two paired pass rates.
+
+    `gains`: cases that failed in A and passed in B; `losses`: passed in A and failed in B; `n`: all
+    paired cases. The interval holds every difference the score test does not reject at 1 - level;
+    it inverts the statistic whose value at 0 is McNemar's z, so it excludes 0 exactly when
+    McNemar's asymptotic test rejects. Returns None with fewer than `MIN_UNITS` cases.
+    """
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    if min(gains, losses) < 0 or gains + losses > n:
+        raise InputError(f"paired counts need 0 <= gains, losses and gains + losses <= n, got {gains}, {losses}, {n}")
+    if n < MIN_UNITS:
+        return None
+    z = float(norm.isf((1 - level) / 2))
+    estimate = (gains - losses) / n
+    edge = 1 - 1e-12  # the score's variance is 0 at exactly -1 and 1
+
+    def score(d: float) -> float:
+        return _tango_score(gains, losses, n, d)
+
+    # the score falls as d rises: each bound is where it crosses -z or z (or the end of [-1, 1])
+    low = -1.0 if score(-edge) <= z else float(brentq(lambda d: score(d) - z, -edge, estimate, xtol=1e-12))
+    high = 1.0 if score(edge) >= -z else float(brentq(lambda d: score(d) + z, estimate, edge, xtol=1e-12))
     return low, high
 
 
