@@ -193,8 +193,9 @@ def register(app: typer.Typer, loader: RunLoader = load_run_ref) -> None:
         seed: Annotated[int, typer.Option(help="Seed of the bootstrap (the same runs give the same CIs).")] = 0,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     ) -> None:
-        """Paired comparison of run B against run A: per metric the delta with a bootstrap CI, McNemar's
-        exact test on pass/fail, the flipped cases, cost and latency deltas.
+        """Paired comparison of run B against run A: per metric the delta with a 95% CI (BCa bootstrap for
+        scores; Tango's score interval for pass/fail), McNemar's exact test on pass/fail, the flipped cases,
+        cost and latency deltas.
 
         Example: keel eval compare run-main run-pr42 --cluster topic --fail-on-regression
         """
