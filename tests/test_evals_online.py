@@ -347,6 +347,12 @@ def test_quality_by_period_model_and_prompt_version(tmp_path: Path) -> None:
         (ALERT.replace("threshold = 0.1", "threshold = 5"), "in (0, 1]"),
         (ALERT.replace('scorer = "judge"', 'scorer = "helpfulness"'), "scorer 'helpfulness'"),
         ('[alerts.x]\nmetric = "error_rate"\nthreshold = 0.1\nscorer = "judge"\n', "quality_drop"),
+        # sampling calls with no scorer would score nothing, silently
+        ("[evals.online]\nsample = 0.5\nscorers = []\n", "no scorers"),
+        # a judge's fields on another scorer would be ignored, silently
+        ('[evals.online]\nscorers = [{type = "format", rubric = "ok?", samples = 3}]\n', "judge scorer's only"),
+        # an embedding model cannot grade: every item would error at run time
+        ('[evals.online]\nscorers = [{type = "judge", rubric = "ok?", model = "local-embed"}]\n', "chat model"),
     ],
 )
 def test_bad_online_or_alert_configuration_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
@@ -456,3 +462,31 @@ def test_keel_serve_scores_sampled_calls_with_its_embedded_worker(tmp_path: Path
     assert [by[(s.span_id, "format")] for s in spans] == [0.0, 1.0] * (n // 2)
     assert {by[(s.span_id, "judge")] for s in spans} == {1.0}
     store.close()
+
+
+def test_the_judges_cost_shows_in_the_quality_report_and_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what the judge calls cost is the price of watching quality: an engineer must see it next to the scores
+    from keel.evals.online import SCORE_COLUMNS, _write
+
+    store_path = tmp_path / "s.db"
+    monkeypatch.setenv("KEEL_STORE", str(store_path))  # what `keel eval quality` reads
+    store = open_store(str(store_path))
+    ensure_tables(store)
+    now = time.time()
+    rows = [
+        dict(zip(SCORE_COLUMNS, (new_trace_id(), new_id(8), scorer, "chat", "m", "v1", now - 10, 1.0, None, None,
+                                 cost, None, now), strict=True))
+        for scorer, cost in (("judge", 0.002), ("judge", 0.003), ("format", None))
+    ]  # fmt: skip
+    _write(store, [tuple(r.values()) for r in rows])
+    report = quality(store, since=now - 3600, until=now + 1, period_s=86_400)
+    by = {r.scorer: r for r in report.rows}
+    assert by["judge"].cost_usd == pytest.approx(0.005) and by["format"].cost_usd == 0.0
+    assert report.to_json()["cost_usd"] == pytest.approx(0.005)
+    assert report.to_json()["rows"][1]["cost_usd"] == pytest.approx(0.005)
+    store.close()
+    result = CliRunner().invoke(app, ["eval", "quality", "--since", "1h"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "cost" in result.output and "$0.0050" in result.output

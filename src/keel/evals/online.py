@@ -626,12 +626,13 @@ class QualityRow:
     mean: float | None
     low: float | None  # 95% t-interval of the mean (None below 2 scores)
     high: float | None
+    cost_usd: float = 0.0  # what scoring these calls cost (a judge's model calls; other scorers are free)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "period": _iso(self.period), "period_ts": self.period, "model_version": self.model_version,
             "prompt_version": self.prompt_version, "scorer": self.scorer, "n": self.n, "errors": self.errors,
-            "mean": self.mean, "ci_low": self.low, "ci_high": self.high,
+            "mean": self.mean, "ci_low": self.low, "ci_high": self.high, "cost_usd": self.cost_usd,
         }  # fmt: skip
 
 
@@ -655,10 +656,14 @@ class QualityReport:
     changes: list[ChangePoint]  # every version's first appearance after the first one, oldest first
     scorers: list[str]
 
+    @property
+    def cost_usd(self) -> float:
+        return sum(r.cost_usd for r in self.rows)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "since": _iso(self.since), "until": _iso(self.until), "since_ts": self.since, "until_ts": self.until,
-            "period_s": self.period_s, "scorers": self.scorers,
+            "period_s": self.period_s, "scorers": self.scorers, "cost_usd": self.cost_usd,
             "rows": [r.to_json() for r in self.rows], "changes": [c.to_json() for c in self.changes],
         }  # fmt: skip
 
@@ -702,15 +707,16 @@ def quality(
     period = _period_expr(store)
     sql = (
         "SELECT p, model_version, prompt_version, scorer, COUNT(value),"
-        " SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), COALESCE(SUM(value), 0), COALESCE(SUM(value * value), 0)"
-        f" FROM (SELECT {period} AS p, model_version, prompt_version, scorer, value, error"
+        " SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), COALESCE(SUM(value), 0), COALESCE(SUM(value * value), 0),"
+        " COALESCE(SUM(cost_usd), 0)"
+        f" FROM (SELECT {period} AS p, model_version, prompt_version, scorer, value, error, cost_usd"
         f" FROM keel_eval_online_scores WHERE {clause}) AS s"
         " GROUP BY p, model_version, prompt_version, scorer ORDER BY p, model_version, prompt_version, scorer"
     )
     rows = []
-    for p, mv, pv, name, n, errors, total, squares in store.query(sql, [period_s, *params]):
+    for p, mv, pv, name, n, errors, total, squares, cost in store.query(sql, [period_s, *params]):
         mean, low, high = _interval(int(n), float(total), float(squares))
-        rows.append(QualityRow(float(p) * period_s, mv, pv, name, int(n), int(errors), mean, low, high))
+        rows.append(QualityRow(float(p) * period_s, mv, pv, name, int(n), int(errors), mean, low, high, float(cost)))
     firsts = store.query(
         f"SELECT model_version, prompt_version, MIN(span_time) FROM keel_eval_online_scores WHERE {clause}"
         " GROUP BY model_version, prompt_version ORDER BY MIN(span_time)",
