@@ -490,3 +490,25 @@ def test_the_judges_cost_shows_in_the_quality_report_and_the_cli(
     result = CliRunner().invoke(app, ["eval", "quality", "--since", "1h"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert "cost" in result.output and "$0.0050" in result.output
+
+
+def test_a_call_that_never_gave_valid_json_scores_format_0_and_nothing_else(tmp_path: Path, store: Store) -> None:
+    # the gateway re-asks a model whose JSON is invalid and fails the call after its tries: were only the calls
+    # that succeeded scored, format validity would read 1.0 however often the model failed the schema
+    now = time.time()
+    fmt = {"name": "invoice", "schema": {"type": "object", "required": ["total"]}}
+    request = {"messages": [{"role": "user", "content": "total?"}], "response_format": fmt}
+    good = call_span(end=now - 3, request=request, output={"text": '{"total": 3}'})
+    failed = call_span(end=now - 2, request=request, status="error")
+    failed.output, failed.error_type = None, "StructuredOutputError"
+    other = call_span(end=now - 1, request=request, status="error")  # a provider error says nothing of the format
+    other.output, other.error_type = None, "ProviderError"
+    store.write_spans([good, failed, other])
+    found = candidates(store, online(), now - 100, now)
+    assert [c.span_id for c in found] == [good.span_id, failed.span_id]
+    gw, asked = judge_gateway(tmp_path, store, lambda _: "SCORE: 5")
+    config = online(scorers=[OnlineScorer(type="format"), JUDGE])
+    result = asyncio.run(score_span(store, gw, config, failed.trace_id, failed.span_id))
+    assert result["written"] == 1 and asked == []  # no answer to judge
+    assert store.query("SELECT scorer, value FROM keel_eval_online_scores") == [("format", 0.0)]
+    gw.close()

@@ -88,6 +88,9 @@ CATCH_UP = 100
 #: A call that took longer than this is looked for only this far before its interval (keeps the index scan short).
 MAX_CALL_S = 3600.0
 NO_PROMPT_VERSION = "-"
+#: A call the gateway failed because the model's JSON never matched the schema: format scores it 0 (else a
+#: format validity would count only the calls that passed, and read 1.0 however often the model failed).
+FORMAT_FAILURE = "StructuredOutputError"
 EXTRACTIVE = "extractive"
 
 ONLINE_MIGRATIONS: tuple[Migration, ...] = (
@@ -194,8 +197,9 @@ def candidates(
     """The sampled production calls that ended in [since, until), oldest first, at most `max_per_interval`."""
     sql = (
         "SELECT trace_id, span_id, operation, COALESCE(model, request_model), attributes FROM spans"
-        " WHERE parent_id IS NULL AND operation IN ('chat', 'rag') AND status = 'ok'"
-        " AND start_time >= ? AND end_time >= ? AND end_time < ? AND output IS NOT NULL ORDER BY end_time"
+        " WHERE parent_id IS NULL AND operation IN ('chat', 'rag')"
+        f" AND (status = 'ok' AND output IS NOT NULL OR status = 'error' AND error_type = '{FORMAT_FAILURE}')"
+        " AND start_time >= ? AND end_time >= ? AND end_time < ? ORDER BY end_time"
     )
     out: list[Candidate] = []
     for trace_id, span_id, operation, model, raw in store.query(sql, [since - MAX_CALL_S, since, until]):
@@ -264,6 +268,8 @@ def _format_validity(span: Span) -> float | None:
     fmt = request.get("response_format")
     if not isinstance(fmt, Mapping):
         return None
+    if span.status != "ok":  # only a FORMAT_FAILURE is a candidate: no valid JSON after the gateway's tries
+        return 0.0 if span.error_type == FORMAT_FAILURE else None
     try:
         value = json.loads(_answer(span))
     except json.JSONDecodeError:
@@ -300,6 +306,8 @@ async def _score_one(scorer: OnlineScorer, span: Span, gateway: Gateway | None, 
     if scorer.type == "format":
         value = _format_validity(span)
         return None if value is None else ScoreRow(scorer.metric, value)
+    if span.status != "ok":  # a call that failed has no answer to judge
+        return None
     ctx = ScoreContext(gateway, lambda k: storage.cache_get(store, k), lambda k, v: storage.cache_put(store, k, v))
     try:
         value, spread = await _judge(scorer, span, ctx)

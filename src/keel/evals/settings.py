@@ -31,7 +31,8 @@ class OnlineScorer(_Strict):
     """One reference-free scorer of production calls.
 
     faithfulness: RAG answers, the share of answer sentences supported by their sources (the engine's own checks);
-    format: calls that asked for JSON (`response_format`), 1 when the output is JSON valid against the schema;
+    format: calls that asked for JSON (`response_format`), 1 when the output is JSON valid against the schema,
+    0 when it is not or the gateway failed the call for it (`StructuredOutputError`);
     judge: any sampled call, graded by a model against `rubric` (`samples` answers, their mean).
     """
 
