@@ -498,8 +498,9 @@ def test_a_call_that_never_gave_valid_json_scores_format_0_and_nothing_else(tmp_
     now = time.time()
     fmt = {"name": "invoice", "schema": {"type": "object", "required": ["total"]}}
     request = {"messages": [{"role": "user", "content": "total?"}], "response_format": fmt}
-    good = call_span(end=now - 3, request=request, output={"text": '{"total": 3}'})
-    failed = call_span(end=now - 2, request=request, status="error")
+    answered = {"keel.model": "prod", "gen_ai.response.model": "gpt-x-2026-01"}
+    good = call_span(end=now - 3, request=request, output={"text": '{"total": 3}'}, attributes=answered)
+    failed = call_span(end=now - 2, request=request, status="error", attributes={"keel.model": "prod"})
     failed.output, failed.error_type = None, "StructuredOutputError"
     other = call_span(end=now - 1, request=request, status="error")  # a provider error says nothing of the format
     other.output, other.error_type = None, "ProviderError"
@@ -510,5 +511,8 @@ def test_a_call_that_never_gave_valid_json_scores_format_0_and_nothing_else(tmp_
     config = online(scorers=[OnlineScorer(type="format"), JUDGE])
     result = asyncio.run(score_span(store, gw, config, failed.trace_id, failed.span_id))
     assert result["written"] == 1 and asked == []  # no answer to judge
-    assert store.query("SELECT scorer, value FROM keel_eval_online_scores") == [("format", 0.0)]
+    # a failed call reports no response model: the one its model answered with last, not a version of its own
+    assert store.query("SELECT scorer, value, model_version FROM keel_eval_online_scores") == [
+        ("format", 0.0, "gpt-x-2026-01")
+    ]
     gw.close()

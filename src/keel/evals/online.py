@@ -227,6 +227,20 @@ def _model_version(span: Span, trace: Sequence[Span]) -> str:
     return str(a.get("gen_ai.response.model") or a.get("keel.model") or a.get("gen_ai.request.model") or "?")
 
 
+def _last_answered_as(store: Store, span: Span) -> str | None:
+    """The response model a configured model last reported before this call (within a week), for a call
+    that failed without one: else a failed call would look like a model version of its own."""
+    model = span.attributes.get("keel.model")
+    if span.attributes.get("gen_ai.response.model") or not model:
+        return None
+    rows = store.query(
+        "SELECT response_model FROM spans WHERE model = ? AND response_model IS NOT NULL AND start_time >= ?"
+        " AND start_time <= ? ORDER BY start_time DESC LIMIT 1",
+        [model, span.start_time - 7 * 86_400, span.start_time],
+    )
+    return str(rows[0][0]) if rows else None
+
+
 def _prompt_version(span: Span) -> str:
     value = span.attributes.get("keel.metadata.prompt_version")
     return NO_PROMPT_VERSION if value in (None, "") else str(value)
@@ -353,6 +367,9 @@ async def score_span(
         raise InputError(f"no span {span_id} in trace {trace_id}")
     done = await asyncio.to_thread(_scored, store, trace_id, span_id)
     model, prompt = _model_version(span, trace), _prompt_version(span)
+    if span.status != "ok":
+        last: str | None = await asyncio.to_thread(_last_answered_as, store, span)
+        model = last or model
     kind = "rag" if span.attributes.get("gen_ai.operation.name") == "rag" else "chat"
     rows, results = [], []
     for scorer in online.scorers:
