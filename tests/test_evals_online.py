@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -516,3 +517,16 @@ def test_a_call_that_never_gave_valid_json_scores_format_0_and_nothing_else(tmp_
         ("format", 0.0, "gpt-x-2026-01")
     ]
     gw.close()
+
+
+def test_the_cap_per_interval_takes_a_uniform_subset_not_the_intervals_first_calls(store: Store) -> None:
+    # more sampled calls than max_per_interval: taking the oldest would score only the interval's first minutes
+    # (a morning's traffic, never the evening's); the lowest hashes are as random and every replica agrees
+    now = time.time()
+    calls = [call_span(end=now - 60 + i) for i in range(40)]
+    store.write_spans(calls)
+    found = candidates(store, online(max_per_interval=10), now - 100, now)
+    assert len(found) == 10
+    rank = sorted(calls, key=lambda s: hashlib.sha256(s.trace_id.encode()).digest())
+    assert {c.span_id for c in found} == {s.span_id for s in rank[:10]}
+    assert [c.span_id for c in found] == [s.span_id for s in calls if s.span_id in {c.span_id for c in found}]

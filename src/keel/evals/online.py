@@ -149,8 +149,11 @@ def sampled(trace_id: str, share: float) -> bool:
         return False
     if share >= 1:
         return True
-    digest = hashlib.sha256(trace_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share
+    return _hash(trace_id) / 2**64 < share
+
+
+def _hash(trace_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(trace_id.encode()).digest()[:8], "big")
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,8 @@ def _selected(online: OnlineConfig, config: Config | None, attributes: Mapping[s
 def candidates(
     store: Store, online: OnlineConfig, since: float, until: float, *, config: Config | None = None
 ) -> list[Candidate]:
-    """The sampled production calls that ended in [since, until), oldest first, at most `max_per_interval`."""
+    """The sampled production calls that ended in [since, until), oldest first, at most `max_per_interval`:
+    past it, those with the lowest hashes (a uniform subset every replica agrees on, not the first minutes)."""
     sql = (
         "SELECT trace_id, span_id, operation, COALESCE(model, request_model), attributes FROM spans"
         " WHERE parent_id IS NULL AND operation IN ('chat', 'rag')"
@@ -207,8 +211,9 @@ def candidates(
             continue
         if _selected(online, config, _attributes(raw), model):
             out.append(Candidate(trace_id, span_id, str(operation)))
-            if len(out) >= online.max_per_interval:
-                break
+    if len(out) > online.max_per_interval:
+        kept = {c.key for c in sorted(out, key=lambda c: (_hash(c.trace_id), c.span_id))[: online.max_per_interval]}
+        out = [c for c in out if c.key in kept]
     return out
 
 
