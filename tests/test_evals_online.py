@@ -530,3 +530,16 @@ def test_the_cap_per_interval_takes_a_uniform_subset_not_the_intervals_first_cal
     rank = sorted(calls, key=lambda s: hashlib.sha256(s.trace_id.encode()).digest())
     assert {c.span_id for c in found} == {s.span_id for s in rank[:10]}
     assert [c.span_id for c in found] == [s.span_id for s in calls if s.span_id in {c.span_id for c in found}]
+
+
+def test_a_judge_of_a_rag_answer_sees_the_sources_the_model_answered_from(tmp_path: Path, store: Store) -> None:
+    # "is the answer supported by its sources?" cannot be graded from the question alone
+    root, child = rag_span(time.time() - 1, [True])
+    prompt = "[1] The sky on Mars is butterscotch.\n\nQuestion: what?"
+    child.input = {"messages": [{"role": "system", "content": "Answer from the sources."},
+                                {"role": "user", "content": prompt}]}  # fmt: skip
+    store.write_spans([root, child])
+    gw, asked = judge_gateway(tmp_path, store, lambda _: "SCORE: 4")
+    asyncio.run(score_span(store, gw, online(scorers=[JUDGE]), root.trace_id, root.span_id))
+    assert len(asked) == 1 and "The sky on Mars is butterscotch." in asked[0]
+    gw.close()

@@ -296,14 +296,25 @@ def _format_validity(span: Span) -> float | None:
     return float(jsonschema.Draft202012Validator(dict(fmt.get("schema") or {})).is_valid(value))
 
 
-async def _judge(scorer: OnlineScorer, span: Span, ctx: ScoreContext) -> tuple[float, float]:
+def _judged_input(span: Span, trace: Sequence[Span]) -> str:
+    """What the judge sees as the input: the last user message; for a RAG answer, the one its answering
+    call sent (the sources and the question), since an answer's support cannot be graded without them."""
+    if span.attributes.get("gen_ai.operation.name") == "rag":
+        answering = [s for s in trace if s.attributes.get("keel.metadata.purpose") == "rag.answer"
+                     and s.attributes.get("gen_ai.operation.name") == "chat" and _question(s)]  # fmt: skip
+        if answering:
+            return _question(answering[-1])
+    return _question(span)
+
+
+async def _judge(scorer: OnlineScorer, span: Span, trace: Sequence[Span], ctx: ScoreContext) -> tuple[float, float]:
     from keel.evals.judge import judge_scorer
 
     spec = ScorerSpec(
         type="judge", name=scorer.metric, rubric=scorer.rubric, model=scorer.model, samples=scorer.samples,
         scale=scorer.scale, retries=scorer.retries,
     )  # fmt: skip
-    sample = Sample(Case(id=span.span_id, input=_question(span)), _answer(span))
+    sample = Sample(Case(id=span.span_id, input=_judged_input(span, trace)), _answer(span))
     values = await judge_scorer(spec).fn(sample, ctx)
     return float(values[scorer.metric]), float(values[f"{scorer.metric}.spread"])
 
@@ -317,7 +328,9 @@ class ScoreRow:
     cost_usd: float = 0.0
 
 
-async def _score_one(scorer: OnlineScorer, span: Span, gateway: Gateway | None, store: Store) -> ScoreRow | None:
+async def _score_one(
+    scorer: OnlineScorer, span: Span, trace: Sequence[Span], gateway: Gateway | None, store: Store
+) -> ScoreRow | None:
     """One scorer on one call: a row, or None when the scorer does not apply to it."""
     if scorer.type == "faithfulness":
         value = _faithfulness(span)
@@ -329,7 +342,7 @@ async def _score_one(scorer: OnlineScorer, span: Span, gateway: Gateway | None, 
         return None
     ctx = ScoreContext(gateway, lambda k: storage.cache_get(store, k), lambda k, v: storage.cache_put(store, k, v))
     try:
-        value, spread = await _judge(scorer, span, ctx)
+        value, spread = await _judge(scorer, span, trace, ctx)
     except Exception as exc:  # recorded as errored, never as a score
         return ScoreRow(scorer.metric, None, error=f"{type(exc).__name__}: {exc}"[:1000], cost_usd=ctx.cost_usd)
     if not (math.isfinite(value) and 0 <= value <= 1):
@@ -380,7 +393,7 @@ async def score_span(
     for scorer in online.scorers:
         if scorer.metric in done:
             continue
-        row = await _score_one(scorer, span, gateway, store)
+        row = await _score_one(scorer, span, trace, gateway, store)
         if row is None:
             continue
         results.append(row)
