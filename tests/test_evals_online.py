@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -347,6 +348,12 @@ def test_quality_by_period_model_and_prompt_version(tmp_path: Path) -> None:
         (ALERT.replace("threshold = 0.1", "threshold = 5"), "in (0, 1]"),
         (ALERT.replace('scorer = "judge"', 'scorer = "helpfulness"'), "scorer 'helpfulness'"),
         ('[alerts.x]\nmetric = "error_rate"\nthreshold = 0.1\nscorer = "judge"\n', "quality_drop"),
+        # sampling calls with no scorer would score nothing, silently
+        ("[evals.online]\nsample = 0.5\nscorers = []\n", "no scorers"),
+        # a judge's fields on another scorer would be ignored, silently
+        ('[evals.online]\nscorers = [{type = "format", rubric = "ok?", samples = 3}]\n', "judge scorer's only"),
+        # an embedding model cannot grade: every item would error at run time
+        ('[evals.online]\nscorers = [{type = "judge", rubric = "ok?", model = "local-embed"}]\n', "chat model"),
     ],
 )
 def test_bad_online_or_alert_configuration_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
@@ -456,3 +463,83 @@ def test_keel_serve_scores_sampled_calls_with_its_embedded_worker(tmp_path: Path
     assert [by[(s.span_id, "format")] for s in spans] == [0.0, 1.0] * (n // 2)
     assert {by[(s.span_id, "judge")] for s in spans} == {1.0}
     store.close()
+
+
+def test_the_judges_cost_shows_in_the_quality_report_and_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what the judge calls cost is the price of watching quality: an engineer must see it next to the scores
+    from keel.evals.online import SCORE_COLUMNS, _write
+
+    store_path = tmp_path / "s.db"
+    monkeypatch.setenv("KEEL_STORE", str(store_path))  # what `keel eval quality` reads
+    store = open_store(str(store_path))
+    ensure_tables(store)
+    now = time.time()
+    rows = [
+        dict(zip(SCORE_COLUMNS, (new_trace_id(), new_id(8), scorer, "chat", "m", "v1", now - 10, 1.0, None, None,
+                                 cost, None, now), strict=True))
+        for scorer, cost in (("judge", 0.002), ("judge", 0.003), ("format", None))
+    ]  # fmt: skip
+    _write(store, [tuple(r.values()) for r in rows])
+    report = quality(store, since=now - 3600, until=now + 1, period_s=86_400)
+    by = {r.scorer: r for r in report.rows}
+    assert by["judge"].cost_usd == pytest.approx(0.005) and by["format"].cost_usd == 0.0
+    assert report.to_json()["cost_usd"] == pytest.approx(0.005)
+    assert report.to_json()["rows"][1]["cost_usd"] == pytest.approx(0.005)
+    store.close()
+    result = CliRunner().invoke(app, ["eval", "quality", "--since", "1h"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "cost" in result.output and "$0.0050" in result.output
+
+
+def test_a_call_that_never_gave_valid_json_scores_format_0_and_nothing_else(tmp_path: Path, store: Store) -> None:
+    # the gateway re-asks a model whose JSON is invalid and fails the call after its tries: were only the calls
+    # that succeeded scored, format validity would read 1.0 however often the model failed the schema
+    now = time.time()
+    fmt = {"name": "invoice", "schema": {"type": "object", "required": ["total"]}}
+    request = {"messages": [{"role": "user", "content": "total?"}], "response_format": fmt}
+    answered = {"keel.model": "prod", "gen_ai.response.model": "gpt-x-2026-01"}
+    good = call_span(end=now - 3, request=request, output={"text": '{"total": 3}'}, attributes=answered)
+    failed = call_span(end=now - 2, request=request, status="error", attributes={"keel.model": "prod"})
+    failed.output, failed.error_type = None, "StructuredOutputError"
+    other = call_span(end=now - 1, request=request, status="error")  # a provider error says nothing of the format
+    other.output, other.error_type = None, "ProviderError"
+    store.write_spans([good, failed, other])
+    found = candidates(store, online(), now - 100, now)
+    assert [c.span_id for c in found] == [good.span_id, failed.span_id]
+    gw, asked = judge_gateway(tmp_path, store, lambda _: "SCORE: 5")
+    config = online(scorers=[OnlineScorer(type="format"), JUDGE])
+    result = asyncio.run(score_span(store, gw, config, failed.trace_id, failed.span_id))
+    assert result["written"] == 1 and asked == []  # no answer to judge
+    # a failed call reports no response model: the one its model answered with last, not a version of its own
+    assert store.query("SELECT scorer, value, model_version FROM keel_eval_online_scores") == [
+        ("format", 0.0, "gpt-x-2026-01")
+    ]
+    gw.close()
+
+
+def test_the_cap_per_interval_takes_a_uniform_subset_not_the_intervals_first_calls(store: Store) -> None:
+    # more sampled calls than max_per_interval: taking the oldest would score only the interval's first minutes
+    # (a morning's traffic, never the evening's); the lowest hashes are as random and every replica agrees
+    now = time.time()
+    calls = [call_span(end=now - 60 + i) for i in range(40)]
+    store.write_spans(calls)
+    found = candidates(store, online(max_per_interval=10), now - 100, now)
+    assert len(found) == 10
+    rank = sorted(calls, key=lambda s: hashlib.sha256(s.trace_id.encode()).digest())
+    assert {c.span_id for c in found} == {s.span_id for s in rank[:10]}
+    assert [c.span_id for c in found] == [s.span_id for s in calls if s.span_id in {c.span_id for c in found}]
+
+
+def test_a_judge_of_a_rag_answer_sees_the_sources_the_model_answered_from(tmp_path: Path, store: Store) -> None:
+    # "is the answer supported by its sources?" cannot be graded from the question alone
+    root, child = rag_span(time.time() - 1, [True])
+    prompt = "[1] The sky on Mars is butterscotch.\n\nQuestion: what?"
+    child.input = {"messages": [{"role": "system", "content": "Answer from the sources."},
+                                {"role": "user", "content": prompt}]}  # fmt: skip
+    store.write_spans([root, child])
+    gw, asked = judge_gateway(tmp_path, store, lambda _: "SCORE: 4")
+    asyncio.run(score_span(store, gw, online(scorers=[JUDGE]), root.trace_id, root.span_id))
+    assert len(asked) == 1 and "The sky on Mars is butterscotch." in asked[0]
+    gw.close()

@@ -198,6 +198,13 @@ def test_the_quality_page_charts_each_scorer_by_version_with_change_points(page:
     assert faith.locator("circle.quality-dot").count() >= 14
     expect(page.locator("#quality-config")).to_contain_text("20% of calls scored every 300 s")
     expect(page.locator("#quality-table tbody tr").first).to_contain_text("gpt-4.1-nano-2025-04-14")
+    expect(page.locator("#quality-config")).to_contain_text("scoring cost $")  # the judges' calls have a price
+    clipped = page.evaluate("""[...document.querySelectorAll('.quality-chart svg')].flatMap((svg) => {
+        const box = svg.getBoundingClientRect();
+        return [...svg.querySelectorAll('text.change-label')].map((t) => t.getBoundingClientRect())
+          .filter((b) => b.left < box.left - 1 || b.right > box.right + 1).map((b) => [b.left, b.right, box.right]);
+    })""")
+    assert clipped == [], f"a version change's label runs off its chart: {clipped}"
     widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
     assert widths[0] <= widths[1], f"the page scrolls sideways: {widths}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from keel.errors import InputError
 from keel.vectors import (
     AnnIndex,
     KeywordIndex,
@@ -127,3 +128,18 @@ def test_vector_encodings_round_trip() -> None:
     vectors = np.array([[0.5, -1.25, 3.0], [1e-8, 2.0, 0.0]], dtype=np.float32)
     assert np.array_equal(vectors_from_blobs([vector_blob(v) for v in vectors]), vectors)
     assert pgvector_text(vectors[0]) == "[0.5,-1.25,3]"
+
+
+def test_ann_index_names_bad_shapes_instead_of_a_bare_assertion() -> None:
+    # an app's own vectors come from its own embedder: a mismatch must say what does not match
+    with pytest.raises(InputError, match="dimensions must be at least 1"):
+        AnnIndex(None, dimensions=0)
+    ann = AnnIndex(None, dimensions=4)
+    with pytest.raises(InputError, match="2 ids but 1 vectors"):
+        ann.add(np.array([1, 2]), np.ones((1, 4)))
+    with pytest.raises(InputError, match="3 dimensions; this index has 4"):
+        ann.add(np.array([1]), np.ones((1, 3)))
+    ann.add(np.array([1]), np.ones(4))  # one vector, one id: fine flat
+    with pytest.raises(InputError, match="3 dimensions; this index has 4"):
+        ann.search(np.ones(3), k=1)
+    assert ann.search(np.ones(4), k=1)[0][0] == 1

@@ -24,6 +24,10 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _cost(usd: float) -> str:
+    return f"${usd:.4f}" if usd else ""
+
+
 def _period(ts: float, period_s: float) -> str:
     moment = datetime.fromtimestamp(ts, UTC)
     return moment.strftime("%Y-%m-%d %H:00") if period_s < 86400 else moment.strftime("%Y-%m-%d")
@@ -75,13 +79,15 @@ def register(app: typer.Typer) -> None:
             console.print(f"no online scores in the last {escape(since)} ({hint})")
             return
         table = compact_table(f"online quality, last {since}, by {period}")
-        for column in ("period", "model", "prompt", "scorer", "n", "errored", "mean", "95% CI"):
-            table.add_column(column, justify="right" if column in ("n", "errored", "mean") else "left")
+        for column in ("period", "model", "prompt", "scorer", "n", "errored", "mean", "95% CI", "cost"):
+            table.add_column(column, justify="right" if column in ("n", "errored", "mean", "cost") else "left")
         for r in report.rows:
             ci = "-" if r.low is None else f"[{r.low:.3f}, {r.high:.3f}]"
             table.add_row(_period(r.period, PERIODS[period]), escape(r.model_version), escape(r.prompt_version),
-                          escape(r.scorer), str(r.n), str(r.errors) if r.errors else "", _fmt(r.mean), ci)  # fmt: skip
+                          escape(r.scorer), str(r.n), str(r.errors) if r.errors else "", _fmt(r.mean), ci,
+                          _cost(r.cost_usd))  # fmt: skip
         console.print(table)
+        console.print(f"scoring cost {_cost(report.cost_usd) or '$0'} (the judges' calls; other scorers are free)")
         for t in tests:
             if t.change is None:
                 continue

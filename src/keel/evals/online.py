@@ -88,6 +88,9 @@ CATCH_UP = 100
 #: A call that took longer than this is looked for only this far before its interval (keeps the index scan short).
 MAX_CALL_S = 3600.0
 NO_PROMPT_VERSION = "-"
+#: A call the gateway failed because the model's JSON never matched the schema: format scores it 0 (else a
+#: format validity would count only the calls that passed, and read 1.0 however often the model failed).
+FORMAT_FAILURE = "StructuredOutputError"
 EXTRACTIVE = "extractive"
 
 ONLINE_MIGRATIONS: tuple[Migration, ...] = (
@@ -146,8 +149,11 @@ def sampled(trace_id: str, share: float) -> bool:
         return False
     if share >= 1:
         return True
-    digest = hashlib.sha256(trace_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share
+    return _hash(trace_id) / 2**64 < share
+
+
+def _hash(trace_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(trace_id.encode()).digest()[:8], "big")
 
 
 @dataclass(frozen=True)
@@ -191,11 +197,13 @@ def _selected(online: OnlineConfig, config: Config | None, attributes: Mapping[s
 def candidates(
     store: Store, online: OnlineConfig, since: float, until: float, *, config: Config | None = None
 ) -> list[Candidate]:
-    """The sampled production calls that ended in [since, until), oldest first, at most `max_per_interval`."""
+    """The sampled production calls that ended in [since, until), oldest first, at most `max_per_interval`:
+    past it, those with the lowest hashes (a uniform subset every replica agrees on, not the first minutes)."""
     sql = (
         "SELECT trace_id, span_id, operation, COALESCE(model, request_model), attributes FROM spans"
-        " WHERE parent_id IS NULL AND operation IN ('chat', 'rag') AND status = 'ok'"
-        " AND start_time >= ? AND end_time >= ? AND end_time < ? AND output IS NOT NULL ORDER BY end_time"
+        " WHERE parent_id IS NULL AND operation IN ('chat', 'rag')"
+        f" AND (status = 'ok' AND output IS NOT NULL OR status = 'error' AND error_type = '{FORMAT_FAILURE}')"
+        " AND start_time >= ? AND end_time >= ? AND end_time < ? ORDER BY end_time"
     )
     out: list[Candidate] = []
     for trace_id, span_id, operation, model, raw in store.query(sql, [since - MAX_CALL_S, since, until]):
@@ -203,8 +211,9 @@ def candidates(
             continue
         if _selected(online, config, _attributes(raw), model):
             out.append(Candidate(trace_id, span_id, str(operation)))
-            if len(out) >= online.max_per_interval:
-                break
+    if len(out) > online.max_per_interval:
+        kept = {c.key for c in sorted(out, key=lambda c: (_hash(c.trace_id), c.span_id))[: online.max_per_interval]}
+        out = [c for c in out if c.key in kept]
     return out
 
 
@@ -221,6 +230,20 @@ def _model_version(span: Span, trace: Sequence[Span]) -> str:
         return _model_version(answering[-1], ()) if answering else EXTRACTIVE
     a = span.attributes
     return str(a.get("gen_ai.response.model") or a.get("keel.model") or a.get("gen_ai.request.model") or "?")
+
+
+def _last_answered_as(store: Store, span: Span) -> str | None:
+    """The response model a configured model last reported before this call (within a week), for a call
+    that failed without one: else a failed call would look like a model version of its own."""
+    model = span.attributes.get("keel.model")
+    if span.attributes.get("gen_ai.response.model") or not model:
+        return None
+    rows = store.query(
+        "SELECT response_model FROM spans WHERE model = ? AND response_model IS NOT NULL AND start_time >= ?"
+        " AND start_time <= ? ORDER BY start_time DESC LIMIT 1",
+        [model, span.start_time - 7 * 86_400, span.start_time],
+    )
+    return str(rows[0][0]) if rows else None
 
 
 def _prompt_version(span: Span) -> str:
@@ -264,6 +287,8 @@ def _format_validity(span: Span) -> float | None:
     fmt = request.get("response_format")
     if not isinstance(fmt, Mapping):
         return None
+    if span.status != "ok":  # only a FORMAT_FAILURE is a candidate: no valid JSON after the gateway's tries
+        return 0.0 if span.error_type == FORMAT_FAILURE else None
     try:
         value = json.loads(_answer(span))
     except json.JSONDecodeError:
@@ -271,14 +296,25 @@ def _format_validity(span: Span) -> float | None:
     return float(jsonschema.Draft202012Validator(dict(fmt.get("schema") or {})).is_valid(value))
 
 
-async def _judge(scorer: OnlineScorer, span: Span, ctx: ScoreContext) -> tuple[float, float]:
+def _judged_input(span: Span, trace: Sequence[Span]) -> str:
+    """What the judge sees as the input: the last user message; for a RAG answer, the one its answering
+    call sent (the sources and the question), since an answer's support cannot be graded without them."""
+    if span.attributes.get("gen_ai.operation.name") == "rag":
+        answering = [s for s in trace if s.attributes.get("keel.metadata.purpose") == "rag.answer"
+                     and s.attributes.get("gen_ai.operation.name") == "chat" and _question(s)]  # fmt: skip
+        if answering:
+            return _question(answering[-1])
+    return _question(span)
+
+
+async def _judge(scorer: OnlineScorer, span: Span, trace: Sequence[Span], ctx: ScoreContext) -> tuple[float, float]:
     from keel.evals.judge import judge_scorer
 
     spec = ScorerSpec(
         type="judge", name=scorer.metric, rubric=scorer.rubric, model=scorer.model, samples=scorer.samples,
         scale=scorer.scale, retries=scorer.retries,
     )  # fmt: skip
-    sample = Sample(Case(id=span.span_id, input=_question(span)), _answer(span))
+    sample = Sample(Case(id=span.span_id, input=_judged_input(span, trace)), _answer(span))
     values = await judge_scorer(spec).fn(sample, ctx)
     return float(values[scorer.metric]), float(values[f"{scorer.metric}.spread"])
 
@@ -292,7 +328,9 @@ class ScoreRow:
     cost_usd: float = 0.0
 
 
-async def _score_one(scorer: OnlineScorer, span: Span, gateway: Gateway | None, store: Store) -> ScoreRow | None:
+async def _score_one(
+    scorer: OnlineScorer, span: Span, trace: Sequence[Span], gateway: Gateway | None, store: Store
+) -> ScoreRow | None:
     """One scorer on one call: a row, or None when the scorer does not apply to it."""
     if scorer.type == "faithfulness":
         value = _faithfulness(span)
@@ -300,9 +338,11 @@ async def _score_one(scorer: OnlineScorer, span: Span, gateway: Gateway | None, 
     if scorer.type == "format":
         value = _format_validity(span)
         return None if value is None else ScoreRow(scorer.metric, value)
+    if span.status != "ok":  # a call that failed has no answer to judge
+        return None
     ctx = ScoreContext(gateway, lambda k: storage.cache_get(store, k), lambda k, v: storage.cache_put(store, k, v))
     try:
-        value, spread = await _judge(scorer, span, ctx)
+        value, spread = await _judge(scorer, span, trace, ctx)
     except Exception as exc:  # recorded as errored, never as a score
         return ScoreRow(scorer.metric, None, error=f"{type(exc).__name__}: {exc}"[:1000], cost_usd=ctx.cost_usd)
     if not (math.isfinite(value) and 0 <= value <= 1):
@@ -345,12 +385,15 @@ async def score_span(
         raise InputError(f"no span {span_id} in trace {trace_id}")
     done = await asyncio.to_thread(_scored, store, trace_id, span_id)
     model, prompt = _model_version(span, trace), _prompt_version(span)
+    if span.status != "ok":
+        last: str | None = await asyncio.to_thread(_last_answered_as, store, span)
+        model = last or model
     kind = "rag" if span.attributes.get("gen_ai.operation.name") == "rag" else "chat"
     rows, results = [], []
     for scorer in online.scorers:
         if scorer.metric in done:
             continue
-        row = await _score_one(scorer, span, gateway, store)
+        row = await _score_one(scorer, span, trace, gateway, store)
         if row is None:
             continue
         results.append(row)
@@ -626,12 +669,13 @@ class QualityRow:
     mean: float | None
     low: float | None  # 95% t-interval of the mean (None below 2 scores)
     high: float | None
+    cost_usd: float = 0.0  # what scoring these calls cost (a judge's model calls; other scorers are free)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "period": _iso(self.period), "period_ts": self.period, "model_version": self.model_version,
             "prompt_version": self.prompt_version, "scorer": self.scorer, "n": self.n, "errors": self.errors,
-            "mean": self.mean, "ci_low": self.low, "ci_high": self.high,
+            "mean": self.mean, "ci_low": self.low, "ci_high": self.high, "cost_usd": self.cost_usd,
         }  # fmt: skip
 
 
@@ -655,10 +699,14 @@ class QualityReport:
     changes: list[ChangePoint]  # every version's first appearance after the first one, oldest first
     scorers: list[str]
 
+    @property
+    def cost_usd(self) -> float:
+        return sum(r.cost_usd for r in self.rows)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "since": _iso(self.since), "until": _iso(self.until), "since_ts": self.since, "until_ts": self.until,
-            "period_s": self.period_s, "scorers": self.scorers,
+            "period_s": self.period_s, "scorers": self.scorers, "cost_usd": self.cost_usd,
             "rows": [r.to_json() for r in self.rows], "changes": [c.to_json() for c in self.changes],
         }  # fmt: skip
 
@@ -702,15 +750,16 @@ def quality(
     period = _period_expr(store)
     sql = (
         "SELECT p, model_version, prompt_version, scorer, COUNT(value),"
-        " SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), COALESCE(SUM(value), 0), COALESCE(SUM(value * value), 0)"
-        f" FROM (SELECT {period} AS p, model_version, prompt_version, scorer, value, error"
+        " SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), COALESCE(SUM(value), 0), COALESCE(SUM(value * value), 0),"
+        " COALESCE(SUM(cost_usd), 0)"
+        f" FROM (SELECT {period} AS p, model_version, prompt_version, scorer, value, error, cost_usd"
         f" FROM keel_eval_online_scores WHERE {clause}) AS s"
         " GROUP BY p, model_version, prompt_version, scorer ORDER BY p, model_version, prompt_version, scorer"
     )
     rows = []
-    for p, mv, pv, name, n, errors, total, squares in store.query(sql, [period_s, *params]):
+    for p, mv, pv, name, n, errors, total, squares, cost in store.query(sql, [period_s, *params]):
         mean, low, high = _interval(int(n), float(total), float(squares))
-        rows.append(QualityRow(float(p) * period_s, mv, pv, name, int(n), int(errors), mean, low, high))
+        rows.append(QualityRow(float(p) * period_s, mv, pv, name, int(n), int(errors), mean, low, high, float(cost)))
     firsts = store.query(
         f"SELECT model_version, prompt_version, MIN(span_time) FROM keel_eval_online_scores WHERE {clause}"
         " GROUP BY model_version, prompt_version ORDER BY MIN(span_time)",

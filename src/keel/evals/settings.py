@@ -24,11 +24,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_JUDGE_FIELDS = frozenset({"rubric", "model", "samples", "scale", "retries"})
+
+
 class OnlineScorer(_Strict):
     """One reference-free scorer of production calls.
 
     faithfulness: RAG answers, the share of answer sentences supported by their sources (the engine's own checks);
-    format: calls that asked for JSON (`response_format`), 1 when the output is JSON valid against the schema;
+    format: calls that asked for JSON (`response_format`), 1 when the output is JSON valid against the schema,
+    0 when it is not or the gateway failed the call for it (`StructuredOutputError`);
     judge: any sampled call, graded by a model against `rubric` (`samples` answers, their mean).
     """
 
@@ -44,6 +48,10 @@ class OnlineScorer(_Strict):
     def _judge_has_rubric(self) -> OnlineScorer:
         if self.type == "judge" and not (self.rubric or "").strip():
             raise ValueError("a judge scorer needs a `rubric`")
+        if self.type != "judge":  # else a rubric or model on `format` would be ignored without a word
+            stray = sorted(self.model_fields_set & _JUDGE_FIELDS)
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: a judge scorer's only, not of type {self.type!r}")
         return self
 
     @property
@@ -65,6 +73,8 @@ class OnlineConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> OnlineConfig:
+        if self.sample > 0 and not self.scorers:  # sampling for nothing: say so rather than stay off in silence
+            raise ValueError(f"sample = {self.sample:g} but no scorers: list at least one, or set sample = 0")
         names = [s.metric for s in self.scorers]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -84,10 +94,14 @@ class EvalsConfig(_Strict):
 
 def _check_models(config: Config, evals: EvalsConfig) -> None:
     for i, scorer in enumerate(evals.online.scorers):
-        if scorer.model is not None and config.resolve_name(scorer.model) is None:
-            raise FieldProblem(
-                ("evals", "online", "scorers", str(i), "model"), f"judge model {scorer.model!r} is not configured"
-            )
+        if scorer.model is None:
+            continue
+        where = ("evals", "online", "scorers", str(i), "model")
+        resolved = config.resolve_name(scorer.model)
+        if resolved is None:
+            raise FieldProblem(where, f"judge model {scorer.model!r} is not configured")
+        if config.models[resolved].kind != "chat":  # it would fail every item at run time instead
+            raise FieldProblem(where, f"judge model {scorer.model!r} is an embedding model; a judge needs a chat model")
 
 
 register_section("evals", EvalsConfig, check=_check_models)

@@ -1,10 +1,18 @@
 """Text blocks shared by every app: reading documents, sentences, chunks, token offsets, words, grounding.
 
-    from keel.text import load_file, sentence_spans, chunk_document, ChunkSettings, token_counter
+    from pathlib import Path
+    from keel.text import Problem, chunk_document, load_file, sentence_spans, split_cited, support
 
-    document = load_file(Path("contract.pdf"), "contract.pdf")
-    for start, end in sentence_spans(document.text):
-        ...
+    for document in load_file(Path("notes.md")):  # .txt .md .html .pdf .docx .jsonl: Documents, or Problems
+        if isinstance(document, Problem):  # why a file (or a .jsonl line) was skipped, or a warning
+            print(document)
+            continue
+        sentences = [document.text[start:end] for start, end in sentence_spans(document.text)]
+        chunks = chunk_document(document)  # ChunkSettings() (structure-aware, 256 tokens): spans of the text
+        for cited in split_cited("The fee is 12 euros [1]."):  # a model's output citing sources as [n]
+            # the vectors: embeddings of one model (any norm), e.g. gateway.embed; one row per source sentence
+            vectors = embed([cited.text, *sentences])
+            verdict = support(cited.text, vectors[0], sentences, vectors[1:])  # .supported, .score, .missing
 
 RAG ingests with them, evaluation scores faithfulness with them, and extraction, agents and the semantic
 cache will read, split and check text with them, none of them importing `keel.rag`. Offsets are the
@@ -26,6 +34,7 @@ from keel.text.documents import (
     storable_value,
 )
 from keel.text.grounding import (
+    DEFAULT_THRESHOLD,
     CitedSentence,
     Support,
     best_support,
@@ -40,7 +49,8 @@ from keel.text.tokenize import BpeTokens, TokenCounter, WordPieceTokens, token_c
 from keel.text.words import STOP_WORDS, content_words, coverage, keyword_terms
 
 __all__ = [
-    "DEFAULT_MAX_FILE_BYTES", "STOP_WORDS", "SUPPORTED_SUFFIXES", "BpeTokens", "Chunk", "ChunkSettings",
+    "DEFAULT_MAX_FILE_BYTES", "DEFAULT_THRESHOLD", "STOP_WORDS", "SUPPORTED_SUFFIXES", "BpeTokens", "Chunk",
+    "ChunkSettings",
     "CitedSentence", "Document", "Problem", "Progress", "Section", "Support", "TokenCounter", "WordPieceTokens",
     "best_support", "chunk_document", "content_words", "coverage", "iter_files", "keyword_terms", "load_file",
     "missing_specifics", "rescale_cosine", "sentence_spans", "specifics", "split_cited", "storable", "storable_value",

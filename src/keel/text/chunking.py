@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keel.text.documents import Document, Section
 from keel.text.sentences import Progress, sentence_spans
-from keel.text.tokenize import TokenCounter
+from keel.text.tokenize import TokenCounter, token_counter
 
 __all__ = ["Chunk", "ChunkSettings", "chunk_document"]
 
@@ -70,12 +70,17 @@ Span = tuple[int, int, int]  # (start, end, tokens)
 
 
 def chunk_document(
-    document: Document, settings: ChunkSettings, tokens: TokenCounter, progress: Progress | None = None
+    document: Document,
+    settings: ChunkSettings | None = None,
+    tokens: TokenCounter | None = None,
+    progress: Progress | None = None,
 ) -> list[Chunk]:
-    """The chunks of one document, in order.
+    """The chunks of one document, in order (default: `ChunkSettings()`, sizes counted in o200k tokens).
 
     `progress`, if given, is called with increasing offsets of the text as it is cut (after each paragraph:
     sentence splitting takes most of the time of a large document), the last call with the text's length."""
+    settings = ChunkSettings() if settings is None else settings
+    tokens = token_counter(None) if tokens is None else tokens
     text = document.text
     if settings.strategy == "tokens":
         spans = _windows(text, 0, len(text), settings.size, settings.overlap, tokens)

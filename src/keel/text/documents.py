@@ -145,9 +145,19 @@ def iter_files(path: Path) -> Iterator[tuple[Path, str]]:
 
 
 def load_file(
-    path: Path, source: str, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES, metadata: Mapping[str, Any] | None = None
+    path: Path,
+    source: str | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Iterator[Document | Problem]:
-    """The documents of one file, or the problems that kept them out."""
+    """The documents of one file, or the problems that kept them out (a `Problem` with `skipped=False` is a
+    warning about a document that was read).
+
+    `source` names the file in the documents (`doc_id`, `source`, metadata) and problems: default its file
+    name; RAG passes the path from the ingested folder (`iter_files`). A .jsonl file gives one document a line.
+    """
+    source = path.name if source is None else source
     suffix = path.suffix.lower()
     warnings: list[str] = []
     try:

@@ -34,13 +34,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from keel.errors import InputError
 from keel.text.sentences import sentence_spans
 from keel.text.words import STOP_WORDS, coverage
 
 __all__ = [
-    "CitedSentence", "Support", "best_support", "missing_specifics", "rescale_cosine", "specifics", "split_cited",
-    "support",
+    "DEFAULT_THRESHOLD", "CitedSentence", "Support", "best_support", "missing_specifics", "rescale_cosine",
+    "specifics", "split_cited", "support",
 ]  # fmt: skip
+
+#: The support a sentence needs, what RAG uses by default (`[rag] grounding_threshold`), tuned on the local models.
+DEFAULT_THRESHOLD = 0.6
 
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 _TOKEN = re.compile(r"[^\W_]+(?:[.,\-/][^\W_]+)*", re.UNICODE)
@@ -100,7 +104,19 @@ def best_support(
     """(support score, index of the best source sentence); (0, -1) with no sources."""
     if not sources:
         return 0.0, -1
-    meaning = np.asarray(rescale_cosine(source_vectors @ sentence_vector))
+    vector = np.asarray(sentence_vector, dtype=np.float32).reshape(-1)
+    matrix = np.asarray(source_vectors, dtype=np.float32)
+    if matrix.ndim == 1 and len(sources) == 1:
+        matrix = matrix.reshape(1, -1)
+    if matrix.ndim != 2 or matrix.shape[0] != len(sources):
+        rows = matrix.shape[0] if matrix.ndim else 0
+        raise InputError(f"{len(sources)} sources but {rows} source vectors: give one row per source")
+    if matrix.shape[1] != vector.shape[0]:
+        raise InputError(f"source vectors have {matrix.shape[1]} dimensions, the sentence's {vector.shape[0]}: embed"
+                         " both with one model")  # fmt: skip
+    # a cosine whatever the norm: most models' embeddings are not unit length, and a dot product of them means nothing
+    norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(vector)), 1e-12)
+    meaning = np.asarray(rescale_cosine((matrix @ vector) / np.clip(norms, 1e-12, None)))
     wording = np.array([coverage(sentence, s) for s in sources])
     scores = np.maximum(meaning, wording)
     best = int(np.argmax(scores))
@@ -127,13 +143,18 @@ def support(
     sources: Sequence[str],
     source_vectors: np.ndarray,
     *,
-    cited_text: str,
-    threshold: float,
+    cited_text: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> Support:
-    """The check of one sentence against the source sentences it may draw on (`cited_text`: everything it
-    cites, for the specifics; it may hold more than `sources`, e.g. a title)."""
+    """The check of one sentence against the source sentences it may draw on.
+
+    `sentence_vector` and `source_vectors` (one row per source, in order) are embeddings of one model, of
+    any norm. `cited_text`: everything the sentence cites, where its numbers and names must appear (it may
+    hold more than `sources`, e.g. a title); default: the sources. Raises InputError on mismatched shapes.
+    """
     score, best = best_support(sentence, sentence_vector, sources, source_vectors)
-    return Support(score, best, missing_specifics(sentence, cited_text), threshold)
+    cited = " ".join(sources) if cited_text is None else cited_text
+    return Support(score, best, missing_specifics(sentence, cited), threshold)
 
 
 def specifics(sentence: str) -> list[str]:

@@ -72,7 +72,7 @@ class BpeTokens:
 
 
 @lru_cache(maxsize=8)
-def token_counter(tokenizer_path: str | None) -> TokenCounter:
+def token_counter(tokenizer_path: str | None = None) -> TokenCounter:
     """The counter for a tokenizer.json path, or o200k_base when there is none."""
     if tokenizer_path:
         return WordPieceTokens(Path(tokenizer_path), Path(tokenizer_path).parent.name or "wordpiece")

@@ -2,9 +2,15 @@
 
     from keel.vectors import AnnIndex, SyncState, catch_up
 
-    ann = AnnIndex(Path("cache.usearch"), dimensions=384)
+    ann = AnnIndex(Path("cache.usearch"), dimensions=384)  # loads the file and its state when they exist
     catch_up(ann, SyncState(version, deletions), my_rows)  # my_rows: a RowSource over your own table
-    ann.search(query_vector, k=5)
+    ann.save()  # the ANN index changes in memory: save writes it (a KeywordIndex commits in catch_up itself)
+    ann.search(query_vector, k=5)  # [(id, cosine)]; vectors of any norm, one model's
+
+`version` and `deletions` are your table's counters: move `version` on every write, `deletions` on every
+delete (tests/test_vectors.py keeps them for a cache-like table). A RowSource's `rows` yields batches in
+the shape the index's `add_rows` takes: `(id, vector_blob(v))` for AnnIndex, `(id, context, text)` for
+KeywordIndex, so one table feeds each index through a RowSource of its own columns.
 
 Both are indexes derived from rows kept elsewhere: SQLite is the truth, the index a copy that catches up
 after another process or a crash (keel.vectors.derived). RAG keeps one of each per collection; the semantic

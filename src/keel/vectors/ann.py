@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from keel.errors import ConfigError
+from keel.errors import ConfigError, InputError
 from keel.vectors.derived import SyncState
 from keel.vectors.encoding import vectors_from_blobs
 
@@ -44,6 +44,8 @@ class AnnIndex:
     """An HNSW index (cosine) of vectors keyed by integer id (RAG: one collection's chunks, by chunk id)."""
 
     def __init__(self, path: Path | None, dimensions: int, *, connectivity: int = 16, expansion_search: int = 128):
+        if dimensions < 1:
+            raise InputError(f"dimensions must be at least 1, not {dimensions}")
         self.path = path
         self.dimensions = dimensions
         self.connectivity = connectivity
@@ -113,9 +115,21 @@ class AnnIndex:
             self.state = SyncState()
             self.dirty = True
 
+    def _matrix(self, vectors: np.ndarray, rows: int) -> np.ndarray:
+        """`vectors` as `rows` float32 rows of this index's dimensions, or an InputError naming the mismatch."""
+        matrix = np.asarray(vectors, dtype=np.float32)
+        matrix = matrix.reshape(1, -1) if matrix.ndim == 1 else matrix
+        if matrix.ndim != 2 or matrix.shape[0] != rows:
+            raise InputError(f"{rows} ids but {matrix.shape[0] if matrix.ndim else 0} vectors: give one row per id")
+        if matrix.shape[1] != self.dimensions:
+            raise InputError(f"vectors of {matrix.shape[1]} dimensions; this index has {self.dimensions}")
+        return matrix
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add (or replace) the vectors of these ids: one row per id, of the index's dimensions, any norm."""
         if len(ids) == 0:
             return
+        vectors = self._matrix(vectors, len(ids))
         with self.lock:
             keys = ids.astype(np.uint64)
             present = self._index.contains(keys) if len(self._index) else np.zeros(len(keys), dtype=bool)
@@ -156,6 +170,7 @@ class AnnIndex:
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(id, cosine similarity) of the k nearest vectors."""
+        vector = self._matrix(vector, 1)[0]
         with self.lock:
             if len(self._index) == 0 or k <= 0:
                 return []

@@ -32,10 +32,15 @@
     }
   }
 
+  function usd(value) {
+    return value === 0 ? "$0" : value >= 1 ? "$" + value.toFixed(2) : "$" + value.toPrecision(2);
+  }
+
   function render(d, body) {
     const o = body.online;
     $("#quality-config").textContent = o.sample > 0
       ? `${+(o.sample * 100).toPrecision(3)}% of calls scored every ${o.interval_s} s · ${o.scorers.join(", ")}`
+        + ` · scoring cost ${usd(body.cost_usd || 0)} in this range`  // the judges' model calls: watching has a price
       : "[evals.online] sample is 0: no call is scored";
     const charts = $("#quality-charts");
     if (!body.rows.length) {
@@ -79,7 +84,12 @@
         class: "change-line", x1: x, x2: x, y1: plot.top, y2: plot.top + plot.height,
         stroke: "#6b7280", "stroke-dasharray": "4 3", "stroke-width": 1.5,
       }), ["Version change", ["First scored", d.fmtDateTime(change.ts)], ["Model", change.model_version], ["Prompt", change.prompt_version]]));
-      svg.append(d.s("text", { class: "change-label", x: x + 4, y: plot.top + 10, fill: "#374151", text: d.clip(label, 28) }));
+      // a change near the right edge gets its label on the left of the line, else the svg cuts it off
+      const left = x > plot.left + plot.width - 200;
+      svg.append(d.s("text", {
+        class: "change-label", x: left ? x - 4 : x + 4, y: plot.top + 10, fill: "#374151", "text-anchor": left ? "end" : "start",
+        text: d.clip(label, 28),
+      }));
     }
     const bySeries = {};
     for (const r of rows) (bySeries[seriesKey(r)] = bySeries[seriesKey(r)] || []).push(r);
