@@ -116,6 +116,10 @@ def test_the_jobs_api_lists_progress_status_kind_and_cost(client: TestClient) ->
     assert jobs["thumbs-2026-12"]["status"] == "done" and jobs["eval-nightly"]["status"] == "cancelled"
     only = client.get("/api/jobs", params={"status": "cancelled"}, headers=ADMIN).json()["jobs"]
     assert [j["name"] for j in only] == ["eval-nightly"]
+    of_kind = client.get("/api/jobs", params={"kind": "rag.ingest"}, headers=ADMIN).json()["jobs"]
+    assert [j["name"] for j in of_kind] == ["ingest-handbook"]
+    both = client.get("/api/jobs", params={"kind": "eval.case", "status": "done"}, headers=ADMIN).json()["jobs"]
+    assert both == []  # eval-nightly is cancelled
 
 
 def test_a_jobs_detail_has_counts_failed_items_with_errors_and_item_traces(
@@ -141,6 +145,7 @@ def test_the_jobs_api_needs_the_admin_key_and_names_bad_input(client: TestClient
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
     assert "no job named 'no-such-job'" in missing.json()["error"]["message"]
     for path, param in (("/api/jobs?status=stuck", "status"), ("/api/jobs?limit=0", "limit"),
+                        ("/api/jobs?kind=", "kind"), ("/api/jobs?kind=a%00b", "kind"),
                         ("/api/jobs/a%00b", "name"), ("/api/jobs/" + "x" * 201, "name")):  # fmt: skip
         bad = client.get(path, headers=ADMIN)
         assert bad.status_code == 400, path
