@@ -169,6 +169,13 @@ def list_jobs(store: Store, *, status: str | None = None, kind: str | None = Non
         return [_job(r) for r in cur.fetchall()]
 
 
+def job_kinds(store: Store) -> list[str]:
+    """The kinds of the jobs in the store, by name."""
+    with store.transaction() as cur:
+        cur.execute("SELECT DISTINCT kind FROM keel_jobs ORDER BY kind")
+        return [str(r[0]) for r in cur.fetchall()]
+
+
 def list_items(
     store: Store, job: str, *, status: str | Sequence[str] | None = None, limit: int | None = None
 ) -> list[ItemRow]:

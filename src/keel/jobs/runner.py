@@ -217,6 +217,10 @@ class JobRunner:
         """The most recently active jobs, of one status and one kind if given."""
         return records.list_jobs(self.store, status=status, kind=kind, limit=limit)
 
+    def kinds(self) -> list[str]:
+        """The kinds of the jobs in the store (what `jobs(kind=...)` may filter on)."""
+        return records.job_kinds(self.store)
+
     def items(self, name: str, *, status: str | None = None, limit: int | None = None) -> list[ItemRow]:
         records.get_job(self.store, name)  # UnknownJob rather than an empty list
         return records.list_items(self.store, name, status=status, limit=limit)
