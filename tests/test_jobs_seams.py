@@ -95,3 +95,5 @@ def test_jobs_list_filters_by_kind(runner: JobRunner) -> None:
     out = CliRunner().invoke(app, ["jobs", "list", "--kind", "beta", "--json"])
     assert out.exit_code == 0, out.output
     assert [j["name"] for j in json.loads(out.output)] == ["k-b"]
+    empty = CliRunner().invoke(app, ["jobs", "list", "--kind", " "])
+    assert empty.exit_code == 2 and "give a kind" in empty.output

@@ -67,6 +67,8 @@ def list_jobs(
     """
     if status is not None and status not in _STATUS_STYLE:
         raise typer.BadParameter(f"{status!r}: use running, done, failed or cancelled", param_hint="--status")
+    if kind is not None and not kind.strip():
+        raise typer.BadParameter("give a kind, e.g. evals.online (`keel jobs list` shows each)", param_hint="--kind")
     with _runner() as runner:
         jobs = runner.jobs(status=status, kind=kind, limit=limit)
     if as_json:
