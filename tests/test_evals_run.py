@@ -283,6 +283,21 @@ def test_kill_9_in_the_middle_of_chunks_loses_no_case_and_does_none_twice(tmp_pa
     assert summary["cases"] == 12 and summary["pass_rate"] == 1.0
 
 
+def _spy_on_drains(monkeypatch: Any) -> list[int]:
+    """The drain (seconds) of each DBOS shutdown from now on."""
+    from dbos import DBOS
+
+    drains: list[int] = []
+    destroy = DBOS.destroy
+
+    def spy(*, workflow_completion_timeout_sec: int = 0, **options: Any) -> None:
+        drains.append(workflow_completion_timeout_sec)
+        destroy(workflow_completion_timeout_sec=workflow_completion_timeout_sec, **options)
+
+    monkeypatch.setattr(DBOS, "destroy", spy)
+    return drains
+
+
 def test_the_runs_worker_runs_its_own_job_only_and_stops_at_once_when_the_run_is_over(monkeypatch: Any) -> None:
     from keel import jobs
 
@@ -293,21 +308,14 @@ def test_the_runs_worker_runs_its_own_job_only_and_stops_at_once_when_the_run_is
         ran.append(value)
         return value
 
-    idle: list[bool] = []
-    check = jobs.Worker.idle
-
-    def spy(self: jobs.Worker, settle_s: float = 1.0) -> bool:
-        idle.append(check(self, settle_s=settle_s))
-        return idle[-1]
-
-    monkeypatch.setattr(jobs.Worker, "idle", spy)
+    drains = _spy_on_drains(monkeypatch)
     gw = Gateway(models={"fn": _model(Counter())})
     try:
         with jobs.JobRunner(gw.config, store=gw.store) as runner:
             runner.submit("not-the-evals", "test.evals.other", [1, 2, 3])  # the default queue: a `keel worker`'s
             [run] = run_suite(_function_suite(10, 2), gateway=gw)
             assert run.status == "done" and ran == [] and runner.get("not-the-evals").status == "running"
-        assert idle == [True]  # DBOS's drain (which sleeps a second before it first looks) is skipped
+        assert drains == [0]  # DBOS's drain (which sleeps a second before it first looks) is skipped
     finally:
         gw.close()
 
@@ -416,17 +424,9 @@ def test_what_an_item_reads_and_writes_on_both_backends(store: Any) -> None:
 
 
 def test_a_cancelled_runs_worker_lets_its_running_cases_finish(monkeypatch: Any) -> None:
-    from keel import jobs
     from keel.evals.runner import start_suite
 
-    idle: list[bool] = []
-    check = jobs.Worker.idle
-
-    def spy(self: jobs.Worker, settle_s: float = 1.0) -> bool:
-        idle.append(check(self, settle_s=settle_s))
-        return idle[-1]
-
-    monkeypatch.setattr(jobs.Worker, "idle", spy)
+    drains = _spy_on_drains(monkeypatch)
     gw = Gateway(models={"fn": _model(Counter())})
     try:
         handle = start_suite(_function_suite(60, 2, name="cancelled"), gateway=gw)
@@ -435,7 +435,7 @@ def test_a_cancelled_runs_worker_lets_its_running_cases_finish(monkeypatch: Any)
             time.sleep(0.005)
         handle.runner.cancel(handle.job)
         handle.close()
-        assert idle == [False]  # items ran: not idle, so DBOS's drain lets the cases in flight end
+        assert drains == [10]  # items ran: DBOS's drain lets the cases in flight end
         assert handle.runner.status(handle.job).counts.get("running", 0) == 0
     finally:
         gw.close()

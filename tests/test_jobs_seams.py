@@ -75,6 +75,7 @@ def test_stopping_an_idle_worker_skips_dbos_drain(runner: JobRunner) -> None:
     worker = Worker(runner.config, worker_id="idle").start()
     runner.submit("seams-idle", "seams.own-queue", [1])
     runner.wait("seams-idle", timeout=60)
+    assert worker.idle(settle_s=2.0)
     started = time.perf_counter()
     worker.stop()
     took = time.perf_counter() - started

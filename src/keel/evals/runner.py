@@ -256,7 +256,8 @@ def _units(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 @jobs.kind(EVAL_KIND, attempts=2)
 async def evaluate_item(item: dict[str, Any], ctx: jobs.ItemContext) -> dict[str, Any]:
     """A chunk of a suite run's case repeats (a job item): those not yet recorded, `window` at a time."""
-    store = ctx.store or _contexts[item["job"]].store  # the worker's; the run's own when called directly
+    # the worker's store; the run's own when the handler is called directly
+    store = ctx.store if ctx.store is not None else _contexts[item["job"]].store
     context = _context(item["job"], store)
     units = _units(item)
     todo, keys, cached = await asyncio.to_thread(_chunk_state, context, units)

@@ -195,6 +195,11 @@ class ItemExecutor:
             with self._count_lock:
                 self._running -= 1
 
+    @property
+    def running(self) -> int:
+        """Items in `run_item` now."""
+        return self._running
+
     def close_if_idle(self) -> bool:
         """Whether no item runs now; if so, none starts from now on (DBOS may still hand one over before it
         stops: it is left unrecorded, for recovery). A worker that is busy is left as it was."""

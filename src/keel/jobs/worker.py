@@ -180,7 +180,9 @@ class Worker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        DBOS.destroy(workflow_completion_timeout_sec=0 if self.idle() else drain_s)
+        # idle: no item runs (and none may start now) and DBOS has recorded the end of each workflow it ran
+        quiet = self._executor is not None and self._executor.close_if_idle() and self.idle(settle_s=1.0)
+        DBOS.destroy(workflow_completion_timeout_sec=0 if quiet else drain_s)
         if self.incarnation is not None:
             try:
                 heartbeats.leave(self.store, self.worker_id, self.incarnation)
@@ -188,11 +190,10 @@ class Worker:
                 log.warning("worker %s: could not record its stop: %s", self.worker_id, exc)
         self._teardown()
 
-    def idle(self, *, settle_s: float = 1.0) -> bool:
-        """Whether no item runs in this worker and DBOS has recorded the end of every workflow it ran; if so, no
-        item starts in it any more (for `stop`). An item's outcome is in keel's store a moment before its
-        workflow's is in DBOS's: that moment is waited out, up to `settle_s`."""
-        if self._executor is None or not self._executor.close_if_idle():
+    def idle(self, *, settle_s: float = 0.0) -> bool:
+        """Whether no item runs in this worker and DBOS has recorded the end of every workflow it ran. An item's
+        outcome is in keel's store a moment before its workflow's is in DBOS's: `settle_s` waits that out."""
+        if self._executor is None or self._executor.running:
             return False
         deadline = time.monotonic() + settle_s
         while True:
