@@ -98,3 +98,16 @@ def test_jobs_list_filters_by_kind(runner: JobRunner) -> None:
     assert [j["name"] for j in json.loads(out.output)] == ["k-b"]
     empty = CliRunner().invoke(app, ["jobs", "list", "--kind", " "])
     assert empty.exit_code == 2 and "give a kind" in empty.output
+
+
+def test_a_worker_closed_when_idle_starts_no_item_and_leaves_it_for_recovery(runner: JobRunner) -> None:
+    from keel.jobs import records
+    from keel.jobs.engine import ItemExecutor, WorkerStopped
+
+    records.create_job(runner.store, "seams-closed", "seams.own-queue", "seams-own", [("0", 5)])
+    executor = ItemExecutor(runner.store)
+    assert executor.running == 0 and executor.close_if_idle()
+    with pytest.raises(WorkerStopped):  # not a failure: the item stays pending, its workflow unfinished
+        executor.run_item("seams-closed", "0", 0)
+    assert [i.status for i in runner.items("seams-closed")] == ["pending"]
+    executor.close()

@@ -45,7 +45,7 @@ from keel.config import Config
 from keel.jobs import records
 from keel.jobs.kinds import ItemContext, Kind, get_kind
 from keel.store.base import Store
-from keel.trace import Span, _current, new_id, new_trace_id
+from keel.trace import Span, enter_span, exit_span, new_id, new_trace_id
 
 __all__ = [
     "APP_NAME",
@@ -231,7 +231,7 @@ class ItemExecutor:
         except Exception as exc:
             span.fail(exc)
             return None, f"{type(exc).__name__}: {exc}"
-        token = _current.set(span)  # a coroutine handler sees it too: its task copies this thread's context
+        token = enter_span(span)  # a coroutine handler sees it too: its task copies this thread's context
         delay, waited = 0.1, 0.0
         try:
             attempt = 0
@@ -255,7 +255,7 @@ class ItemExecutor:
                     if attempt < kind.attempts:
                         self._pause(min(0.5 * 2 ** (attempt - 1), 30.0))
         finally:
-            _current.reset(token)
+            exit_span(token)
         return None, error
 
     def _call(self, kind: Kind, value: Any, ctx: ItemContext) -> Any:
