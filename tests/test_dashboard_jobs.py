@@ -116,6 +116,11 @@ def test_the_jobs_api_lists_progress_status_kind_and_cost(client: TestClient) ->
     assert jobs["thumbs-2026-12"]["status"] == "done" and jobs["eval-nightly"]["status"] == "cancelled"
     only = client.get("/api/jobs", params={"status": "cancelled"}, headers=ADMIN).json()["jobs"]
     assert [j["name"] for j in only] == ["eval-nightly"]
+    of_kind = client.get("/api/jobs", params={"kind": "rag.ingest"}, headers=ADMIN).json()
+    assert [j["name"] for j in of_kind["jobs"]] == ["ingest-handbook"]
+    assert of_kind["kinds"] == ["eval.case", "extract.fields", "rag.ingest", "thumbnail"]  # all, for the filter
+    both = client.get("/api/jobs", params={"kind": "eval.case", "status": "done"}, headers=ADMIN).json()["jobs"]
+    assert both == []  # eval-nightly is cancelled
 
 
 def test_a_jobs_detail_has_counts_failed_items_with_errors_and_item_traces(
@@ -141,6 +146,7 @@ def test_the_jobs_api_needs_the_admin_key_and_names_bad_input(client: TestClient
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
     assert "no job named 'no-such-job'" in missing.json()["error"]["message"]
     for path, param in (("/api/jobs?status=stuck", "status"), ("/api/jobs?limit=0", "limit"),
+                        ("/api/jobs?kind=", "kind"), ("/api/jobs?kind=a%00b", "kind"),
                         ("/api/jobs/a%00b", "name"), ("/api/jobs/" + "x" * 201, "name")):  # fmt: skip
         bad = client.get(path, headers=ADMIN)
         assert bad.status_code == 400, path
@@ -236,3 +242,48 @@ def test_the_jobs_page_shows_progress_bars_and_a_job_with_its_failures_and_trace
     page.select_option("#job-status", "done")
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("thumbs-2026-12")
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A day of online quality: a scoring job per 5-minute interval (288), among two jobs of other kinds."""
+    tmp = tmp_path_factory.mktemp("jobs-crowded")
+    gw = gateway(tmp, "", store=str(tmp / "keel.db"))
+    assert gw.store is not None
+    ensure_tables(gw.store)
+    records.create_job(gw.store, "ingest-handbook", "rag.ingest", "default", [("a", 1)])
+    records.create_job(gw.store, "thumbs-2026-12", "thumbnail", "default", [("a", 1)])
+    for i in range(288):
+        name = f"evals.online:20261204T{i // 12:02d}{i % 12 * 5:02d}00Z"
+        records.create_job(gw.store, name, "evals.online", "evals.online", [(str(k), k) for k in range(3)])
+        for k in range(3):
+            _run_item(gw.store, name, str(k), cost=0.0004)
+    with admin_key_set(ADMIN_KEY):
+        running = Server(gw)
+    yield running
+    running.stop()
+    closing = threading.Thread(target=gw.close)
+    closing.start()
+    closing.join(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_jobs_page_filters_a_day_of_online_scoring_jobs_by_kind(page: Page, crowded: Server) -> None:
+    page.goto(crowded.base + "/#/jobs")
+    rows = page.locator("#jobs tbody tr.job-row")
+    expect(rows).to_have_count(200)  # the page's limit: the other kinds are buried under the scoring jobs
+    expect(page.locator("#job-count")).to_have_text("latest 200 jobs")
+    expect(page.locator("#job-kind option")).to_have_text(["Any kind", "evals.online", "rag.ingest", "thumbnail"])
+    no_horizontal_scroll(page)
+    shot(page, "22-jobs-crowded")
+    page.select_option("#job-kind", "rag.ingest")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("ingest-handbook")
+    page.select_option("#job-status", "done")
+    expect(page.locator("#jobs tbody")).to_contain_text("No done rag.ingest jobs.")
+    page.select_option("#job-status", "")
+    page.select_option("#job-kind", "evals.online")
+    expect(rows).to_have_count(200)
+    expect(page.locator("#job-kind")).to_have_value("evals.online")  # kept when the list reloads
+    no_horizontal_scroll(page)
+    shot(page, "23-jobs-online")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,13 @@ def test_rescore_uses_the_current_scorers_and_calls_nothing() -> None:
     try:
         [run] = run_suite(_suite(repeats=1), gateway=gw)
         assert sum(calls.values()) == 6
-        new = _suite(repeats=1, scorers=[{"type": "regex", "pattern": "^it is", "threshold": 1},
-                                         {"type": "custom", "function": "evals_app:broken_score"}])
+        new = _suite(
+            repeats=1,
+            scorers=[
+                {"type": "regex", "pattern": "^it is", "threshold": 1},
+                {"type": "custom", "function": "evals_app:broken_score"},
+            ],
+        )
         assert gw.store is not None
         result = rescore(gw.store, run.run_id, suite=new)
         assert sum(calls.values()) == 6  # no model call
@@ -277,6 +283,21 @@ def test_kill_9_in_the_middle_of_chunks_loses_no_case_and_does_none_twice(tmp_pa
     assert summary["cases"] == 12 and summary["pass_rate"] == 1.0
 
 
+def _spy_on_drains(monkeypatch: Any) -> list[int]:
+    """The drain (seconds) of each DBOS shutdown from now on."""
+    from dbos import DBOS
+
+    drains: list[int] = []
+    destroy = DBOS.destroy
+
+    def spy(*, workflow_completion_timeout_sec: int = 0, **options: Any) -> None:
+        drains.append(workflow_completion_timeout_sec)
+        destroy(workflow_completion_timeout_sec=workflow_completion_timeout_sec, **options)
+
+    monkeypatch.setattr(DBOS, "destroy", spy)
+    return drains
+
+
 def test_the_runs_worker_runs_its_own_job_only_and_stops_at_once_when_the_run_is_over(monkeypatch: Any) -> None:
     from keel import jobs
 
@@ -287,21 +308,14 @@ def test_the_runs_worker_runs_its_own_job_only_and_stops_at_once_when_the_run_is
         ran.append(value)
         return value
 
-    stops: list[int] = []
-    stop = jobs.Worker.stop
-
-    def spy(self: jobs.Worker, drain_s: int = 10) -> None:
-        stops.append(drain_s)
-        stop(self, drain_s=drain_s)
-
-    monkeypatch.setattr(jobs.Worker, "stop", spy)
+    drains = _spy_on_drains(monkeypatch)
     gw = Gateway(models={"fn": _model(Counter())})
     try:
         with jobs.JobRunner(gw.config, store=gw.store) as runner:
             runner.submit("not-the-evals", "test.evals.other", [1, 2, 3])  # the default queue: a `keel worker`'s
             [run] = run_suite(_function_suite(10, 2), gateway=gw)
             assert run.status == "done" and ran == [] and runner.get("not-the-evals").status == "running"
-        assert stops == [0]  # DBOS's drain (which sleeps a second before it first looks) is not needed
+        assert drains == [0]  # DBOS's drain (which sleeps a second before it first looks) is skipped
     finally:
         gw.close()
 
@@ -410,22 +424,18 @@ def test_what_an_item_reads_and_writes_on_both_backends(store: Any) -> None:
 
 
 def test_a_cancelled_runs_worker_lets_its_running_cases_finish(monkeypatch: Any) -> None:
-    from keel import jobs
     from keel.evals.runner import start_suite
 
-    stops: list[int] = []
-    stop = jobs.Worker.stop
-
-    def spy(self: jobs.Worker, drain_s: int = 10) -> None:
-        stops.append(drain_s)
-        stop(self, drain_s=drain_s)
-
-    monkeypatch.setattr(jobs.Worker, "stop", spy)
+    drains = _spy_on_drains(monkeypatch)
     gw = Gateway(models={"fn": _model(Counter())})
     try:
         handle = start_suite(_function_suite(60, 2, name="cancelled"), gateway=gw)
+        deadline = time.monotonic() + 30
+        while handle.runner.status(handle.job).counts.get("running", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
         handle.runner.cancel(handle.job)
         handle.close()
-        assert stops == [10]  # not a finished job: DBOS's drain lets the cases in flight end
+        assert drains == [10]  # items ran: DBOS's drain lets the cases in flight end
+        assert handle.runner.status(handle.job).counts.get("running", 0) == 0
     finally:
         gw.close()

@@ -145,3 +145,63 @@ def test_each_block_installs_on_its_own() -> None:
         assert needed <= names(extras[block]), (block, needed - names(extras[block]))
     assert "keel[text,vectors]" in extras["rag"]
     assert "keel[text]" in extras["evals"]  # the faithfulness scorer splits sentences
+
+
+#: Packages whose private names (`_x`) are theirs alone: an app uses their public API, never reaches inside.
+SEALED = ("keel.jobs", "keel.trace")
+
+
+def private_uses(source: str, package: str) -> set[str]:
+    """Private names of a sealed package a source uses: imported (`from keel.jobs.engine import _active`) or
+    read off an imported module (`worker_module._running`)."""
+    found: set[str] = set()
+    modules: dict[str, str] = {}  # local name -> the sealed module it is bound to
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                if any(under(base, s) or under(f"{base}.{alias.name}", s) for s in SEALED):
+                    if alias.name.startswith("_"):
+                        found.add(f"{base}.{alias.name}")
+                    else:
+                        modules[alias.asname or alias.name] = f"{base}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if any(under(alias.name, s) for s in SEALED):
+                    if any(part.startswith("_") for part in alias.name.split(".")):
+                        found.add(alias.name)
+                    modules[alias.asname or alias.name] = alias.name
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+            if owner in modules:
+                found.add(f"{modules[owner]}.{node.attr}")
+    return found
+
+
+def test_no_module_outside_jobs_and_trace_uses_their_private_names() -> None:
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        module = module_name(path)
+        if any(under(module, s) for s in SEALED):
+            continue
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        found += [f"{module} uses {name}" for name in sorted(private_uses(path.read_text(encoding="utf-8"), package))]
+    assert found == []
+
+
+def test_the_private_name_checker_sees_imports_and_module_attributes() -> None:
+    source = (
+        "from keel.trace import Span, _current\n"
+        "def f():\n    from keel.jobs.engine import _active\n    from keel.jobs import worker as w\n"
+        "    import keel.jobs.runner\n    return w._running, keel.jobs.runner._migrated, w.Worker\n"
+    )
+    assert private_uses(source, "keel.evals") == {
+        "keel.trace._current",
+        "keel.jobs.engine._active",
+        "keel.jobs.worker._running",
+        "keel.jobs.runner._migrated",
+    }

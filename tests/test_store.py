@@ -482,7 +482,8 @@ def test_a_store_with_the_old_core_jobs_migration_upgrades_without_running_it_ag
             " created_at, updated_at) VALUES ('old', 'k', 'default', 'h', 'done', 1, 1, 0, 0.0, 1.0, 1.0)"
         )
     assert "0005_jobs" not in ALL_MIGRATIONS  # the core list no longer has it
-    assert store.migrate(JOBS_MIGRATIONS, namespace="jobs") == []  # recorded under its new name, not re-run
+    # recorded under its new name, not re-run (the later jobs migrations do run)
+    assert store.migrate(JOBS_MIGRATIONS[:1], namespace="jobs") == []
     assert "jobs/0001_jobs" in store.applied_migrations() and "0005_jobs" in store.applied_migrations()
     assert store.query("SELECT name FROM keel_jobs") == [("old",)]
 

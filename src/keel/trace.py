@@ -35,7 +35,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from keel.store.base import Store
 
-__all__ = ["Redactor", "Span", "SpanWriter", "Tracer", "current_span", "new_id", "new_trace_id"]
+__all__ = [
+    "Redactor",
+    "Span",
+    "SpanWriter",
+    "Tracer",
+    "current_span",
+    "enter_span",
+    "exit_span",
+    "new_id",
+    "new_trace_id",
+    "use_span",
+]
 
 log = logging.getLogger("keel.trace")
 
@@ -94,6 +105,27 @@ _current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("keel_cur
 
 def current_span() -> Span | None:
     return _current.get()
+
+
+def enter_span(span: Span) -> contextvars.Token[Span | None]:
+    """Make `span` the parent of the spans started in this context (a model call's, a tool's) until
+    `exit_span(token)`; for a span whose scope is not one block (a stream that yields), else `use_span`."""
+    return _current.set(span)
+
+
+def exit_span(token: contextvars.Token[Span | None]) -> None:
+    """Give back the parent `enter_span` replaced."""
+    _current.reset(token)
+
+
+@contextmanager
+def use_span(span: Span) -> Iterator[Span]:
+    """`span` is the parent of the spans started in this block (it is not finished here: see `Tracer.span`)."""
+    token = _current.set(span)
+    try:
+        yield span
+    finally:
+        _current.reset(token)
 
 
 DEFAULT_SECRET_PATTERNS = (

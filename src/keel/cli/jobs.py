@@ -57,17 +57,20 @@ def list_jobs(
     status: Annotated[
         str | None, typer.Option(help="Only jobs in this state: running, done, failed, cancelled.")
     ] = None,
+    kind: Annotated[str | None, typer.Option(help="Only jobs of this kind, e.g. evals.online.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many, latest first.")] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """Jobs with their progress, failures and cost, most recently active first.
 
-    Example: keel jobs list --status running
+    Example: keel jobs list --status running --kind rag.ingest
     """
     if status is not None and status not in _STATUS_STYLE:
         raise typer.BadParameter(f"{status!r}: use running, done, failed or cancelled", param_hint="--status")
+    if kind is not None and not kind.strip():
+        raise typer.BadParameter("give a kind, e.g. evals.online (`keel jobs list` shows each)", param_hint="--kind")
     with _runner() as runner:
-        jobs = runner.jobs(status=status, limit=limit)
+        jobs = runner.jobs(status=status, kind=kind, limit=limit)
     if as_json:
         typer.echo(json.dumps([_row_json(j) for j in jobs], indent=2))
         return

@@ -39,9 +39,9 @@ def worker(
 
     # keel's own kinds (rag.ingest: `keel rag ingest --job`, evals.online: [evals.online]), then the user's
     import_kinds(("keel.rag.jobs", "keel.evals.online", *(imports or ())))
-    from keel.evals.online import OnlineThread, online_config, with_online_queue
+    from keel.evals.online import OnlineThread, online_config
 
-    running = Worker(with_online_queue(config), worker_id=worker_id or default_worker_id()).start()
+    running = Worker(config, worker_id=worker_id or default_worker_id()).start()
     err.print(f"worker {running.worker_id} running; store {config.store_url}")
     # every worker hands out the calls [evals.online] samples; the job layer runs each interval's job once
     online = OnlineThread(config, running.store).start() if online_config(config).enabled else None

@@ -440,16 +440,16 @@ def _runtime(store: Store) -> _Runtime:
     return found
 
 
-@jobs.kind(ONLINE_KIND, queue=ONLINE_QUEUE, attempts=2)
+# The scoring items' own queue, 4 at once per worker unless `[jobs.queues."evals.online"]` says otherwise: a
+# server's embedded worker, which listens to it only, never takes another kind's items.
+@jobs.kind(ONLINE_KIND, queue=ONLINE_QUEUE, attempts=2, worker_concurrency=4)
 async def score_item(item: dict[str, Any], ctx: jobs.ItemContext) -> dict[str, Any]:
     """One sampled production call, scored (a job item)."""
-    from keel.jobs.engine import _active
-
-    if _active is None:
+    if ctx.store is None:
         raise InputError("online scoring items run in a keel worker")
-    runtime = _runtime(_active.store)
+    runtime = _runtime(ctx.store)
     result = await score_span(
-        _active.store, runtime.gateway, online_config(runtime.config), str(item["trace_id"]), str(item["span_id"]),
+        ctx.store, runtime.gateway, online_config(runtime.config), str(item["trace_id"]), str(item["span_id"]),
         job=ctx.job,
     )  # fmt: skip
     ctx.add_cost(result["cost_usd"])
@@ -459,23 +459,6 @@ async def score_item(item: dict[str, Any], ctx: jobs.ItemContext) -> dict[str, A
 
 
 # --- handing out intervals ------------------------------------------------------------------------------------
-
-
-def with_online_queue(config: Config) -> Config:
-    """The configuration with the online queue in `[jobs.queues]` (4 items at once per worker) unless set there.
-
-    The job layer refuses a queue it has no limits for; the scoring items get a queue of their own so
-    that a server's embedded worker, which listens to it only, never takes another kind's items.
-    """
-    from keel.jobs.settings import JobQueueConfig
-
-    current = config.jobs
-    if ONLINE_QUEUE in current.queues:
-        return config
-    queues = {**current.queues, ONLINE_QUEUE: JobQueueConfig(worker_concurrency=4)}
-    copy = config.model_copy()
-    copy._sections = {**config._sections, "jobs": current.model_copy(update={"queues": queues})}
-    return copy
 
 
 def _stamp(ts: float) -> str:
@@ -497,7 +480,7 @@ class OnlineScheduler:
     """
 
     def __init__(self, config: Config, store: Store, *, submit: Submit | None = None) -> None:
-        self.config = with_online_queue(config)
+        self.config = config
         self.online = online_config(config)
         self.store = store
         self._submit = submit

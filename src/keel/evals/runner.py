@@ -49,7 +49,7 @@ from keel.evals.suite import Suite, SuiteSpec, Variant, load_suite
 from keel.evals.tasks import TaskOutput, run_task
 from keel.jobs import records
 from keel.store.base import Store
-from keel.trace import Span, _current, new_id, new_trace_id
+from keel.trace import Span, enter_span, exit_span, new_id, new_trace_id
 
 if TYPE_CHECKING:
     from keel.gateway.core import Gateway
@@ -219,7 +219,7 @@ async def _run_case(
     """One case repeat in its own trace, its output cached and its row written as soon as it is done (one
     transaction); what it cost (0 if a run of this item before a crash recorded it first)."""
     span = _case_span(ctx, unit, job, item_key)
-    token = _current.set(span)
+    token = enter_span(span)
     try:
         result, cost, to_cache = await _evaluate(ctx, unit, key, cached, span.trace_id)
         written = await asyncio.to_thread(
@@ -233,7 +233,7 @@ async def _run_case(
         span.fail(exc)
         raise
     finally:
-        _current.reset(token)
+        exit_span(token)
         ctx.gateway.tracer.finish(span)
 
 
@@ -256,9 +256,8 @@ def _units(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 @jobs.kind(EVAL_KIND, attempts=2)
 async def evaluate_item(item: dict[str, Any], ctx: jobs.ItemContext) -> dict[str, Any]:
     """A chunk of a suite run's case repeats (a job item): those not yet recorded, `window` at a time."""
-    from keel.jobs.engine import _active
-
-    store = _active.store if _active is not None else _contexts[item["job"]].store
+    # the worker's store; the run's own when the handler is called directly
+    store = ctx.store if ctx.store is not None else _contexts[item["job"]].store
     context = _context(item["job"], store)
     units = _units(item)
     todo, keys, cached = await asyncio.to_thread(_chunk_state, context, units)
@@ -330,42 +329,17 @@ class RunHandle:
 
     def close(self) -> None:
         """Stop this process's worker and flush the spans of its cases (the caller closes the gateway)."""
-        finished = False  # done or failed: no item of the job runs any more (a cancelled job's running ones finish)
         try:
-            finished = self.runner.get(self.job).finished
             self.runner.settle(self.job)  # a run that is over: its queue back on the default poll
         finally:
             try:
                 if self.worker is not None:
                     worker, self.worker = self.worker, None
-                    _stop_worker(worker, finished)
+                    worker.stop()  # at once when no item runs (a cancelled job's running ones get the drain)
             finally:
                 self.runner.close()
                 if self.gateway is not None:
                     self.gateway.flush()
-
-
-def _stop_worker(worker: jobs.Worker, finished: bool) -> None:
-    """Stop the run's worker; at once if the job is finished. It runs this job's queue only, so nothing else is
-    running then; DBOS's own drain would sleep a second before it first looks (DBOS 3.4)."""
-    if finished and worker.queues and _workflows_ended(worker.queues, timeout_s=2.0):
-        worker.stop(drain_s=0)
-    else:
-        worker.stop()
-
-
-def _workflows_ended(queues: list[str], timeout_s: float) -> bool:
-    """Whether DBOS has recorded the end of every workflow of these queues (an item's outcome is in keel's store a
-    moment before its workflow's is in DBOS's), waiting up to `timeout_s`."""
-    from dbos import DBOS
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = DBOS.list_workflows(queue_name=queues, status=["PENDING", "ENQUEUED"], limit=1, load_input=False,
-                                   load_output=False)  # fmt: skip
-        if not left or time.monotonic() >= deadline:
-            return not left
-        time.sleep(0.01)
 
 
 def _case_units(suite: Suite, variants: list[Variant], job: str) -> list[dict[str, Any]]:
@@ -435,7 +409,6 @@ def start_suite(
 
     `cases_per_item` overrides how many case repeats each job item holds (`item_count`)."""
     from keel.gateway.core import Gateway
-    from keel.jobs import worker as worker_module
 
     suite = load_suite(suite) if isinstance(suite, (str, Path)) else suite
     suite = suite.limited(limit)
@@ -468,7 +441,7 @@ def start_suite(
         _contexts[job] = _Context(suite, gateway, store, scorers, limits, variants, window)
         row = runner.submit(job, EVAL_KIND, _items(suite, variants, job, count), concurrency=concurrency,
                             poll_s=min(POLL_S, gateway.config.jobs.poll_s))  # fmt: skip
-        if worker and worker_module._running is None:
+        if worker and jobs.current_worker() is None:
             # Started after the job's queue exists, listening to it alone: a launched worker looks for new queues
             # once a second, and `keel eval run` should not run other jobs' items. The same worker id on every
             # attempt: after kill -9, DBOS gives this worker its pending items back.

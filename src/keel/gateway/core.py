@@ -31,7 +31,7 @@ from keel.gateway.sync import LoopThread
 from keel.gateway.wrappers import KeyBudget, KeyLimits, KeyScope, Structured, Tracing, route, worst_case_cost
 from keel.models.base import Model
 from keel.store import Store, open_store
-from keel.trace import Redactor, Span, SpanWriter, Tracer, _current
+from keel.trace import Redactor, Span, SpanWriter, Tracer, enter_span, exit_span
 from keel.types import (
     ChatOptions,
     ChatRequest,
@@ -405,7 +405,7 @@ class Gateway:
         _check_args(args, ChatArgs)
         context = self._context(args.get("key"), args.get("metadata"), args.get("context"))
         span = self._start_span("chat", model, context)
-        token = _current.set(span)
+        token = enter_span(span)
         started = time.perf_counter()
         try:
             call = self._chat_call(span, context, messages, model, False, args)
@@ -416,7 +416,7 @@ class Gateway:
             self._failed(span, error)
             raise
         finally:
-            _current.reset(token)
+            exit_span(token)
             ticket = self.tracer.finish(span)
         await self._durable(span, ticket)
         return result
@@ -437,7 +437,7 @@ class Gateway:
         span.set(keel__stream=True)
         started = time.perf_counter()
         finished = False
-        token: contextvars.Token[Span | None] | None = _current.set(span)
+        token: contextvars.Token[Span | None] | None = enter_span(span)
         try:
             call = self._chat_call(span, context, messages, model, True, args)
             final: ModelResponse | None = None
@@ -447,7 +447,7 @@ class Gateway:
                         final = item
                         continue
                     if token is not None:  # the caller's code runs between our yields: not under this span
-                        _current.reset(token)
+                        exit_span(token)
                         token = None
                     assert isinstance(item, StreamDelta)  # a chat call yields deltas, then its response
                     yield item
@@ -463,7 +463,7 @@ class Gateway:
             raise
         finally:
             if token is not None:
-                _current.reset(token)
+                exit_span(token)
             if not finished:
                 self.tracer.finish(span)
 
@@ -476,7 +476,7 @@ class Gateway:
         _check_args(args, EmbedArgs)
         context = self._context(args.get("key"), args.get("metadata"), args.get("context"))
         span = self._start_span("embeddings", model or self.config.default_embedding_model, context)
-        token = _current.set(span)
+        token = enter_span(span)
         try:
             if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
                 raise InputError("texts must be a list of strings")
@@ -497,7 +497,7 @@ class Gateway:
             span.set(keel__attempts=getattr(error, "attempts", 0))
             raise
         finally:
-            _current.reset(token)
+            exit_span(token)
             ticket = self.tracer.finish(span)
         await self._durable(span, ticket)
         return replace(result, trace_id=span.trace_id)

@@ -13,9 +13,21 @@ and `keel worker` (or `jobs.Worker().start()` in-process) runs the items.
 
 from __future__ import annotations
 
-from keel.jobs.kinds import ItemContext, Kind, kind, registered_kinds
+from keel.jobs.kinds import ItemContext, Kind, kind, queue_limits, registered_kinds
 from keel.jobs.records import ItemRow, JobRow
 from keel.jobs.runner import JobRunner, JobStatus
-from keel.jobs.worker import Worker
+from keel.jobs.worker import Worker, current_worker
 
-__all__ = ["ItemContext", "ItemRow", "JobRow", "JobRunner", "JobStatus", "Kind", "Worker", "kind", "registered_kinds"]
+__all__ = [
+    "ItemContext",
+    "ItemRow",
+    "JobRow",
+    "JobRunner",
+    "JobStatus",
+    "Kind",
+    "Worker",
+    "current_worker",
+    "kind",
+    "queue_limits",
+    "registered_kinds",
+]

@@ -45,7 +45,7 @@ from keel.config import Config
 from keel.jobs import records
 from keel.jobs.kinds import ItemContext, Kind, get_kind
 from keel.store.base import Store
-from keel.trace import Span, _current, new_id, new_trace_id
+from keel.trace import Span, enter_span, exit_span, new_id, new_trace_id
 
 __all__ = [
     "APP_NAME",
@@ -155,6 +155,9 @@ class ItemExecutor:
         self._loop_thread: threading.Thread | None = None
         self._loop_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._running = 0  # items in `run_item` now
+        self._closed = False  # a stopping worker found idle: items DBOS hands over now are left for recovery
+        self._count_lock = threading.Lock()
         # SQLite has one writer: the items' threads take turns on a lock that wakes the next at once, where
         # SQLite's busy handler would have them sleep up to 100 ms between tries (most of the time per item)
         self._writes = threading.Lock() if store.dialect == "sqlite" else contextlib.nullcontext()
@@ -182,11 +185,34 @@ class ItemExecutor:
 
     def run_item(self, job: str, key: str, run: int) -> str:
         """Run one item unless it is done, superseded or its job cancelled; "done", "failed" or "skipped"."""
+        with self._count_lock:
+            if self._closed:
+                raise WorkerStopped
+            self._running += 1
+        try:
+            return self._run_item(job, key, run)
+        finally:
+            with self._count_lock:
+                self._running -= 1
+
+    @property
+    def running(self) -> int:
+        """Items in `run_item` now."""
+        return self._running
+
+    def close_if_idle(self) -> bool:
+        """Whether no item runs now; if so, none starts from now on (DBOS may still hand one over before it
+        stops: it is left unrecorded, for recovery). A worker that is busy is left as it was."""
+        with self._count_lock:
+            self._closed = self._running == 0
+            return self._closed
+
+    def _run_item(self, job: str, key: str, run: int) -> str:
         trace_id = new_trace_id()
         item = self.db(records.start_item, job, key, run, trace_id)
         if item is None:
             return "skipped"
-        ctx = ItemContext(job=job, key=key, attempt=item.attempts, trace_id=trace_id)
+        ctx = ItemContext(job=job, key=key, attempt=item.attempts, trace_id=trace_id, store=self.store)
         span = Span(trace_id, new_id(8), None, "job.item", time.time(), attributes={
             "keel.job": job, "keel.job.item": key, "keel.job.attempt": item.attempts,
         })  # fmt: skip
@@ -205,7 +231,7 @@ class ItemExecutor:
         except Exception as exc:
             span.fail(exc)
             return None, f"{type(exc).__name__}: {exc}"
-        token = _current.set(span)  # a coroutine handler sees it too: its task copies this thread's context
+        token = enter_span(span)  # a coroutine handler sees it too: its task copies this thread's context
         delay, waited = 0.1, 0.0
         try:
             attempt = 0
@@ -229,7 +255,7 @@ class ItemExecutor:
                     if attempt < kind.attempts:
                         self._pause(min(0.5 * 2 ** (attempt - 1), 30.0))
         finally:
-            _current.reset(token)
+            exit_span(token)
         return None, error
 
     def _call(self, kind: Kind, value: Any, ctx: ItemContext) -> Any:

@@ -159,13 +159,21 @@ def get_job(store: Store, name: str) -> JobRow:
     return _job(row)
 
 
-def list_jobs(store: Store, *, status: str | None = None, limit: int = 50) -> list[JobRow]:
-    """The most recently updated jobs first."""
-    where = " WHERE status = ?" if status else ""
+def list_jobs(store: Store, *, status: str | None = None, kind: str | None = None, limit: int = 50) -> list[JobRow]:
+    """The most recently updated jobs first (of this status and kind if given)."""
+    filters = [(column, value) for column, value in (("status", status), ("kind", kind)) if value]
+    where = " WHERE " + " AND ".join(f"{column} = ?" for column, _ in filters) if filters else ""
     sql = f"SELECT {', '.join(JOB_COLUMNS)} FROM keel_jobs{where} ORDER BY updated_at DESC LIMIT ?"
     with store.transaction() as cur:
-        cur.execute(sql, [*([status] if status else []), limit])
+        cur.execute(sql, [*(value for _, value in filters), limit])
         return [_job(r) for r in cur.fetchall()]
+
+
+def job_kinds(store: Store) -> list[str]:
+    """The kinds of the jobs in the store, by name."""
+    with store.transaction() as cur:
+        cur.execute("SELECT DISTINCT kind FROM keel_jobs ORDER BY kind")
+        return [str(r[0]) for r in cur.fetchall()]
 
 
 def list_items(

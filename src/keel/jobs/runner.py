@@ -21,7 +21,7 @@ from keel.config import Config, load_config
 from keel.errors import InputError, JobConflict
 from keel.jobs import records
 from keel.jobs.engine import APP_NAME, APP_VERSION, ITEM_WORKFLOW, system_database_url, workflow_id
-from keel.jobs.kinds import get_kind
+from keel.jobs.kinds import declared_queues, get_kind, queue_limits
 from keel.jobs.records import ItemRow, JobRow
 from keel.jobs.schema import ensure_tables
 from keel.jobs.settings import JobQueueConfig
@@ -172,10 +172,10 @@ class JobRunner:
             self._queue(own, JobQueueConfig(concurrency=concurrency, rpm=rpm), poll_s)
             return own
         name = queue or jobs.default_queue
-        limits = jobs.queues.get(name)
+        limits = queue_limits(self.config, name)
         if limits is None and name != jobs.default_queue:
-            known = ", ".join(sorted(jobs.queues)) or "none"
-            raise InputError(f"unknown job queue {name!r}; configured in [jobs.queues]: {known}")
+            known = ", ".join(sorted({*jobs.queues, *declared_queues()})) or "none"
+            raise InputError(f"unknown job queue {name!r}; configured in [jobs.queues] or declared by a kind: {known}")
         self._queue(name, limits or JobQueueConfig())
         return name
 
@@ -213,8 +213,13 @@ class JobRunner:
         failed = records.list_items(self.store, name, status=records.ITEM_FAILED, limit=errors)
         return JobStatus(job, records.item_counts(self.store, name), failed)
 
-    def jobs(self, *, status: str | None = None, limit: int = 50) -> list[JobRow]:
-        return records.list_jobs(self.store, status=status, limit=limit)
+    def jobs(self, *, status: str | None = None, kind: str | None = None, limit: int = 50) -> list[JobRow]:
+        """The most recently active jobs, of one status and one kind if given."""
+        return records.list_jobs(self.store, status=status, kind=kind, limit=limit)
+
+    def kinds(self) -> list[str]:
+        """The kinds of the jobs in the store (what `jobs(kind=...)` may filter on)."""
+        return records.job_kinds(self.store)
 
     def items(self, name: str, *, status: str | None = None, limit: int | None = None) -> list[ItemRow]:
         records.get_job(self.store, name)  # UnknownJob rather than an empty list

@@ -75,6 +75,9 @@ JOBS_MIGRATIONS: tuple[Migration, ...] = (
         ),
         replaces="0005_jobs",  # a core migration until the jobs app owned its tables
     ),
+    # A kind that submits a job per interval (online quality: up to 288 a day) is listed by kind, latest first,
+    # and its kinds are listed for the filter: both read this index rather than every job.
+    Migration("0002_jobs_by_kind", ("CREATE INDEX keel_jobs_kind ON keel_jobs (kind, updated_at)",)),
 )
 
 

@@ -32,10 +32,11 @@ from keel.jobs.engine import (
     sqlite_system_engine,
     system_database_url,
 )
+from keel.jobs.kinds import declared_queues
 from keel.jobs.settings import JobQueueConfig
 from keel.store import Store, open_store
 
-__all__ = ["Worker", "default_worker_id"]
+__all__ = ["Worker", "current_worker", "default_worker_id"]
 
 log = logging.getLogger("keel.jobs")
 _running: Worker | None = None
@@ -44,6 +45,11 @@ _running: Worker | None = None
 def default_worker_id() -> str:
     """The host name: a worker restarted on the same machine takes its own unfinished items back at once."""
     return socket.gethostname()
+
+
+def current_worker() -> Worker | None:
+    """The worker this process runs, if started (one per process: a command that would start its own uses it)."""
+    return _running
 
 
 def import_kinds(modules: list[str] | tuple[str, ...]) -> None:
@@ -101,7 +107,8 @@ class Worker:
             if self.queues is not None:
                 DBOS.listen_queues(self.queues)
             DBOS.launch()
-            for name, limits in {jobs.default_queue: JobQueueConfig(), **jobs.queues}.items():
+            # the queues kinds declare, then the configured ones, which override a kind's limits
+            for name, limits in {jobs.default_queue: JobQueueConfig(), **declared_queues(), **jobs.queues}.items():
                 DBOS.register_queue(
                     name, worker_concurrency=limits.worker_concurrency, global_concurrency=limits.concurrency,
                     limiter={"limit": limits.rpm, "period": 60.0} if limits.rpm else None,
@@ -167,17 +174,38 @@ class Worker:
     # --- stopping ------------------------------------------------------------------------
 
     def stop(self, *, drain_s: int = 10) -> None:
-        """Stop: items running now get `drain_s` seconds to finish; what is left goes to a live worker."""
+        """Stop: items running now get `drain_s` seconds to finish; what is left goes to a live worker.
+
+        An idle worker stops at once: DBOS's drain sleeps a second before it first looks (DBOS 3.4)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        DBOS.destroy(workflow_completion_timeout_sec=drain_s)
+        # idle: no item runs (and none may start now) and DBOS has recorded the end of each workflow it ran
+        quiet = self._executor is not None and self._executor.close_if_idle() and self.idle(settle_s=1.0)
+        DBOS.destroy(workflow_completion_timeout_sec=0 if quiet else drain_s)
         if self.incarnation is not None:
             try:
                 heartbeats.leave(self.store, self.worker_id, self.incarnation)
             except Exception as exc:
                 log.warning("worker %s: could not record its stop: %s", self.worker_id, exc)
         self._teardown()
+
+    def idle(self, *, settle_s: float = 0.0) -> bool:
+        """Whether no item runs in this worker and DBOS has recorded the end of every workflow it ran. An item's
+        outcome is in keel's store a moment before its workflow's is in DBOS's: `settle_s` waits that out."""
+        if self._executor is None or self._executor.running:
+            return False
+        deadline = time.monotonic() + settle_s
+        while True:
+            try:
+                left = DBOS.list_workflows(executor_id=self.worker_id, status="PENDING", limit=1, load_input=False,
+                                           load_output=False)  # fmt: skip
+            except Exception as exc:  # the system database is away: let DBOS's drain decide
+                log.warning("worker %s: could not list its workflows: %s", self.worker_id, exc)
+                return False
+            if not left or time.monotonic() >= deadline:
+                return not left
+            time.sleep(0.01)
 
     def _teardown(self) -> None:
         global _running

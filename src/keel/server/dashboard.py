@@ -171,11 +171,16 @@ def _api_router() -> APIRouter:
     async def jobs(
         request: Request,
         status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+        kind: Annotated[
+            str | None, Query(min_length=1, max_length=200, pattern=NO_NUL, description="Only jobs of this kind.")
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
     ) -> dict[str, Any]:
         """Durable jobs, most recently active first: kind, status, progress (done, failed, total) and cost."""
-        found = await asyncio.to_thread(_job_runner(request).jobs, status=status, limit=limit)
-        return {"jobs": [job_json(j) for j in found]}
+        runner = _job_runner(request)
+        found = await asyncio.to_thread(runner.jobs, status=status, kind=kind, limit=limit)
+        kinds = await asyncio.to_thread(runner.kinds)  # for the page's kind filter: every kind, not the listed ones'
+        return {"jobs": [job_json(j) for j in found], "kinds": kinds}
 
     @api.get("/jobs/{name}")
     async def job(

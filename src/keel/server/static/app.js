@@ -1070,22 +1070,40 @@
     return row;
   }
 
+  // The kind filter's options: every kind in the store (an app that submits a job per interval, such as
+  // evals.online, would otherwise bury the others); the chosen one is kept across reloads.
+  function fillKinds(kinds) {
+    const select = $("#job-kind");
+    const chosen = select.value;
+    const known = [...select.options].slice(1).map((o) => o.value);
+    if (known.join("\n") === kinds.join("\n")) return;
+    const options = kinds.map((k) => h("option", { value: k, text: k }));
+    select.replaceChildren(h("option", { value: "", text: "Any kind" }), ...options);
+    select.value = kinds.includes(chosen) ? chosen : "";
+  }
+
+  const JOBS_LIMIT = 200;
+
   async function loadJobs() {
     const mine = ++jobRequest;
     clearError();
     try {
-      const body = await api("jobs", { status: $("#job-status").value, limit: 200 });
+      const body = await api("jobs", { status: $("#job-status").value, kind: $("#job-kind").value, limit: JOBS_LIMIT });
       if (mine !== jobRequest) return;
+      fillKinds(body.kinds || []);
       const jobs = body.jobs;
       const tbody = $("#jobs tbody");
       if (!jobs.length) {
-        const none = $("#job-status").value ? "No " + $("#job-status").value + " jobs." : "No jobs yet: keel rag ingest PATH -c NAME --job JOB starts one.";
+        const filtered = [$("#job-status").value, $("#job-kind").value].filter(Boolean).join(" ");
+        const none = filtered ? "No " + filtered + " jobs." : "No jobs yet: keel rag ingest PATH -c NAME --job JOB starts one.";
         tbody.replaceChildren(h("tr", { class: "empty-row" }, h("td", { colspan: 8, text: none })));
       } else {
         tbody.replaceChildren(...jobs.map(jobRow));
       }
       const running = jobs.filter((j) => j.status === "running").length;
-      $("#job-count").textContent = `${fmtInt(jobs.length)} job${jobs.length === 1 ? "" : "s"}` + (running ? ` · ${running} running` : "");
+      // at the page's limit there are more: say these are the latest, not all of them
+      const count = `${jobs.length >= JOBS_LIMIT ? "latest " : ""}${fmtInt(jobs.length)} job${jobs.length === 1 ? "" : "s"}`;
+      $("#job-count").textContent = count + (running ? ` · ${running} running` : "");
       markUpdated();
       refreshWhile(running > 0, loadJobs);
     } catch (error) {
@@ -1222,6 +1240,7 @@
     $("#trace-back").addEventListener("click", () => { location.hash = state.returnTo || "#/"; });
     $("#job-back").addEventListener("click", () => { location.hash = "#/jobs"; });
     $("#job-status").addEventListener("change", loadJobs);
+    $("#job-kind").addEventListener("change", loadJobs);
     window.addEventListener("hashchange", route);
     route();
   }
