@@ -10,9 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Page
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "admin_key_set", "launched_browser"]
+__all__ = [
+    "ARTIFACTS", "CHROMIUM", "CHROMIUM_ARGS", "admin_key_set", "dashboard_page", "launched_browser",
+    "no_horizontal_scroll", "shot",
+]  # fmt: skip
+
+#: Where the dashboard tests leave their screenshots, to be looked at.
+ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -46,3 +52,33 @@ def admin_key_set(key: str) -> Iterator[None]:
             os.environ.pop("KEEL_ADMIN_KEY")
         else:
             os.environ["KEEL_ADMIN_KEY"] = saved
+
+
+@contextmanager
+def dashboard_page(browser: Browser, width: int, admin_key: str, *, expected: tuple[str, ...] = ()) -> Iterator[Page]:
+    """A page `width` px wide that knows the admin key; fails the test on any page error or console error
+    but those containing one of `expected` (e.g. "status of 404" when a test asks for a missing thing)."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    context.add_init_script(f"localStorage.setItem('keel.adminKey', {admin_key!r})")
+    opened = context.new_page()
+    problems: list[str] = []
+    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    opened.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    yield opened
+    context.close()
+    unexpected = [p for p in problems if not any(e in p for e in expected)]
+    assert unexpected == [], unexpected
+
+
+def shot(page: Page, name: str) -> Path:
+    """A full-page screenshot in ARTIFACTS, named after the page's width: `NAME-1024.png`."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    width = page.viewport_size["width"] if page.viewport_size else 0
+    path = ARTIFACTS / f"{name}-{width}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def no_horizontal_scroll(page: Page) -> None:
+    widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], f"the page scrolls sideways at {widths[1]} px: {widths[0]} px wide"

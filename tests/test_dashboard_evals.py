@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, Page, expect
 
-from browsers import admin_key_set, launched_browser
+from browsers import admin_key_set, dashboard_page, launched_browser, no_horizontal_scroll, shot
 from helpers import gateway
 from keel import Gateway
 from keel.evals import CaseResult, Suite, load_run, run_suite, storage
@@ -35,7 +35,6 @@ from serving import LOCAL, Server
 
 ADMIN_KEY = "sk-keel-admin-evals-page-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
 TOPICS = ["billing", "shipping", "returns", "accounts"]
 TOML = (
     '[models.cheap]\nprovider = "test"\nmodel = "cheap"\nprice = { input = 150.0, output = 600.0 }\n'
@@ -240,27 +239,9 @@ def browser(server: Server) -> Iterator[Browser]:
 
 @pytest.fixture(params=[1024, 1440])
 def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": request.param, "height": 900})
-    context.add_init_script(f"localStorage.setItem('keel.adminKey', {ADMIN_KEY!r})")
-    opened = context.new_page()
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    opened.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    yield opened
-    context.close()
     # an unknown run (404) and runs that share no case (400) are asked for on purpose: the banner says why
-    assert [p for p in problems if "status of 404" not in p and "status of 400" not in p] == [], problems
-
-
-def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    width = page.viewport_size["width"] if page.viewport_size else 0
-    page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"), full_page=True)
-
-
-def no_horizontal_scroll(page: Page) -> None:
-    widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
-    assert widths[0] <= widths[1], f"the page scrolls sideways at {widths[1]} px: {widths[0]} px wide"
+    with dashboard_page(browser, request.param, ADMIN_KEY, expected=("status of 404", "status of 400")) as opened:
+        yield opened
 
 
 @pytest.mark.slow

@@ -11,14 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, Page, expect
 
-from browsers import admin_key_set, launched_browser
+from browsers import admin_key_set, dashboard_page, launched_browser, no_horizontal_scroll, shot
 from helpers import gateway
 from keel import Gateway
 from keel.jobs import records
@@ -29,7 +28,6 @@ from keel.trace import Span, new_id, new_trace_id
 from serving import LOCAL, Server
 
 ADMIN_KEY = "sk-keel-admin-jobs-page-0123456789"
-ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
 ERRORS = {
     7: "InputError: empty file",
     19: "InputError: too large: 61,234,567 bytes (the limit is 50,000,000; see rag.max_file_bytes)",
@@ -172,26 +170,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(params=[1024, 1440])
 def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": request.param, "height": 900})
-    context.add_init_script(f"localStorage.setItem('keel.adminKey', {ADMIN_KEY!r})")
-    opened = context.new_page()
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    opened.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    yield opened
-    context.close()
-    assert problems == [], problems
-
-
-def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    width = page.viewport_size["width"] if page.viewport_size else 0
-    page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"), full_page=True)
-
-
-def no_horizontal_scroll(page: Page) -> None:
-    widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
-    assert widths[0] <= widths[1], f"the page scrolls sideways at {widths[1]} px: {widths[0]} px wide"
+    with dashboard_page(browser, request.param, ADMIN_KEY) as opened:
+        yield opened
 
 
 @pytest.mark.slow

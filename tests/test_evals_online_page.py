@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, Page, expect
 from typer.testing import CliRunner
 
-from browsers import admin_key_set, launched_browser
+from browsers import admin_key_set, dashboard_page, launched_browser, no_horizontal_scroll, shot
 from helpers import gateway
 from keel import FunctionModel, Gateway
 from keel.cli.app import app
@@ -33,7 +33,6 @@ from serving import LOCAL, Server
 
 ADMIN_KEY = "sk-keel-admin-quality-page-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
 DAY = 86400.0
 #: (days ago it starts, model the provider reported, prompt version, share of supported sentences)
 VERSIONS = [(13.5, "gpt-4o-mini-2024-07-18", "v1", 0.86), (8.5, "gpt-4o-mini-2024-07-18", "v2", 0.9),
@@ -171,15 +170,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(params=[1024, 1440])
 def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": request.param, "height": 900})
-    context.add_init_script(f"localStorage.setItem('keel.adminKey', {ADMIN_KEY!r})")
-    opened = context.new_page()
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    opened.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    yield opened
-    context.close()
-    assert problems == [], problems
+    with dashboard_page(browser, request.param, ADMIN_KEY) as opened:
+        yield opened
 
 
 @pytest.mark.slow
@@ -205,11 +197,8 @@ def test_the_quality_page_charts_each_scorer_by_version_with_change_points(page:
           .filter((b) => b.left < box.left - 1 || b.right > box.right + 1).map((b) => [b.left, b.right, box.right]);
     })""")
     assert clipped == [], f"a version change's label runs off its chart: {clipped}"
-    widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
-    assert widths[0] <= widths[1], f"the page scrolls sideways: {widths}"
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    width = page.viewport_size["width"] if page.viewport_size else 0
-    page.screenshot(path=str(ARTIFACTS / f"30-quality-{width}.png"), full_page=True)
+    no_horizontal_scroll(page)
+    shot(page, "30-quality")
     daily = faith.locator("circle.quality-dot").count()
     page.select_option("#quality-period", "week")
     expect(faith.locator("circle.quality-dot")).not_to_have_count(daily)  # fewer, wider periods
