@@ -478,7 +478,7 @@ def test_the_judges_cost_shows_in_the_quality_report_and_the_cli(
     now = time.time()
     rows = [
         dict(zip(SCORE_COLUMNS, (new_trace_id(), new_id(8), scorer, "chat", "m", "v1", now - 10, 1.0, None, None,
-                                 cost, None, now), strict=True))
+                                 cost, None, now, None), strict=True))
         for scorer, cost in (("judge", 0.002), ("judge", 0.003), ("format", None))
     ]  # fmt: skip
     _write(store, [tuple(r.values()) for r in rows])
@@ -542,4 +542,90 @@ def test_a_judge_of_a_rag_answer_sees_the_sources_the_model_answered_from(tmp_pa
     gw, asked = judge_gateway(tmp_path, store, lambda _: "SCORE: 4")
     asyncio.run(score_span(store, gw, online(scorers=[JUDGE]), root.trace_id, root.span_id))
     assert len(asked) == 1 and "The sky on Mars is butterscotch." in asked[0]
+    gw.close()
+
+
+# --- bounded catch-up ----------------------------------------------------------------------------------------
+
+
+def test_catch_up_after_a_long_pause_is_bounded_and_the_skip_logged_once(
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(tmp_path, "[evals.online]\nsample = 1.0\ninterval_s = 60\nsettle_s = 0\nmax_backfill_s = 300\n")
+    config = load_config(path)
+    assert online_config(config).max_backfill_s == 300
+    submitted: list[str] = []
+    ensure_tables(store)
+    start = 1_800_000_000.0
+    scheduler = OnlineScheduler(config, store, submit=lambda name, items: submitted.append(name))
+    scheduler.tick(start)  # the watermark: sampling on at `start`
+    later = start + 86_400  # off (or down) for a day, then on again
+    store.write_spans([call_span(end=start + 30), call_span(end=later - 250), call_span(end=later - 30)])
+    with caplog.at_level("WARNING", logger="keel.evals.online"):
+        names = scheduler.tick(later) + scheduler.tick(later + 60)
+    assert names == [f"evals.online:{_stamp(later - 300)}", f"evals.online:{_stamp(later - 60)}"]
+    skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skips) == 1 and "max_backfill_s = 300" in skips[0], skips
+    assert "2027-01-15T08:00:00+00:00 to 2027-01-16T07:55:00+00:00" in skips[0], skips
+    assert scheduler.skipped() == (start, later - 300)
+    assert OnlineConfig(sample=1.0, interval_s=600).backfill_s == 12 * 600  # the default: a few intervals
+    with pytest.raises(ValueError, match="max_backfill_s"):
+        OnlineConfig(sample=1.0, interval_s=600, max_backfill_s=60)
+
+
+# --- the drop test with several models at once ----------------------------------------------------------------
+
+
+def _two_models(tmp_path: Path, calls: list[tuple[str, str, bool]]) -> Gateway:
+    """Production calls of two configured models interleaved: (model alias, prompt version, good?) each,
+    all scored by the scripted judge (good 5, bad 2)."""
+
+    def prod(request: ChatRequest) -> str:
+        return str(request.messages[-1].content)
+
+    def judge(request: ChatRequest) -> str:
+        return "SCORE: 5" if "Output to grade:\ngood" in str(request.messages[-1].content) else "SCORE: 2"
+
+    toml = (
+        '[models.judge]\nprovider = "test"\nmodel = "judge"\n\n'
+        '[evals.online]\nsample = 1.0\nscorers = [{type = "judge", rubric = "Helpful?", model = "judge"}]\n'
+    )
+    models = {"fast": FunctionModel(prod), "smart": FunctionModel(prod), "judge": FunctionModel(judge)}
+    gw = gateway(tmp_path, toml, store=str(tmp_path / "s.db"), models=models)
+
+    async def run() -> None:
+        for i, (alias, prompt, ok) in enumerate(calls):
+            await gw.chat(f"{'good' if ok else 'bad'} {i}", alias, metadata={"prompt_version": prompt})
+        gw.flush()
+        assert gw.store is not None
+        for c in candidates(gw.store, online_config(gw.config), time.time() - 600, time.time() + 1):
+            await score_span(gw.store, gw, online_config(gw.config), c.trace_id, c.span_id)
+
+    asyncio.run(run())
+    return gw
+
+
+@pytest.mark.parametrize("smart_after", ["same", "worse"])
+def test_the_drop_test_compares_a_model_with_its_own_earlier_scores(tmp_path: Path, smart_after: str) -> None:
+    """`smart` (90% good) and `fast` (50% good) serve at once; only fast's prompt moves to v2. Fast's own v1
+    scores are the before group: smart's, mixed in, would show a drop that no version change caused."""
+    calls = [(alias, "v1", i % 10 != 0 if alias == "smart" else i % 2 == 0)
+             for i in range(40) for alias in ("smart", "fast")]  # fmt: skip
+    fast_v2 = [i % 2 == 0 for i in range(40)] if smart_after == "same" else [i % 5 == 0 for i in range(40)]
+    calls += [c for i in range(40) for c in (("smart", "v1", i % 10 != 0), ("fast", "v2", fast_v2[i]))]
+    gw = _two_models(tmp_path, calls)
+    assert gw.store is not None
+    test = drop_test(gw.store, "judge", since=time.time() - 3600, until=time.time() + 1)
+    assert test.change is not None and test.change.prompt_version == "v2" and test.model == "fast"
+    assert (test.n_before, test.n_after) == (40, 40)
+    assert test.mean_before == pytest.approx(0.5 * 1.0 + 0.5 * 0.25)  # fast's v1 only
+    assert test.p_value is not None
+    if smart_after == "same":
+        assert test.p_value > 0.2
+    else:
+        assert test.p_value < 0.01
+    config = load_config(write_config(tmp_path, (tmp_path / "keel.toml").read_text() + ALERT))
+    [row] = asyncio.run(AlertEvaluator(config, gw.store).evaluate_once())
+    assert row.state == ("ok" if smart_after == "same" else "firing"), row.message
+    assert "fast: function / prompt v1 -> function / prompt v2" in row.message
     gw.close()

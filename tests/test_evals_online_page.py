@@ -23,9 +23,11 @@ from typer.testing import CliRunner
 from browsers import admin_key_set, dashboard_page, launched_browser, no_horizontal_scroll, shot
 from helpers import gateway
 from keel import FunctionModel, Gateway
+from keel.cli import traces as traces_cli
 from keel.cli.app import app
-from keel.evals.online import score_span
+from keel.evals.online import ONLINE_TABLE_MIGRATION, score_span
 from keel.evals.settings import OnlineConfig, OnlineScorer
+from keel.server import dashboard
 from keel.server.app import create_app
 from keel.trace import Span, new_id, new_trace_id
 from keel.types import ChatRequest
@@ -204,3 +206,100 @@ def test_the_quality_page_charts_each_scorer_by_version_with_change_points(page:
     expect(faith.locator("circle.quality-dot")).not_to_have_count(daily)  # fewer, wider periods
     page.click("#nav a[data-view='jobs']")  # leaving the page hides it
     expect(page.locator("#quality-view")).to_be_hidden()
+
+
+# --- a trace's own online scores -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def scored_trace(seeded: Gateway) -> Iterator[tuple[str, str]]:
+    """A seeded answer's trace and root span, given an errored score of a third scorer while the test runs."""
+    yield _scored_trace(seeded)
+    assert seeded.store is not None
+    seeded.store.execute("DELETE FROM keel_eval_online_scores WHERE scorer = 'tone'")  # the other tests' report
+
+
+def _scored_trace(gw: Gateway) -> tuple[str, str]:
+    assert gw.store is not None
+    [(trace_id, span_id, span_time)] = gw.store.query(
+        "SELECT trace_id, span_id, span_time FROM keel_eval_online_scores WHERE scorer = 'judge'"
+        " ORDER BY span_time DESC LIMIT 1"
+    )
+    gw.store.execute(
+        "INSERT INTO keel_eval_online_scores (trace_id, span_id, scorer, kind, model_version, prompt_version,"
+        " span_time, value, error, scored_at) VALUES (?, ?, 'tone', 'rag', 'm', 'v2', ?, NULL,"
+        " 'JudgeError: no SCORE line', ?) ON CONFLICT (trace_id, span_id, scorer) DO NOTHING",
+        [trace_id, span_id, span_time, time.time()],
+    )
+    return str(trace_id), str(span_id)
+
+
+def test_a_traces_api_gives_its_calls_online_scores(
+    seeded: Gateway, client: TestClient, scored_trace: tuple[str, str]
+) -> None:
+    trace_id, span_id = scored_trace
+    body = client.get(f"/api/traces/{trace_id}", headers=ADMIN).json()
+    scores = {s["scorer"]: s for s in body["scores"]}
+    assert set(scores) == {"faithfulness", "judge", "tone"}
+    assert all(s["span_id"] == span_id and s["scored_at"] > 0 for s in scores.values())
+    assert 0 <= scores["judge"]["value"] <= 1 and scores["judge"]["spread"] is not None
+    assert scores["tone"]["value"] is None and scores["tone"]["error"] == "JudgeError: no SCORE line"
+    assert ONLINE_TABLE_MIGRATION == dashboard.ONLINE_TABLE_MIGRATION == traces_cli.ONLINE_TABLE_MIGRATION
+    unscored = seeded.store.query("SELECT trace_id FROM spans WHERE name = 'chat' LIMIT 1") if seeded.store else []
+    other = client.get(f"/api/traces/{unscored[0][0]}", headers=ADMIN).json()
+    assert all(s["trace_id"] == unscored[0][0] for s in other["scores"])
+
+
+def test_keel_traces_show_prints_the_online_scores(
+    seeded: Gateway, monkeypatch: pytest.MonkeyPatch, scored_trace: tuple[str, str]
+) -> None:
+    trace_id, _ = scored_trace
+    assert seeded.store is not None
+    monkeypatch.setenv("KEEL_STORE", seeded.store.url)
+    monkeypatch.setenv("COLUMNS", "200")
+    result = CliRunner().invoke(app, ["traces", "show", trace_id])
+    assert result.exit_code == 0, result.output
+    assert "online scores" in result.output
+    lines = {line.split("online score ")[1].split()[0]: line for line in result.output.splitlines()
+             if "online score " in line}  # fmt: skip
+    assert set(lines) == {"faithfulness", "judge", "tone"}
+    assert "errored: JudgeError: no SCORE line" in lines["tone"] and "spread" in lines["judge"]
+
+
+@pytest.mark.slow
+def test_the_trace_view_shows_the_online_scores_next_to_the_span(
+    page: Page, server: Server, scored_trace: tuple[str, str]
+) -> None:
+    trace_id, span_id = scored_trace
+    page.goto(server.base + f"/#/trace/{trace_id}")
+    row = page.locator(f".span-row[data-span-id='{span_id}']")
+    expect(row.locator(".score-chip")).to_have_text("3 scores")
+    row.click()
+    scores = page.locator("#span-detail .online-scores")
+    expect(scores.locator("tbody tr")).to_have_count(3)
+    expect(scores.locator("tr[data-scorer='tone']")).to_contain_text("errored")
+    expect(scores.locator("tr[data-scorer='tone']")).to_contain_text("JudgeError: no SCORE line")
+    expect(scores.locator("tr[data-scorer='judge']")).to_contain_text("spread")
+    no_horizontal_scroll(page)
+    shot(page, "31-trace-scores")
+
+
+def test_the_quality_api_takes_a_duration_or_epoch_seconds_for_since(client: TestClient) -> None:
+    before = time.time()
+    body = client.get("/api/quality", params={"since": "3d"}, headers=ADMIN).json()
+    assert before - 3 * DAY - 5 < body["since_ts"] <= time.time() - 3 * DAY
+    assert {r["model_version"] for r in body["rows"]} == {"gpt-4.1-nano-2025-04-14"}
+    epoch = client.get("/api/quality", params={"since": str(before - 3 * DAY)}, headers=ADMIN).json()
+    assert epoch["since_ts"] == pytest.approx(before - 3 * DAY)
+    for value in ("soon", "-3d", "0d", "1e99", "3 weeks"):
+        bad = client.get("/api/quality", params={"since": value}, headers=ADMIN)
+        assert bad.status_code == 400, (value, bad.text)
+        assert "since" in bad.text and "14d" in bad.text, bad.text
+
+
+def test_keel_eval_quality_takes_epoch_seconds_too(seeded: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert seeded.store is not None
+    monkeypatch.setenv("KEEL_STORE", seeded.store.url)
+    result = CliRunner().invoke(app, ["eval", "quality", "--since", str(time.time() - 3 * DAY), "--json"])
+    assert result.exit_code == 0, result.output
+    assert {r["model_version"] for r in json.loads(result.output)["rows"]} == {"gpt-4.1-nano-2025-04-14"}

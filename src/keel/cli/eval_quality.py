@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from keel.cli.errors import handle_errors
 from keel.cli.tables import compact_table
-from keel.config import load_config, window_seconds
+from keel.config import load_config
 from keel.errors import InputError
 
 console = Console(highlight=False)
@@ -33,13 +33,22 @@ def _period(ts: float, period_s: float) -> str:
     return moment.strftime("%Y-%m-%d %H:00") if period_s < 86400 else moment.strftime("%Y-%m-%d")
 
 
+def _span(since: str, start: float) -> str:
+    """The range in words: "in the last 14d", or the start for epoch seconds."""
+    try:
+        float(since)
+    except ValueError:
+        return f"in the last {since.strip()}"
+    return f"since {_period(start, 3600)} UTC"
+
+
 def register(app: typer.Typer) -> None:
     """Add `quality` to a typer group (`keel eval`)."""
 
     @app.command("quality")
     @handle_errors
     def quality_command(
-        since: Annotated[str, typer.Option(help="How far back: 30m, 12h, 14d...")] = "14d",
+        since: Annotated[str, typer.Option(help="How far back: 30m, 12h, 14d... or epoch seconds.")] = "14d",
         period: Annotated[str, typer.Option(help="hour, day or week.")] = "day",
         scorer: Annotated[str | None, typer.Option(help="Only this scorer.")] = None,
         model: Annotated[str | None, typer.Option(help="Only this model version.")] = None,
@@ -51,24 +60,24 @@ def register(app: typer.Typer) -> None:
 
         Example: keel eval quality --since 7d --period day --scorer faithfulness
         """
-        from keel.evals.online import drop_test, quality
+        from keel.evals.online import drop_test, parse_since, quality
         from keel.store import open_store
 
         if period not in PERIODS:
             raise InputError(f"--period {period!r}: use hour, day or week")
-        try:
-            back = window_seconds(since)
-        except ValueError as exc:
-            raise InputError(f"--since: {exc}") from None
-        if back is None:
-            raise InputError('--since: give a duration such as "7d"')
         until = time.time()
+        try:
+            start = parse_since(since, until)
+        except InputError as exc:
+            raise InputError(f"--{exc}") from None
+        if start >= until:
+            raise InputError(f"--since {since!r} is not in the past")
+        span = _span(since, start)
         config = load_config()
         store = open_store(config.store_url)
         try:
-            report = quality(store, since=until - back, until=until, period_s=PERIODS[period], scorer=scorer,
-                             model=model)  # fmt: skip
-            tests = [drop_test(store, name, since=until - back, until=until, model=model) for name in report.scorers]
+            report = quality(store, since=start, until=until, period_s=PERIODS[period], scorer=scorer, model=model)
+            tests = [drop_test(store, name, since=start, until=until, model=model) for name in report.scorers]
         finally:
             store.close()
         if as_json:
@@ -76,9 +85,9 @@ def register(app: typer.Typer) -> None:
             return
         if not report.rows:
             hint = escape("is [evals.online] sample above 0, and a worker or keel serve running?")
-            console.print(f"no online scores in the last {escape(since)} ({hint})")
+            console.print(f"no online scores {escape(span)} ({hint})")
             return
-        table = compact_table(f"online quality, last {since}, by {period}")
+        table = compact_table(f"online quality {span}, by {period}")
         for column in ("period", "model", "prompt", "scorer", "n", "errored", "mean", "95% CI", "cost"):
             table.add_column(column, justify="right" if column in ("n", "errored", "mean", "cost") else "left")
         for r in report.rows:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +19,12 @@ from keel.config import load_config
 from keel.errors import InputError
 from keel.store import SpanFilter, Store, open_store
 from keel.trace import Span
+
+if TYPE_CHECKING:
+    from keel.evals.online import TraceScore
+
+#: Recorded once online quality created its table (as keel.evals.online.ONLINE_TABLE_MIGRATION).
+ONLINE_TABLE_MIGRATION = "evals/online_0001_scores"
 
 app = typer.Typer(
     help="Look at traces: every model call is a span in the store.", no_args_is_help=True, rich_markup_mode=None
@@ -130,13 +136,41 @@ def show(
         shown = ", ".join(short_id(m) for m in matches)
         raise InputError(f"{trace_id!r} matches several traces: {shown}; give more characters")
     spans = store.get_trace(matches[0])
+    scores = _online_scores(store, matches[0])
     tree = Tree(f"trace {matches[0]} · {_when(spans[0].start_time)} UTC")
     nodes: dict[str | None, Tree] = {}
     for span in spans:
         parent = nodes.get(span.parent_id, tree)
         nodes[span.span_id] = node = parent.add(_span_label(span))
+        _add_scores(node, [s for s in scores if s.span_id == span.span_id])
         _add_details(node, span)
     console.print(tree)
+
+
+def _online_scores(store: Store, trace_id: str) -> list[TraceScore]:
+    """The trace's online scores; the evals app (and DBOS) is imported only when the store has any."""
+    if ONLINE_TABLE_MIGRATION not in store.applied_migrations():
+        return []
+    from keel.evals.online import trace_scores
+
+    return trace_scores(store, trace_id)
+
+
+def _add_scores(node: Tree, scores: list[TraceScore]) -> None:
+    if not scores:
+        return
+    branch = node.add("[magenta]online scores[/]")
+    for s in scores:
+        if s.value is None:
+            value = f"[red]errored: {escape(s.error or '?')}[/]"
+        else:
+            value = f"{s.value:.3f}" + (f" (spread {s.spread:.3f})" if s.spread is not None else "")
+        cost = f" · {_cost(s.cost_usd)}" if s.cost_usd else ""
+        branch.add(
+            f"online score {escape(s.scorer)} {value} · {escape(s.model_version)} / prompt"
+            f" {escape(s.prompt_version)} · scored {_when(s.scored_at)} UTC{cost}",
+            highlight=False,
+        )
 
 
 @app.command("stats")

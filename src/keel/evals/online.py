@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from keel import jobs
-from keel.config import AlertRule, Config, load_config
+from keel.config import AlertRule, Config, load_config, window_seconds
 from keel.errors import InputError, JobConflict
 from keel.evals import storage
 from keel.evals.dataset import Case
@@ -68,14 +68,17 @@ __all__ = [
     "OnlineThread",
     "QualityReport",
     "QualityRow",
+    "TraceScore",
     "candidates",
     "drop_test",
     "measure_alert",
     "online_config",
+    "parse_since",
     "quality",
     "sampled",
     "score_span",
     "start_online",
+    "trace_scores",
 ]
 
 log = logging.getLogger("keel.evals.online")
@@ -119,10 +122,13 @@ ONLINE_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE TABLE IF NOT EXISTS keel_eval_online_state (name TEXT PRIMARY KEY, watermark {real} NOT NULL)",
         ),
     ),
+    # The configured model name (`keel.model`) the call asked for: the drop test compares a model with its own
+    # earlier scores when several serve at once. NULL on rows scored before (they form one group).
+    Migration("online_0002_model_alias", ("ALTER TABLE keel_eval_online_scores ADD COLUMN model_alias TEXT",)),
 )
 SCORE_COLUMNS = (
     "trace_id", "span_id", "scorer", "kind", "model_version", "prompt_version", "span_time", "value", "spread",
-    "error", "cost_usd", "job", "scored_at",
+    "error", "cost_usd", "job", "scored_at", "model_alias",
 )  # fmt: skip
 
 _migrated: set[int] = set()
@@ -230,6 +236,16 @@ def _model_version(span: Span, trace: Sequence[Span]) -> str:
         return _model_version(answering[-1], ()) if answering else EXTRACTIVE
     a = span.attributes
     return str(a.get("gen_ai.response.model") or a.get("keel.model") or a.get("gen_ai.request.model") or "?")
+
+
+def _model_alias(span: Span, trace: Sequence[Span]) -> str | None:
+    """The configured model name the call asked for (a RAG answer: its answering call's); None when unknown."""
+    if span.attributes.get("gen_ai.operation.name") == "rag":
+        answering = [s for s in trace if s.attributes.get("keel.metadata.purpose") == "rag.answer"
+                     and s.attributes.get("gen_ai.operation.name") == "chat"]  # fmt: skip
+        return _model_alias(answering[-1], ()) if answering else None
+    value = span.attributes.get("keel.model")
+    return str(value) if value else None
 
 
 def _last_answered_as(store: Store, span: Span) -> str | None:
@@ -389,6 +405,7 @@ async def score_span(
         last: str | None = await asyncio.to_thread(_last_answered_as, store, span)
         model = last or model
     kind = "rag" if span.attributes.get("gen_ai.operation.name") == "rag" else "chat"
+    alias = _model_alias(span, trace)
     rows, results = [], []
     for scorer in online.scorers:
         if scorer.metric in done:
@@ -399,7 +416,7 @@ async def score_span(
         results.append(row)
         rows.append((
             trace_id, span_id, row.scorer, kind, model, prompt, span.end_time, row.value, row.spread, row.error,
-            row.cost_usd or None, job, time.time(),
+            row.cost_usd or None, job, time.time(), alias,
         ))  # fmt: skip
     written = await asyncio.to_thread(_write, store, rows) if rows else 0
     return {
@@ -510,6 +527,42 @@ class OnlineScheduler:
         self.store.execute("UPDATE keel_eval_online_state SET watermark = ? WHERE name = 'watermark' AND watermark < ?",
                            [to, to])  # fmt: skip
 
+    def _bound_backfill(self, start: float, latest: float) -> float:
+        """Past `max_backfill_s` behind, move the watermark up to the bound: a long pause is not scored
+        (nor paid for) when sampling comes back. The skip is logged once (the replica whose update moved the
+        watermark) and kept in the state table for the quality report."""
+        step = self.online.interval_s
+        floor = math.floor((latest - self.online.backfill_s) / step) * step
+        if start >= floor:
+            return start
+        with self.store.transaction(immediate=True) as cur:
+            moved = cur.execute(
+                "UPDATE keel_eval_online_state SET watermark = ? WHERE name = 'watermark' AND watermark < ?",
+                [floor, floor],
+            ).rowcount
+            if moved:
+                for name, value in (("backfill_skipped_from", start), ("backfill_skipped_until", floor)):
+                    cur.execute(
+                        "INSERT INTO keel_eval_online_state (name, watermark) VALUES (?, ?)"
+                        " ON CONFLICT (name) DO UPDATE SET watermark = excluded.watermark",
+                        [name, value],
+                    )
+        if moved:
+            log.warning(
+                "online quality: skipped the calls of %s to %s (%g s behind, past max_backfill_s = %g); scoring"
+                " resumes from %s", _iso(start), _iso(floor), latest - start, self.online.backfill_s, _iso(floor),
+            )  # fmt: skip
+        return floor
+
+    def skipped(self) -> tuple[float, float] | None:
+        """The last range a catch-up skipped (from, until), if any."""
+        rows = dict(self.store.query(
+            "SELECT name, watermark FROM keel_eval_online_state WHERE name LIKE 'backfill_skipped_%'"
+        ))  # fmt: skip
+        if "backfill_skipped_from" not in rows:
+            return None
+        return float(rows["backfill_skipped_from"]), float(rows["backfill_skipped_until"])
+
     def tick(self, now: float | None = None) -> list[str]:
         """Submit a job for each closed interval past the watermark (with sampled calls); the names submitted."""
         if not self.online.enabled:
@@ -522,6 +575,7 @@ class OnlineScheduler:
         if start is None:
             self._start(latest)  # a new deployment scores from now on, not the whole history
             return []
+        start = self._bound_backfill(start, latest)
         submitted = []
         for _ in range(CATCH_UP):
             if start + step > latest + 1e-6:
@@ -694,6 +748,29 @@ class QualityReport:
         }  # fmt: skip
 
 
+MAX_EPOCH = 10_000_000_000.0
+
+
+def parse_since(text: str, now: float) -> float:
+    """`keel eval quality --since` and `/api/quality?since=`: a duration back from now ("30m", "12h", "14d")
+    or epoch seconds (a plain number)."""
+    value = text.strip()
+    hint = 'give a duration such as "14d" (s, m, h, d) or epoch seconds'
+    try:
+        epoch = float(value)
+    except ValueError:
+        try:
+            back = window_seconds(value)
+        except ValueError:
+            back = None
+        if back is None:
+            raise InputError(f"since {text!r} is not a time: {hint}") from None
+        return now - back
+    if not (math.isfinite(epoch) and 0 <= epoch <= MAX_EPOCH):
+        raise InputError(f"since {text!r} is out of range: {hint}")
+    return epoch
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
@@ -725,10 +802,12 @@ def quality(
     ensure_tables(store)
     where = ["span_time >= ?", "span_time < ?"]
     params: list[Any] = [since, until]
-    for column, value in (("scorer", scorer), ("model_version", model)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
+    if scorer is not None:
+        where.append("scorer = ?")
+        params.append(scorer)
+    if model is not None:  # a model version, or a configured model name
+        where.append("(model_version = ? OR model_alias = ?)")
+        params += [model, model]
     clause = " AND ".join(where)
     period = _period_expr(store)
     sql = (
@@ -753,21 +832,66 @@ def quality(
     return QualityReport(since, until, period_s, rows, changes, names)
 
 
+@dataclass(frozen=True)
+class TraceScore:
+    """One online score of a call in a trace, as the trace view and `keel traces show` list it."""
+
+    trace_id: str
+    span_id: str
+    scorer: str
+    value: float | None  # None: the scorer errored
+    spread: float | None  # a judge's spread over its samples
+    error: str | None
+    cost_usd: float | None
+    scored_at: float
+    model_version: str
+    prompt_version: str
+    job: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "scored_at_iso": _iso(self.scored_at)}
+
+
+ONLINE_TABLE_MIGRATION = "evals/online_0001_scores"
+
+
+def trace_scores(store: Store, trace_id: str) -> list[TraceScore]:
+    """The online scores of a trace's calls, by span and scorer; none when online quality never ran here
+    (the table is not created by a read)."""
+    if ONLINE_TABLE_MIGRATION not in store.applied_migrations():
+        return []
+    rows = store.query(
+        "SELECT trace_id, span_id, scorer, value, spread, error, cost_usd, scored_at, model_version, prompt_version,"
+        " job FROM keel_eval_online_scores WHERE trace_id = ? ORDER BY span_id, scorer",
+        [trace_id],
+    )
+    return [
+        TraceScore(str(t), str(sp), str(name), _real(v), _real(spread), err, _real(cost), float(at), mv, pv, job)
+        for t, sp, name, v, spread, err, cost, at, mv, pv, job in rows
+    ]
+
+
+def _real(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 # --- the alert: a drop after the latest change -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DropTest:
-    """Scores before and after the latest model or prompt version change, and the one-sided test."""
+    """Scores before and after the latest model or prompt version change of one configured model, and the
+    one-sided test."""
 
     scorer: str
     change: ChangePoint | None
-    previous: tuple[str, str] | None  # the version in use just before the change
+    previous: tuple[str, str] | None  # the version that model used just before the change
     n_before: int
     n_after: int
     mean_before: float | None
     mean_after: float | None
     p_value: float | None  # one-sided Welch t-test: after < before
+    model: str | None = None  # the configured model name whose version changed (None: not recorded)
 
     @property
     def drop(self) -> float | None:
@@ -776,29 +900,53 @@ class DropTest:
         return self.mean_before - self.mean_after
 
 
+@dataclass(frozen=True)
+class _Scored:
+    time: float
+    alias: str
+    version: tuple[str, str]  # (model version, prompt version)
+    value: float
+
+
+def _newest_change(rows: Sequence[_Scored]) -> tuple[str, tuple[str, str], float] | None:
+    """The newest (alias, version, first time) whose alias was scored with another version before it.
+
+    Like with like: a version change is one configured model moving from one version to another. Two
+    models serving at once are two series, and one model's first call is no change of the other's.
+    """
+    first: dict[tuple[str, tuple[str, str]], float] = {}
+    for r in rows:
+        first.setdefault((r.alias, r.version), r.time)
+    changes = [(alias, version, t) for (alias, version), t in first.items()
+               if any(a == alias and t0 < t for (a, _), t0 in first.items())]  # fmt: skip
+    return max(changes, key=lambda c: c[2]) if changes else None
+
+
 def drop_test(store: Store, scorer: str, *, since: float, until: float, model: str | None = None) -> DropTest:
-    """Compare the scores of the newest (model, prompt) version with those of every call scored before it."""
+    """Compare the scores of the newest version of a configured model with that model's earlier scores."""
     from scipy import stats
 
     ensure_tables(store)
     where, params = ["scorer = ?", "span_time >= ?", "span_time < ?", "value IS NOT NULL"], [scorer, since, until]
-    if model is not None:
-        where.append("model_version = ?")
-        params.append(model)
-    rows = store.query(
-        f"SELECT span_time, model_version, prompt_version, value FROM keel_eval_online_scores"
-        f" WHERE {' AND '.join(where)} ORDER BY span_time",
-        params,
-    )
-    first: dict[tuple[str, str], float] = {}
-    for t, mv, pv, _ in rows:
-        first.setdefault((mv, pv), float(t))
-    if len(first) < 2:
+    if model is not None:  # a configured model name, or a model version
+        where.append("(model_alias = ? OR model_version = ?)")
+        params += [model, model]
+    rows = [
+        _Scored(float(t), str(alias), (str(mv), str(pv)), float(v))
+        for t, alias, mv, pv, v in store.query(
+            "SELECT span_time, COALESCE(model_alias, ''), model_version, prompt_version, value"
+            f" FROM keel_eval_online_scores WHERE {' AND '.join(where)} ORDER BY span_time",
+            params,
+        )
+    ]
+    newest = _newest_change(rows)
+    if newest is None:
         return DropTest(scorer, None, None, 0, len(rows), None, None, None)
-    newest, at = max(first.items(), key=lambda kv: kv[1])
-    before = [float(v) for t, _, _, v in rows if float(t) < at]
-    after = [float(v) for t, mv, pv, v in rows if float(t) >= at and (mv, pv) == newest]
-    previous = next(((mv, pv) for t, mv, pv, _ in reversed(rows) if float(t) < at), None)
+    alias, version, at = newest
+    own = [r for r in rows if r.alias == alias]
+    before = [r.value for r in own if r.time < at]
+    after = [r.value for r in own if r.time >= at and r.version == version]
+    previous = next((r.version for r in reversed(own) if r.time < at), None)
     p_value = None
     if len(before) >= 2 and len(after) >= 2:
         with warnings.catch_warnings():  # identical scores on a side: scipy warns, and the NaN is handled below
@@ -806,8 +954,9 @@ def drop_test(store: Store, scorer: str, *, since: float, until: float, model: s
             result = stats.ttest_ind(after, before, equal_var=False, alternative="less")
         p = float(result.pvalue)
         p_value = p if math.isfinite(p) else (0.0 if sum(after) / len(after) < sum(before) / len(before) else 1.0)
+    change = ChangePoint(at, *version)
     return DropTest(
-        scorer, ChangePoint(at, *newest), previous, len(before), len(after), _mean(before), _mean(after), p_value
+        scorer, change, previous, len(before), len(after), _mean(before), _mean(after), p_value, alias or None
     )
 
 
@@ -830,6 +979,7 @@ def measure_alert(config: Config, rule: AlertRule, store: Store, now: float) -> 
     if test.change is None:
         return Evaluation(None, False, f"{scorer}: no model or prompt version change over {rule.window}")
     change = f"{_version(test.previous)} -> {_version((test.change.model_version, test.change.prompt_version))}"
+    change = f"{test.model}: {change}" if test.model else change
     counts = f"n = {test.n_before} before, {test.n_after} after; min_n = {min_n}"
     if test.n_before < min_n or test.n_after < min_n or test.drop is None or test.p_value is None:
         return Evaluation(None, False, f"{subject} not judged after {change}: {counts}")

@@ -59,6 +59,10 @@ class OnlineScorer(_Strict):
         return self.name or self.type
 
 
+#: The default catch-up bound, in intervals (an hour at the default 300 s).
+BACKFILL_INTERVALS = 12
+
+
 class OnlineConfig(_Strict):
     """`[evals.online]`: a share of production calls scored by a background job (0 = off)."""
 
@@ -70,6 +74,9 @@ class OnlineConfig(_Strict):
     tags: list[str] = []  # only calls with one of these tags
     max_per_interval: int = Field(default=1000, gt=0, le=100_000)  # sampled calls scored per interval, at most
     embedded_worker: bool = True  # `keel serve` runs the scoring items itself (else: a `keel worker` does)
+    # After a pause (sampling off, or no server running), calls older than this are not scored: the catch-up
+    # would cost a judge call per sampled call of the whole pause. None: BACKFILL_INTERVALS intervals.
+    max_backfill_s: float | None = Field(default=None, ge=1, le=90 * 86_400)
 
     @model_validator(mode="after")
     def _unique_names(self) -> OnlineConfig:
@@ -79,11 +86,20 @@ class OnlineConfig(_Strict):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"scorer names repeat: {', '.join(repeated)} (give each a `name`)")
+        if self.max_backfill_s is not None and self.max_backfill_s < self.interval_s:
+            raise ValueError(
+                f"max_backfill_s = {self.max_backfill_s:g} is shorter than one interval ({self.interval_s:g} s)"
+            )
         return self
 
     @property
     def enabled(self) -> bool:
         return self.sample > 0 and bool(self.scorers)
+
+    @property
+    def backfill_s(self) -> float:
+        """How far behind the newest settled interval a catch-up still scores."""
+        return self.max_backfill_s if self.max_backfill_s is not None else BACKFILL_INTERVALS * self.interval_s
 
 
 class EvalsConfig(_Strict):

@@ -44,10 +44,15 @@ ASSETS = {
 DEFAULT_RANGE_S = 86400.0
 QUALITY_RANGE_S = 14 * 86400.0  # the Quality page looks further back: a version's effect shows over days
 PERIODS = {"hour": 3600.0, "day": 86400.0, "week": 7 * 86400.0}
+#: Recorded once online quality created its table (keel.evals.online.ONLINE_TABLE_MIGRATION, kept in step by a test).
+ONLINE_TABLE_MIGRATION = "evals/online_0001_scores"
 NO_CACHE = {"cache-control": "no-cache"}  # an upgraded keel serves its new page at once
 
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL refuses NUL in text: a 400, not a 500
 Epoch = Annotated[float | None, Query(ge=0, le=10_000_000_000, description="Epoch seconds.")]
+Since = Annotated[
+    str | None, Query(min_length=1, max_length=40, pattern=NO_NUL, description='A duration ("14d") or epoch seconds.')
+]
 Name = Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL)]
 Text = Annotated[
     str | None, Query(max_length=200, pattern=NO_NUL, description="Text in an input, output, error or metadata value.")
@@ -156,10 +161,12 @@ def _api_router() -> APIRouter:
         request: Request, trace_id: Annotated[str, PathParam(max_length=128, pattern=NO_NUL)]
     ) -> dict[str, Any]:
         """Every span of a trace, oldest first, with parent ids, content, tokens, cost and timing."""
-        spans = await asyncio.to_thread(_store(request).get_trace, trace_id)
+        store = _store(request)
+        spans = await asyncio.to_thread(store.get_trace, trace_id)
         if not spans:
             raise NotFound(f"no trace {trace_id!r} in the store")
-        return {"trace_id": trace_id, "spans": [span_json(s) for s in spans]}
+        scores = await asyncio.to_thread(_trace_scores, store, trace_id)
+        return {"trace_id": trace_id, "spans": [span_json(s) for s in spans], "scores": scores}
 
     @api.get("/facets")
     async def facets(request: Request) -> dict[str, Any]:
@@ -195,7 +202,7 @@ def _api_router() -> APIRouter:
     @api.get("/quality")
     async def quality(
         request: Request,
-        since: Epoch = None,
+        since: Since = None,
         until: Epoch = None,
         period: Annotated[Literal["hour", "day", "week"], Query(description="Length of each period.")] = "day",
         scorer: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
@@ -203,13 +210,25 @@ def _api_router() -> APIRouter:
     ) -> dict[str, Any]:
         """Online quality ([evals.online]): each scorer's mean with its 95% CI by period, model version and
         prompt version; the version changes; per scorer, the test of the latest change (before vs after)."""
-        end = time.time() if until is None else until
-        start, end = _range(end - QUALITY_RANGE_S if since is None else since, end)
+        from keel.evals.online import parse_since
+
+        now = time.time()
+        end = now if until is None else until
+        start, end = _range(end - QUALITY_RANGE_S if since is None else parse_since(since, now), end)
         config = request.app.state.gateway.config
         return await asyncio.to_thread(_quality, config, _store(request), start, end, PERIODS[period], scorer, model)
 
     api.include_router(evals_router(_store))  # /api/evals, /api/evals/{run}, /api/evals/compare
     return api
+
+
+def _trace_scores(store: Store, trace_id: str) -> list[dict[str, Any]]:
+    """The trace's online scores ([evals.online]): scorer, value or error, spread, when scored, by span."""
+    if ONLINE_TABLE_MIGRATION not in store.applied_migrations():
+        return []  # online quality never ran on this store: no need to import the evals app (and DBOS)
+    from keel.evals.online import trace_scores
+
+    return [s.to_json() for s in trace_scores(store, trace_id)]
 
 
 def _quality(

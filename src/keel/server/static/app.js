@@ -862,6 +862,42 @@
     return item;
   }
 
+  /** The online scores ([evals.online]) of one span of a trace. */
+  function spanScores(trace, spanId) {
+    return (trace.scores || []).filter((s) => s.span_id === spanId);
+  }
+
+  function scoreText(s) {
+    if (s.value === null || s.value === undefined) return "errored: " + (s.error || "?");
+    return s.value.toFixed(3) + (s.spread === null || s.spread === undefined ? "" : " (spread " + s.spread.toFixed(3) + ")");
+  }
+
+  /** "2 scores" beside a scored span's name; its tooltip lists them. */
+  function scoreChip(scores) {
+    if (!scores.length) return null;
+    const chip = h("span", { class: "tag score-chip", style: "flex-shrink:0;margin-left:6px;font-size:11px",
+      text: scores.length + (scores.length === 1 ? " score" : " scores") });
+    chip.title = scores.map((s) => s.scorer + ": " + scoreText(s)).join("\n");
+    return chip;
+  }
+
+  /** The selected span's online scores: scorer, value (or errored, with its error), spread, when scored. */
+  function renderOnlineScores(span) {
+    const scores = spanScores(state.trace, span.span_id);
+    if (!scores.length) return null;
+    const rows = scores.map((s) => {
+      const errored = s.value === null || s.value === undefined;
+      return h("tr", { "data-scorer": s.scorer },
+        h("td", { text: s.scorer }),
+        h("td", { class: errored ? "errored" : "", style: errored ? "color:var(--err)" : "", text: scoreText(s) }),
+        h("td", { text: s.model_version + " / " + s.prompt_version }),
+        h("td", { text: "scored " + fmtDateTime(s.scored_at) }));
+    });
+    return h("div", null,
+      h("div", { class: "section-title", text: "Online scores" }),
+      h("table", { class: "attrs online-scores" }, h("tbody", null, rows)));
+  }
+
   function renderWaterfall(trace, totals) {
     const total = Math.max(totals.end - totals.start, 1e-6);
     const ticks = h("div", { class: "wf-ticks" }, [0, 0.25, 0.5, 0.75, 1].map((f) => h("span", { style: `left:${f * 100}%`, text: fmtAxisMs(+(f * total * 1000).toPrecision(2)) })));
@@ -875,7 +911,8 @@
         h("div", { class: "span-name" },
           guide ? h("span", { class: "tree", text: guide }) : null,
           h("span", { class: "dot " + opClass(span) }),
-          h("span", { class: "nm", title: span.name, text: span.name })),
+          h("span", { class: "nm", title: span.name, text: span.name }),
+          scoreChip(spanScores(trace, span.span_id))),
         h("div", { class: "span-track" },
           h("div", { class: "span-bar " + opClass(span), style: `left:${left}%;width:${width}%` }),
           h("span", { class: "span-bar-label" + (inside ? " inside" : ""), style: labelAt, text: fmtMs(span.duration_ms) })));
@@ -974,6 +1011,7 @@
         filterLink("Session", "session", span.attributes["keel.session"]),
         filterLink("User", "user", span.attributes["keel.user"])),
       span.status === "error" ? h("div", { class: "error-box" }, h("b", { text: span.error_type || "error" }), span.error_message || "") : null,
+      renderOnlineScores(span),
       h("div", { class: "section-title", text: "Input" }), h("div", { class: "io input" }, renderInput(span.input)),
       h("div", { class: "section-title", text: "Output" }), h("div", { class: "io output" }, renderOutput(span.output, span)),
       renderInvalidOutputs(span.attributes["keel.structured.invalid_outputs"]),
