@@ -107,7 +107,10 @@ def client(seeded: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestCli
 def test_the_quality_api_gives_means_with_cis_by_version_and_the_latest_change(client: TestClient) -> None:
     body = client.get("/api/quality", params={"period": "day"}, headers=ADMIN).json()
     assert body["scorers"] == ["faithfulness", "judge"]
-    assert body["online"] == {"sample": 0.2, "interval_s": 300.0, "scorers": ["faithfulness", "judge"]}
+    assert body["online"] == {
+        "sample": 0.2, "interval_s": 300.0, "scorers": ["faithfulness", "judge"], "max_backfill_s": 3600.0,
+        "skipped": None,
+    }  # fmt: skip
     versions = {(r["model_version"], r["prompt_version"]) for r in body["rows"]}
     assert versions == {(m, p) for _, m, p, _ in VERSIONS}
     assert sum(r["n"] for r in body["rows"] if r["scorer"] == "faithfulness") == 162  # 13.5 days x 12
@@ -303,3 +306,32 @@ def test_keel_eval_quality_takes_epoch_seconds_too(seeded: Gateway, monkeypatch:
     result = CliRunner().invoke(app, ["eval", "quality", "--since", str(time.time() - 3 * DAY), "--json"])
     assert result.exit_code == 0, result.output
     assert {r["model_version"] for r in json.loads(result.output)["rows"]} == {"gpt-4.1-nano-2025-04-14"}
+
+
+@pytest.fixture
+def skipped_day(seeded: Gateway) -> Iterator[tuple[float, float]]:
+    """A catch-up that skipped a day of calls (as OnlineScheduler records it), while the test runs."""
+    assert seeded.store is not None
+    skipped = (time.time() - 2 * DAY, time.time() - DAY)
+    for name, value in zip(("backfill_skipped_from", "backfill_skipped_until"), skipped, strict=True):
+        seeded.store.execute("INSERT INTO keel_eval_online_state (name, watermark) VALUES (?, ?)", [name, value])
+    yield skipped
+    seeded.store.execute("DELETE FROM keel_eval_online_state WHERE name LIKE 'backfill_skipped_%'")
+
+
+def test_the_quality_api_says_which_calls_a_catch_up_skipped(
+    client: TestClient, skipped_day: tuple[float, float]
+) -> None:
+    online = client.get("/api/quality", headers=ADMIN).json()["online"]
+    assert online["skipped"] == {"from_ts": skipped_day[0], "until_ts": skipped_day[1]}
+    assert online["max_backfill_s"] == 12 * 300
+
+
+@pytest.mark.slow
+def test_the_quality_page_says_which_calls_a_catch_up_skipped(
+    page: Page, server: Server, skipped_day: tuple[float, float]
+) -> None:
+    page.goto(server.base + "/#/quality")
+    expect(page.locator("#quality-skipped")).to_contain_text("Not scored: the calls from")
+    expect(page.locator("#quality-skipped")).to_contain_text("max_backfill_s")
+    shot(page, "32-quality-skipped")

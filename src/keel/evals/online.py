@@ -69,6 +69,7 @@ __all__ = [
     "QualityReport",
     "QualityRow",
     "TraceScore",
+    "backfill_skipped",
     "candidates",
     "drop_test",
     "measure_alert",
@@ -555,13 +556,7 @@ class OnlineScheduler:
         return floor
 
     def skipped(self) -> tuple[float, float] | None:
-        """The last range a catch-up skipped (from, until), if any."""
-        rows = dict(self.store.query(
-            "SELECT name, watermark FROM keel_eval_online_state WHERE name LIKE 'backfill_skipped_%'"
-        ))  # fmt: skip
-        if "backfill_skipped_from" not in rows:
-            return None
-        return float(rows["backfill_skipped_from"]), float(rows["backfill_skipped_until"])
+        return backfill_skipped(self.store)
 
     def tick(self, now: float | None = None) -> list[str]:
         """Submit a job for each closed interval past the watermark (with sampled calls); the names submitted."""
@@ -596,6 +591,15 @@ class OnlineScheduler:
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+
+
+def backfill_skipped(store: Store) -> tuple[float, float] | None:
+    """The last range of calls a catch-up skipped past `max_backfill_s` (from, until), if any."""
+    ensure_tables(store)
+    rows = dict(store.query("SELECT name, watermark FROM keel_eval_online_state WHERE name LIKE 'backfill_skipped_%'"))
+    if "backfill_skipped_from" not in rows:
+        return None
+    return float(rows["backfill_skipped_from"]), float(rows["backfill_skipped_until"])
 
 
 # --- running it in a server or worker ---------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def _trace_scores(store: Store, trace_id: str) -> list[dict[str, Any]]:
 def _quality(
     config: Config, store: Store, since: float, until: float, period_s: float, scorer: str | None, model: str | None
 ) -> dict[str, Any]:
-    from keel.evals.online import drop_test, online_config, quality
+    from keel.evals.online import backfill_skipped, drop_test, online_config, quality
 
     report = quality(store, since=since, until=until, period_s=period_s, scorer=scorer, model=model)
     online = online_config(config)
@@ -247,10 +247,12 @@ def _quality(
                 "n_before": t.n_before, "n_after": t.n_after, "mean_before": t.mean_before,
                 "mean_after": t.mean_after, "drop": t.drop, "p_value": t.p_value,
             })  # fmt: skip
+    skipped = backfill_skipped(store)
     return {
         **report.to_json(), "tests": tests,
         "online": {"sample": online.sample, "interval_s": online.interval_s,
-                   "scorers": [s.metric for s in online.scorers]},
+                   "scorers": [s.metric for s in online.scorers], "max_backfill_s": online.backfill_s,
+                   "skipped": {"from_ts": skipped[0], "until_ts": skipped[1]} if skipped else None},
     }  # fmt: skip
 
 

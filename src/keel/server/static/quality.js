@@ -42,6 +42,17 @@
       ? `${+(o.sample * 100).toPrecision(3)}% of calls scored every ${o.interval_s} s · ${o.scorers.join(", ")}`
         + ` · scoring cost ${usd(body.cost_usd || 0)} in this range`  // the judges' model calls: watching has a price
       : "[evals.online] sample is 0: no call is scored";
+    // a catch-up after a long pause stops at max_backfill_s: say which calls were never scored
+    let skipped = $("#quality-skipped");
+    if (!skipped) {
+      skipped = d.h("span", { class: "hint", id: "quality-skipped", style: "display:block" });
+      $("#quality-config").after(skipped);
+    }
+    skipped.hidden = !o.skipped;
+    skipped.textContent = o.skipped
+      ? `Not scored: the calls from ${d.fmtDateTime(o.skipped.from_ts)} to ${d.fmtDateTime(o.skipped.until_ts)}`
+        + ` (sampling was off or no server ran; a catch-up goes back ${o.max_backfill_s} s at most: max_backfill_s)`
+      : "";
     const charts = $("#quality-charts");
     if (!body.rows.length) {
       d.replace(charts, d.h("div", { class: "empty", text: "No online scores in this range" }));
