@@ -235,8 +235,8 @@ def _traffic(tmp_path: Path, store_path: str, versions: list[tuple[str, list[boo
 
     async def run() -> None:
         for prompt, answers in versions:
-            for ok in answers:
-                await gw.chat("good" if ok else "bad", "prod", metadata={"prompt_version": prompt})
+            for i, ok in enumerate(answers):  # distinct questions: a repeated pair counts once in the drop test
+                await gw.chat(f"{'good' if ok else 'bad'} {prompt} {i}", "prod", metadata={"prompt_version": prompt})
         gw.flush()
         assert gw.store is not None
         for c in candidates(gw.store, online_config(gw.config), time.time() - 600, time.time() + 1):
@@ -478,7 +478,7 @@ def test_the_judges_cost_shows_in_the_quality_report_and_the_cli(
     now = time.time()
     rows = [
         dict(zip(SCORE_COLUMNS, (new_trace_id(), new_id(8), scorer, "chat", "m", "v1", now - 10, 1.0, None, None,
-                                 cost, None, now, None), strict=True))
+                                 cost, None, now, None, None), strict=True))
         for scorer, cost in (("judge", 0.002), ("judge", 0.003), ("format", None))
     ]  # fmt: skip
     _write(store, [tuple(r.values()) for r in rows])
@@ -628,4 +628,36 @@ def test_the_drop_test_compares_a_model_with_its_own_earlier_scores(tmp_path: Pa
     [row] = asyncio.run(AlertEvaluator(config, gw.store).evaluate_once())
     assert row.state == ("ok" if smart_after == "same" else "firing"), row.message
     assert "fast: function / prompt v1 -> function / prompt v2" in row.message
+    gw.close()
+
+
+# --- repeated questions and answers in the drop test ----------------------------------------------------------
+
+
+def test_a_repeated_question_and_answer_counts_once_in_the_drop_test(tmp_path: Path) -> None:
+    """One question asked 30 times after a prompt change (a retry loop, a load test) is one sample, not 30:
+    the judge's cached score of it would otherwise pass for 30 independent measurements."""
+    before = [(f"good {i}" if i % 4 else f"bad {i}") for i in range(30)]  # 30 distinct calls, 75% good
+    after = [f"good {i}" for i in range(3)] + ["bad again"] * 30  # 3 distinct good + one bad pair 30 times
+    gw = _two_models(tmp_path, [])  # a gateway and its judge, no traffic yet
+    assert gw.store is not None
+
+    async def run() -> None:
+        for prompt, texts in (("v1", before), ("v2", after)):
+            for text in texts:
+                await gw.chat(text, "fast", metadata={"prompt_version": prompt})
+        gw.flush()
+        assert gw.store is not None
+        for c in candidates(gw.store, online_config(gw.config), time.time() - 600, time.time() + 1):
+            await score_span(gw.store, gw, online_config(gw.config), c.trace_id, c.span_id)
+
+    asyncio.run(run())
+    test = drop_test(gw.store, "judge", since=time.time() - 3600, until=time.time() + 1)
+    assert (test.n_before, test.n_after) == (30, 4)
+    assert (test.calls_before, test.calls_after) == (30, 33)
+    assert test.mean_after == pytest.approx((3 * 1.0 + 0.25) / 4)
+    config = load_config(write_config(tmp_path, (tmp_path / "keel.toml").read_text() + ALERT))
+    [row] = asyncio.run(AlertEvaluator(config, gw.store).evaluate_once())
+    assert row.state == "ok"  # 4 distinct answers after the change: below min_n = 20
+    assert "n = 30 before, 4 after (distinct question and answer pairs; 30 and 33 calls); min_n = 20" in row.message
     gw.close()

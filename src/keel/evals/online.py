@@ -123,13 +123,21 @@ ONLINE_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE TABLE IF NOT EXISTS keel_eval_online_state (name TEXT PRIMARY KEY, watermark {real} NOT NULL)",
         ),
     ),
-    # The configured model name (`keel.model`) the call asked for: the drop test compares a model with its own
-    # earlier scores when several serve at once. NULL on rows scored before (they form one group).
-    Migration("online_0002_model_alias", ("ALTER TABLE keel_eval_online_scores ADD COLUMN model_alias TEXT",)),
+    # What the drop test needs, NULL on rows scored before: the configured model name (`keel.model`) the call
+    # asked for (a model is compared with its own earlier scores when several serve at once; NULLs form one
+    # group), and a hash of the call's input and output (a repeated question and answer counts once; a NULL
+    # counts as distinct).
+    Migration(
+        "online_0002_drop_test_keys",
+        (
+            "ALTER TABLE keel_eval_online_scores ADD COLUMN model_alias TEXT",
+            "ALTER TABLE keel_eval_online_scores ADD COLUMN content_hash TEXT",
+        ),
+    ),
 )
 SCORE_COLUMNS = (
     "trace_id", "span_id", "scorer", "kind", "model_version", "prompt_version", "span_time", "value", "spread",
-    "error", "cost_usd", "job", "scored_at", "model_alias",
+    "error", "cost_usd", "job", "scored_at", "model_alias", "content_hash",
 )  # fmt: skip
 
 _migrated: set[int] = set()
@@ -247,6 +255,12 @@ def _model_alias(span: Span, trace: Sequence[Span]) -> str | None:
         return _model_alias(answering[-1], ()) if answering else None
     value = span.attributes.get("keel.model")
     return str(value) if value else None
+
+
+def _content_hash(span: Span) -> str:
+    """The call's input and output (the request and what came back), as the drop test's identity of a pair."""
+    text = json.dumps([span.input, span.output], sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _last_answered_as(store: Store, span: Span) -> str | None:
@@ -406,7 +420,7 @@ async def score_span(
         last: str | None = await asyncio.to_thread(_last_answered_as, store, span)
         model = last or model
     kind = "rag" if span.attributes.get("gen_ai.operation.name") == "rag" else "chat"
-    alias = _model_alias(span, trace)
+    alias, content = _model_alias(span, trace), _content_hash(span)
     rows, results = [], []
     for scorer in online.scorers:
         if scorer.metric in done:
@@ -417,7 +431,7 @@ async def score_span(
         results.append(row)
         rows.append((
             trace_id, span_id, row.scorer, kind, model, prompt, span.end_time, row.value, row.spread, row.error,
-            row.cost_usd or None, job, time.time(), alias,
+            row.cost_usd or None, job, time.time(), alias, content,
         ))  # fmt: skip
     written = await asyncio.to_thread(_write, store, rows) if rows else 0
     return {
@@ -896,6 +910,8 @@ class DropTest:
     mean_after: float | None
     p_value: float | None  # one-sided Welch t-test: after < before
     model: str | None = None  # the configured model name whose version changed (None: not recorded)
+    calls_before: int = 0  # scored calls; n_before / n_after count a repeated (input, output) pair once
+    calls_after: int = 0
 
     @property
     def drop(self) -> float | None:
@@ -910,6 +926,17 @@ class _Scored:
     alias: str
     version: tuple[str, str]  # (model version, prompt version)
     value: float
+    content: str  # the (input, output) pair's hash; the call's own key when not recorded
+
+
+def _distinct(rows: Sequence[_Scored]) -> list[float]:
+    """One value per distinct (input, output) pair, the mean of its scores (equal, when a judge's cached
+    answer or a deterministic scorer gave them): repeats of a pair (a retry loop, a load test, an FAQ)
+    measure the version once, and would otherwise shrink the test's variance as if independent."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r.content, []).append(r.value)
+    return [sum(v) / len(v) for v in groups.values()]
 
 
 def _newest_change(rows: Sequence[_Scored]) -> tuple[str, tuple[str, str], float] | None:
@@ -936,10 +963,10 @@ def drop_test(store: Store, scorer: str, *, since: float, until: float, model: s
         where.append("(model_alias = ? OR model_version = ?)")
         params += [model, model]
     rows = [
-        _Scored(float(t), str(alias), (str(mv), str(pv)), float(v))
-        for t, alias, mv, pv, v in store.query(
-            "SELECT span_time, COALESCE(model_alias, ''), model_version, prompt_version, value"
-            f" FROM keel_eval_online_scores WHERE {' AND '.join(where)} ORDER BY span_time",
+        _Scored(float(t), str(alias), (str(mv), str(pv)), float(v), str(content or f"{trace}:{span}"))
+        for t, alias, mv, pv, v, content, trace, span in store.query(
+            "SELECT span_time, COALESCE(model_alias, ''), model_version, prompt_version, value, content_hash,"
+            f" trace_id, span_id FROM keel_eval_online_scores WHERE {' AND '.join(where)} ORDER BY span_time",
             params,
         )
     ]
@@ -948,8 +975,9 @@ def drop_test(store: Store, scorer: str, *, since: float, until: float, model: s
         return DropTest(scorer, None, None, 0, len(rows), None, None, None)
     alias, version, at = newest
     own = [r for r in rows if r.alias == alias]
-    before = [r.value for r in own if r.time < at]
-    after = [r.value for r in own if r.time >= at and r.version == version]
+    before_rows = [r for r in own if r.time < at]
+    after_rows = [r for r in own if r.time >= at and r.version == version]
+    before, after = _distinct(before_rows), _distinct(after_rows)
     previous = next((r.version for r in reversed(own) if r.time < at), None)
     p_value = None
     if len(before) >= 2 and len(after) >= 2:
@@ -960,8 +988,9 @@ def drop_test(store: Store, scorer: str, *, since: float, until: float, model: s
         p_value = p if math.isfinite(p) else (0.0 if sum(after) / len(after) < sum(before) / len(before) else 1.0)
     change = ChangePoint(at, *version)
     return DropTest(
-        scorer, change, previous, len(before), len(after), _mean(before), _mean(after), p_value, alias or None
-    )
+        scorer, change, previous, len(before), len(after), _mean(before), _mean(after), p_value, alias or None,
+        len(before_rows), len(after_rows),
+    )  # fmt: skip
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -984,7 +1013,10 @@ def measure_alert(config: Config, rule: AlertRule, store: Store, now: float) -> 
         return Evaluation(None, False, f"{scorer}: no model or prompt version change over {rule.window}")
     change = f"{_version(test.previous)} -> {_version((test.change.model_version, test.change.prompt_version))}"
     change = f"{test.model}: {change}" if test.model else change
-    counts = f"n = {test.n_before} before, {test.n_after} after; min_n = {min_n}"
+    counts = f"n = {test.n_before} before, {test.n_after} after"
+    if (test.calls_before, test.calls_after) != (test.n_before, test.n_after):
+        counts += f" (distinct question and answer pairs; {test.calls_before} and {test.calls_after} calls)"
+    counts += f"; min_n = {min_n}"
     if test.n_before < min_n or test.n_after < min_n or test.drop is None or test.p_value is None:
         return Evaluation(None, False, f"{subject} not judged after {change}: {counts}")
     significant = test.p_value < rule.alpha
