@@ -502,6 +502,7 @@ def test_trace_view_returns_the_span_tree(client: TestClient, traffic: list[Span
     root = next(s for s in traffic if s.name == "agent plan-trip")
     body = get(client, f"/api/traces/{root.trace_id}")
     spans = {s["name"]: s for s in body["spans"]}
+    assert body["scores"] == []  # no online quality on this store (its scores: tests/test_evals_online_page.py)
     assert set(spans) == {"agent plan-trip", "chat smart", "execute_tool hotels"}
     assert spans["agent plan-trip"]["parent_id"] is None
     assert spans["chat smart"]["parent_id"] == spans["execute_tool hotels"]["parent_id"] == root.span_id
