@@ -12,7 +12,8 @@
   with one item per sampled call (keyed by trace and span id). Several replicas
   submit the same name and items, which the job layer runs once; a watermark in
   the store remembers the last interval handed out, so restarts catch up (at most
-  `CATCH_UP` intervals a tick) and a new deployment starts from now.
+  `CATCH_UP` intervals a tick, and no further back than `max_backfill_s`: an older
+  pause is skipped, logged once) and a new deployment starts from now.
 - **Scoring.** An item scores its call with every configured scorer and writes one
   row per (call, scorer) in `keel_eval_online_scores` with ON CONFLICT DO NOTHING,
   after skipping scorers already stored for the call: a step DBOS runs again after
@@ -22,6 +23,9 @@
   requested model (a RAG answer: its answering call's; `extractive` when no model
   wrote it). Prompt version: the call's `metadata={"prompt_version": ...}`, i.e.
   the span attribute `keel.metadata.prompt_version` (`-` when not given).
+- **The drop test** compares like with like: one configured model's newest version with
+  that model's own earlier scores (not another model serving at the same time), each
+  distinct (input, output) pair once.
 """
 
 from __future__ import annotations
