@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -361,3 +362,45 @@ def test_an_items_start_and_outcome_are_one_statement_each_and_a_second_outcome_
     assert records.start_item(store, "j", "c", 0, "t6") is not None
     assert records.finish_item(store, "j", "c", 0, result=None) is True
     assert records.get_job(store, "j").status == "failed"  # the last item finished it, one item failed
+
+
+def test_items_claimed_just_before_the_system_database_went_away_are_queued_again_by_their_live_worker(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DBOS claims a batch (PENDING under this worker, committed), then reads the claimed workflows back to start
+    # them. The database gone in between (PostgreSQL stopped: its socket file is gone, an error DBOS's db_retry does
+    # not wait out) drops the dispatch: nothing runs them, and no recovery looks at a live worker's workflows.
+    import psycopg
+    import sqlalchemy as sa
+    from dbos._dbos import _get_dbos_instance
+
+    monkeypatch.setenv("KEEL_JOBS__HEARTBEAT_S", "0.2")
+    monkeypatch.setenv("KEEL_JOBS__DEAD_AFTER_S", "1")
+    gone = psycopg.OperationalError('connection is bad: connection to server on socket "/tmp/.s.PGSQL.5432" failed')
+    lost: list[str] = []
+    outage = {"until": 0.0}
+    with JobRunner(load_config()) as runner, Worker(runner.config, worker_id="in-process") as worker:
+        sys_db = _get_dbos_instance()._sys_db
+        read_back = sys_db.get_workflow_statuses
+
+        def away_after_the_claim(ids: list[str]) -> Any:
+            if not lost:  # the first batch claimed: the database goes away for 0.3 s now
+                lost.extend(ids)
+                outage["until"] = time.monotonic() + 0.3
+            if time.monotonic() < outage["until"]:
+                raise sa.exc.OperationalError("SELECT ...", {}, gone)
+            return read_back(ids)
+
+        monkeypatch.setattr(sys_db, "get_workflow_statuses", away_after_the_claim)
+        runner.submit("claimed", "test.effect", list(range(8)))
+        job = runner.wait("claimed", timeout=30)
+        assert (job.status, job.done, job.failed) == ("done", 8, 0)
+        assert lost and worker.orphans_recovered == len(lost)
+        assert sorted(jobs_app_effects(env), key=int) == [str(i) for i in range(8)]
+
+
+def jobs_app_effects(env: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(env / "effects.db") as conn:
+        return [row[0] for row in conn.execute("SELECT key FROM effects")]

@@ -91,6 +91,10 @@ class Worker:
         self._lost_store_at: float | None = None
         self._engine: sa.Engine | None = None  # keel's engine for a SQLite system database
         self._executor: ItemExecutor | None = None
+        # workflow id -> when DBOS dequeued it, for this worker's PENDING workflows no thread here ran at the last
+        # look: one still so at the next look is an orphan (see `recover_orphans`)
+        self._unrun: dict[str, int | None] = {}
+        self.orphans_recovered = 0  # workflows of its own this worker handed back to the queue
 
     def start(self) -> Worker:
         global _running
@@ -150,13 +154,14 @@ class Worker:
                 self._lost_store_at = self._lost_store_at or time.monotonic()
 
     def tick(self) -> list[str]:
-        """One heartbeat, then recovery of the workers found dead; their ids."""
+        """One heartbeat, a look for this worker's orphaned items, then recovery of dead workers; their ids."""
         if self.incarnation is None:
             raise ConfigError(f"worker {self.worker_id!r} is not started")
         if not heartbeats.beat(self.store, self.worker_id, self.incarnation):
             # another worker declared this one dead (a long pause) and recovered its items; it is alive after
             # all, so it registers again: what it still runs is finished by whichever run writes first
             self.incarnation = heartbeats.register(self.store, self.worker_id, self.config.jobs.dead_after_s)
+        self.recover_orphans()
         if self._lost_store_at is not None:
             # After an outage every heartbeat is stale, the live workers' too: wait one timeout for them to beat.
             if time.monotonic() - self._lost_store_at < self.config.jobs.dead_after_s:
@@ -170,6 +175,41 @@ class Worker:
             log.warning("worker %s recovered %d items of dead workers %s", self.worker_id, len(handles), dead)
             self.recovered.extend(dead)
         return dead
+
+    def recover_orphans(self) -> list[str]:
+        """Hand back to the queue this worker's own items that DBOS claimed for it but no thread here runs; their ids.
+
+        DBOS claims a queued workflow for this executor (PENDING, in one commit)
+        and only then reads its status back and starts a thread for it. When
+        the system database goes away between the two (PostgreSQL restarting,
+        a network cut), DBOS logs the error and drops the dispatch: the
+        workflow stays PENDING under a live executor, which no recovery looks
+        at (DBOS recovers an executor's workflows when it starts, keel when its
+        heartbeat is stale), and its item never runs. A workflow seen PENDING
+        here, outside DBOS's running set, at two looks a heartbeat apart with
+        the same dequeue time is such an orphan (a dispatch takes milliseconds;
+        a new claim changes the time): it goes back on its queue. At worst
+        one still being dispatched runs twice, which an item allows (its start
+        and outcome are conditional: the second run finds it done).
+        """
+        if self._executor is None:
+            return []
+        try:
+            pending = DBOS.list_workflows(executor_id=self.worker_id, status="PENDING", load_input=False,
+                                          load_output=False)  # fmt: skip
+        except Exception as exc:  # the system database is away: look again next beat
+            log.warning("worker %s: could not list its workflows: %s", self.worker_id, exc)
+            return []
+        running = set(_dbos_running())
+        unrun = {w.workflow_id: w.dequeued_at for w in pending if w.workflow_id not in running}
+        orphans = [wf for wf, at in unrun.items() if wf in self._unrun and self._unrun[wf] == at]
+        self._unrun = {wf: at for wf, at in unrun.items() if wf not in orphans}
+        recovered = [wf for wf in orphans if _requeue(wf, self.worker_id)]
+        if recovered:
+            log.warning("worker %s: %d of its items were claimed but never started (%s); queued again",
+                        self.worker_id, len(recovered), ", ".join(recovered[:5]))  # fmt: skip
+            self.orphans_recovered += len(recovered)
+        return recovered
 
     # --- stopping ------------------------------------------------------------------------
 
@@ -226,3 +266,22 @@ class Worker:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _dbos_running() -> list[str]:
+    """Ids of the workflows this process's DBOS runs now (from its dispatch to the record of its outcome)."""
+    from dbos._dbos import _get_dbos_instance
+
+    return _get_dbos_instance()._active_workflows_set.activeList()
+
+
+def _requeue(workflow_id: str, executor_id: str) -> bool:
+    """Put a PENDING workflow of `executor_id` back on its queue, as DBOS's recovery does; False if it moved on."""
+    from dbos._dbos import _get_dbos_instance
+    from dbos._utils import INTERNAL_QUEUE_NAME
+
+    try:
+        return _get_dbos_instance()._sys_db.reenqueue_for_recovery(workflow_id, [executor_id], INTERNAL_QUEUE_NAME)
+    except Exception as exc:  # the system database is away again: the next looks find it once more
+        log.warning("worker %s: could not queue %s again: %s", executor_id, workflow_id, exc)
+        return False
