@@ -364,8 +364,9 @@ def test_an_items_start_and_outcome_are_one_statement_each_and_a_second_outcome_
     assert records.get_job(store, "j").status == "failed"  # the last item finished it, one item failed
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_items_claimed_just_before_the_system_database_went_away_are_queued_again_by_their_live_worker(
-    env: Path, monkeypatch: pytest.MonkeyPatch
+    env: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, backend: str
 ) -> None:
     # DBOS claims a batch (PENDING under this worker, committed), then reads the claimed workflows back to start
     # them. The database gone in between (PostgreSQL stopped: its socket file is gone, an error DBOS's db_retry does
@@ -374,6 +375,8 @@ def test_items_claimed_just_before_the_system_database_went_away_are_queued_agai
     import sqlalchemy as sa
     from dbos._dbos import _get_dbos_instance
 
+    if backend == "postgres":  # keel's store and DBOS's tables in one PostgreSQL database, as in production
+        monkeypatch.setenv("KEEL_STORE", request.getfixturevalue("pg_database_url"))
     monkeypatch.setenv("KEEL_JOBS__HEARTBEAT_S", "0.2")
     monkeypatch.setenv("KEEL_JOBS__DEAD_AFTER_S", "1")
     gone = psycopg.OperationalError('connection is bad: connection to server on socket "/tmp/.s.PGSQL.5432" failed')
@@ -395,7 +398,7 @@ def test_items_claimed_just_before_the_system_database_went_away_are_queued_agai
         runner.submit("claimed", "test.effect", list(range(8)))
         job = runner.wait("claimed", timeout=30)
         assert (job.status, job.done, job.failed) == ("done", 8, 0)
-        assert lost and worker.orphans_recovered == len(lost)
+        assert lost and worker.orphans_recovered >= len(lost)
         assert sorted(jobs_app_effects(env), key=int) == [str(i) for i in range(8)]
 
 
