@@ -376,7 +376,11 @@ def test_items_claimed_just_before_the_system_database_went_away_are_queued_agai
     from dbos._dbos import _get_dbos_instance
 
     if backend == "postgres":  # keel's store and DBOS's tables in one PostgreSQL database, as in production
+        from keel.jobs import runner as runner_module
+
         monkeypatch.setenv("KEEL_STORE", request.getfixturevalue("pg_database_url"))
+        # the database is emptied for the next test under the same URL: it must not be taken for migrated then
+        monkeypatch.setattr(runner_module, "_migrated", set())
     monkeypatch.setenv("KEEL_JOBS__HEARTBEAT_S", "0.2")
     monkeypatch.setenv("KEEL_JOBS__DEAD_AFTER_S", "1")
     gone = psycopg.OperationalError('connection is bad: connection to server on socket "/tmp/.s.PGSQL.5432" failed')
