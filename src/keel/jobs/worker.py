@@ -185,7 +185,9 @@ class Worker:
         a network cut), DBOS logs the error and drops the dispatch: the
         workflow stays PENDING under a live executor, which no recovery looks
         at (DBOS recovers an executor's workflows when it starts, keel when its
-        heartbeat is stale), and its item never runs. A workflow seen PENDING
+        heartbeat is stale), and its item never runs. (DBOS's write of an
+        outcome, after keel recorded the item, is dropped the same way: the
+        item is done, its workflow PENDING.) A workflow seen PENDING
         here, outside DBOS's running set, at two looks a heartbeat apart with
         the same dequeue time is such an orphan (a dispatch takes milliseconds;
         a new claim changes the time): it goes back on its queue. At worst
@@ -206,7 +208,7 @@ class Worker:
         self._unrun = {wf: at for wf, at in unrun.items() if wf not in orphans}
         recovered = [wf for wf in orphans if _requeue(wf, self.worker_id)]
         if recovered:
-            log.warning("worker %s: %d of its items were claimed but never started (%s); queued again",
+            log.warning("worker %s: %d of its items PENDING in DBOS but not running here (%s); queued again",
                         self.worker_id, len(recovered), ", ".join(recovered[:5]))  # fmt: skip
             self.orphans_recovered += len(recovered)
         return recovered
