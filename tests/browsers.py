@@ -4,17 +4,21 @@ browser), and a keel server started with an admin key, as every real deployment 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, BrowserContext, Page
+
+    from keel import Gateway
+    from serving import Server
 
 __all__ = [
-    "ARTIFACTS", "CHROMIUM", "CHROMIUM_ARGS", "admin_key_set", "dashboard_page", "launched_browser",
-    "no_horizontal_scroll", "shot",
+    "ARTIFACTS", "CHROMIUM", "CHROMIUM_ARGS", "admin_key_set", "admin_server", "close_gateway", "dashboard_page",
+    "launched_browser", "no_horizontal_scroll", "shot", "signed_in",
 ]  # fmt: skip
 
 #: Where the dashboard tests leave their screenshots, to be looked at.
@@ -55,11 +59,40 @@ def admin_key_set(key: str) -> Iterator[None]:
 
 
 @contextmanager
-def dashboard_page(browser: Browser, width: int, admin_key: str, *, expected: tuple[str, ...] = ()) -> Iterator[Page]:
-    """A page `width` px wide that knows the admin key; fails the test on any page error or console error
-    but those containing one of `expected` (e.g. "status of 404" when a test asks for a missing thing)."""
-    context = browser.new_context(viewport={"width": width, "height": 900})
+def admin_server(gateway: Gateway, key: str) -> Iterator[Server]:
+    """`gateway` served with the admin key `key`, as every real deployment has; stopped on the way out."""
+    from serving import Server
+
+    with admin_key_set(key):
+        running = Server(gateway)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def close_gateway(gateway: Gateway) -> None:
+    """Close `gateway` in a thread of its own: Playwright's sync API leaves an event loop set in this one,
+    and a gateway that never ran a sync call closes with asyncio.run."""
+    closing = threading.Thread(target=gateway.close)
+    closing.start()
+    closing.join(timeout=30)
+
+
+def signed_in(browser: Browser, width: int, admin_key: str, *, height: int = 900) -> BrowserContext:
+    """A browser context whose pages already hold the admin key, as after signing in once."""
+    context = browser.new_context(viewport={"width": width, "height": height})
     context.add_init_script(f"localStorage.setItem('keel.adminKey', {admin_key!r})")
+    return context
+
+
+@contextmanager
+def dashboard_page(
+    browser: Browser, width: int, admin_key: str, *, height: int = 900, expected: tuple[str, ...] = ()
+) -> Iterator[Page]:
+    """A signed-in page `width` px wide; fails the test on any page error or console error but those
+    containing one of `expected` (e.g. "status of 404" when a test asks for a missing thing)."""
+    context = signed_in(browser, width, admin_key, height=height)
     opened = context.new_page()
     problems: list[str] = []
     opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from browsers import admin_key_set, launched_browser
+from browsers import admin_server, dashboard_page, launched_browser
 from helpers import gateway
 from keel import CallContext, Gateway, TestModel
 from keel.errors import ProviderTimeout, ServerError, StructuredOutputError, UnknownModel
@@ -173,10 +173,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
 @pytest.fixture(scope="module")
 def server(seeded: Seeded) -> Iterator[Server]:
     """A server with an admin key (read when the app is made), as every real deployment has."""
-    with admin_key_set(ADMIN_KEY):
-        running = Server(seeded.gw)
-    yield running
-    running.stop()
+    with admin_server(seeded.gw, ADMIN_KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -185,23 +183,10 @@ def browser() -> Iterator[Browser]:
         yield launched
 
 
-def signed_in(browser: Browser, width: int) -> Any:
-    """A browser context whose page already holds the admin key, as after signing in once."""
-    context = browser.new_context(viewport={"width": width, "height": 1000 if width > 1200 else 900})
-    context.add_init_script(f"localStorage.setItem('keel.adminKey', {ADMIN_KEY!r})")
-    return context
-
-
 @pytest.fixture(params=[1440])
 def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    context = signed_in(browser, request.param)
-    opened = context.new_page()
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    opened.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    yield opened
-    context.close()
-    assert problems == [], problems
+    with dashboard_page(browser, request.param, ADMIN_KEY, height=1000 if request.param > 1200 else 900) as opened:
+        yield opened
 
 
 def shot(page: Page, name: str, top_of: str | None = None, *, full: bool = False) -> Path:

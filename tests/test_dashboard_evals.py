@@ -9,7 +9,6 @@ the same code. Screenshots at 1024 and 1440 px land in tests/artifacts/dashboard
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, Page, expect
 
-from browsers import admin_key_set, dashboard_page, launched_browser, no_horizontal_scroll, shot
+from browsers import admin_server, close_gateway, dashboard_page, launched_browser, no_horizontal_scroll, shot
 from helpers import gateway
 from keel import Gateway
 from keel.evals import CaseResult, Suite, load_run, run_suite, storage
@@ -85,9 +84,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, 
     runs.update(later=later.run_id, other=other.run_id)
     gw.flush()
     yield gw, runs
-    closing = threading.Thread(target=gw.close)  # see test_dashboard_jobs.py: Playwright leaves a loop set
-    closing.start()
-    closing.join(timeout=30)
+    close_gateway(gw)
 
 
 @pytest.fixture
@@ -223,10 +220,8 @@ def test_no_run_yet_says_which_command_fills_the_page(tmp_path: Path, monkeypatc
 
 @pytest.fixture(scope="module")
 def server(seeded: tuple[Gateway, dict[str, str]]) -> Iterator[Server]:
-    with admin_key_set(ADMIN_KEY):
-        running = Server(seeded[0])
-    yield running
-    running.stop()
+    with admin_server(seeded[0], ADMIN_KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -325,20 +320,16 @@ def test_the_pages_script_is_served_and_loaded_before_app_js(client: TestClient)
 @pytest.mark.slow
 def test_the_evals_page_with_no_run_names_the_command_that_fills_it(page: Page, tmp_path: Path) -> None:
     gw = gateway(tmp_path, "", store=str(tmp_path / "empty.db"))
-    with admin_key_set(ADMIN_KEY):
-        empty = Server(gw)
     try:
-        page.goto(empty.base + "/#/evals")
-        expect(page.locator("#evals-view .empty-row")).to_have_text(
-            "No evaluation run yet: keel eval run SUITE records one run per variant."
-        )
-        expect(page.locator("#eval-compare")).to_have_count(0)  # nothing to pick
-        shot(page, "evals-empty")
+        with admin_server(gw, ADMIN_KEY) as empty:
+            page.goto(empty.base + "/#/evals")
+            expect(page.locator("#evals-view .empty-row")).to_have_text(
+                "No evaluation run yet: keel eval run SUITE records one run per variant."
+            )
+            expect(page.locator("#eval-compare")).to_have_count(0)  # nothing to pick
+            shot(page, "evals-empty")
     finally:
-        empty.stop()
-        closing = threading.Thread(target=gw.close)
-        closing.start()
-        closing.join(timeout=30)
+        close_gateway(gw)
 
 
 def _seed_run(store: Store, run_id: str, index: int, recorded: int, total: int, shift: float) -> None:
@@ -376,21 +367,17 @@ def test_the_runs_list_reloads_while_a_run_runs(page: Page, tmp_path: Path) -> N
     ensure_tables(gw.store)
     records.create_job(gw.store, "eval:seeded", "eval.case", "default", [(str(i), i) for i in range(30)])
     _seed_run(gw.store, "live", 0, 10, 30, 0.0)
-    with admin_key_set(ADMIN_KEY):
-        live = Server(gw)
     try:
-        page.goto(live.base + "/#/evals")
-        row = page.locator("#evals-view tr.eval-row")
-        expect(row.locator(".badge")).to_have_text("running")
-        expect(row).to_contain_text("not finished")
-        for i in range(10, 30):  # the worker records the rest, and the job ends
-            case = CaseResult(case_id=f"c{i}", scores={"f1": 1.0}, passed=True, trace_id=f"t{i}")
-            storage.write_case(gw.store, "live", i, f"key-{i}", case, {"input": f"q{i}"})
-        records.set_job_status(gw.store, "eval:seeded", records.DONE, only_from=[records.RUNNING])
-        expect(row.locator(".badge")).to_have_text("done", timeout=10_000)  # no click: the page reloaded itself
-        expect(row).to_contain_text("30")
+        with admin_server(gw, ADMIN_KEY) as live:
+            page.goto(live.base + "/#/evals")
+            row = page.locator("#evals-view tr.eval-row")
+            expect(row.locator(".badge")).to_have_text("running")
+            expect(row).to_contain_text("not finished")
+            for i in range(10, 30):  # the worker records the rest, and the job ends
+                case = CaseResult(case_id=f"c{i}", scores={"f1": 1.0}, passed=True, trace_id=f"t{i}")
+                storage.write_case(gw.store, "live", i, f"key-{i}", case, {"input": f"q{i}"})
+            records.set_job_status(gw.store, "eval:seeded", records.DONE, only_from=[records.RUNNING])
+            expect(row.locator(".badge")).to_have_text("done", timeout=10_000)  # no click: the page reloaded itself
+            expect(row).to_contain_text("30")
     finally:
-        live.stop()
-        closing = threading.Thread(target=gw.close)
-        closing.start()
-        closing.join(timeout=30)
+        close_gateway(gw)

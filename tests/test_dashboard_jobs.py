@@ -8,7 +8,6 @@ tests/artifacts/dashboard/ for a person to look at.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, Page, expect
 
-from browsers import admin_key_set, dashboard_page, launched_browser, no_horizontal_scroll, shot
+from browsers import admin_server, close_gateway, dashboard_page, launched_browser, no_horizontal_scroll, shot
 from helpers import gateway
 from keel import Gateway
 from keel.jobs import records
@@ -83,11 +82,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, 
     gw = gateway(tmp, "", store=str(tmp / "keel.db"))
     assert gw.store is not None
     yield gw, seed(gw.store)
-    # in a thread of its own: Playwright's sync API leaves an event loop set in this one, and a gateway that
-    # never ran a sync call closes with asyncio.run
-    closing = threading.Thread(target=gw.close)
-    closing.start()
-    closing.join(timeout=30)
+    close_gateway(gw)
 
 
 @pytest.fixture
@@ -156,10 +151,8 @@ def test_the_jobs_api_needs_the_admin_key_and_names_bad_input(client: TestClient
 
 @pytest.fixture(scope="module")
 def server(seeded: tuple[Gateway, dict[str, Any]]) -> Iterator[Server]:
-    with admin_key_set(ADMIN_KEY):
-        running = Server(seeded[0])
-    yield running
-    running.stop()
+    with admin_server(seeded[0], ADMIN_KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -238,13 +231,9 @@ def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         records.create_job(gw.store, name, "evals.online", "evals.online", [(str(k), k) for k in range(3)])
         for k in range(3):
             _run_item(gw.store, name, str(k), cost=0.0004)
-    with admin_key_set(ADMIN_KEY):
-        running = Server(gw)
-    yield running
-    running.stop()
-    closing = threading.Thread(target=gw.close)
-    closing.start()
-    closing.join(timeout=30)
+    with admin_server(gw, ADMIN_KEY) as running:
+        yield running
+    close_gateway(gw)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, Page, expect
 from typer.testing import CliRunner
 
-from browsers import admin_key_set, dashboard_page, launched_browser, no_horizontal_scroll, shot
+from browsers import admin_server, close_gateway, dashboard_page, launched_browser, no_horizontal_scroll, shot
 from helpers import gateway
 from keel import FunctionModel, Gateway
 from keel.cli import traces as traces_cli
@@ -92,9 +92,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     scoring.start()
     scoring.join(timeout=120)
     yield gw
-    closing = threading.Thread(target=gw.close)  # Playwright leaves an event loop set in this thread
-    closing.start()
-    closing.join(timeout=30)
+    close_gateway(gw)
 
 
 @pytest.fixture
@@ -161,10 +159,8 @@ def test_keel_eval_quality_prints_the_table_and_the_latest_change(
 
 @pytest.fixture(scope="module")
 def server(seeded: Gateway) -> Iterator[Server]:
-    with admin_key_set(ADMIN_KEY):
-        running = Server(seeded)
-    yield running
-    running.stop()
+    with admin_server(seeded, ADMIN_KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
