@@ -13,18 +13,26 @@ import signal
 from typing import Any
 
 
-def answer(text: str) -> str:
-    path = os.environ["EVALS_CALLS"]
+def _kill_due() -> bool:
+    """Whether this call would be number EVALS_KILL_AT (counted in the EVALS_CALLS file, one line a call)."""
     kill_at = int(os.environ.get("EVALS_KILL_AT", "0"))
     done = 0
-    if os.path.exists(path):
-        with open(path) as seen:
+    if os.path.exists(os.environ["EVALS_CALLS"]):
+        with open(os.environ["EVALS_CALLS"]) as seen:
             done = seen.read().count("\n")
-    if kill_at and done + 1 >= kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    with open(path, "a") as calls:
+    return bool(kill_at) and done + 1 >= kill_at
+
+
+def _record(text: str) -> str:
+    with open(os.environ["EVALS_CALLS"], "a") as calls:
         calls.write(f"{text}\n")
     return text.upper()
+
+
+def answer(text: str) -> str:
+    if _kill_due():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _record(text)
 
 
 def length_score(output: Any, expected: Any) -> float:
@@ -61,19 +69,11 @@ async def answer_async(text: str) -> str:
     """`answer`, but a coroutine that takes 50 ms, so that the cases of a chunk overlap. The call that would
     be number EVALS_KILL_AT waits 2 s first: cases that answered meanwhile get recorded, and the kill finds
     no case answered but unrecorded (that case would be called again, as DBOS steps are at-least-once)."""
-    path = os.environ["EVALS_CALLS"]
-    kill_at = int(os.environ.get("EVALS_KILL_AT", "0"))
-    done = 0
-    if os.path.exists(path):
-        with open(path) as seen:
-            done = seen.read().count("\n")
-    if kill_at and done + 1 >= kill_at:
+    if _kill_due():
         await asyncio.sleep(2.0)
         os.kill(os.getpid(), signal.SIGKILL)
     await asyncio.sleep(0.05)
-    with open(path, "a") as calls:
-        calls.write(f"{text}\n")
-    return text.upper()
+    return _record(text)
 
 
 async def slow_answer_too(text: str) -> str:

@@ -379,39 +379,48 @@ def _rows(store: Store) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in store.query("SELECT span_id, scorer, value, error FROM keel_eval_online_scores")]
 
 
+def _closed_interval(tmp_path: Path, toml: str, back_s: int) -> tuple[dict[str, str], Store, float]:
+    """keel.toml `toml` and a store whose scoring watermark is at the start of the minute `back_s` seconds ago:
+    a process started with the env scores the calls written from there on. The env, the store, that start."""
+    config = write_config(tmp_path, toml)
+    store_path = tmp_path / "keel.db"
+    env = {**os.environ, "KEEL_CONFIG": str(config), "KEEL_STORE": str(store_path), "PYTHONPATH": str(SRC)}
+    store = open_store(str(store_path))
+    ensure_tables(store)
+    start = math.floor(time.time() / 60) * 60 - back_s
+    store.execute("INSERT INTO keel_eval_online_state (name, watermark) VALUES ('watermark', ?)", [start])
+    return env, store, start
+
+
+def _wait_for_rows(store: Store, count: int, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    """Until `count` score rows are stored, while `process` lives (its log's tail if it dies or time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    while len(_rows(store)) < count:
+        assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_job_then_restart_scores_every_sampled_call_exactly_once(tmp_path: Path) -> None:
-    n = 24
-    store_path = tmp_path / "keel.db"
-    config = write_config(tmp_path, (
+    n = 24  # calls of the interval two closed intervals ago
+    env, store, start = _closed_interval(tmp_path, (
         '[models.judge]\nprovider = "test"\nmodel = "judge"\nscript = ["Polite.\\nSCORE: 4"]\ndelay_s = 0.25\n\n'
         '[evals.online]\nsample = 1.0\ninterval_s = 60\nsettle_s = 0\n'
         'scorers = [{type = "judge", rubric = "Polite?", model = "judge"}]\n\n'
         '[jobs]\npoll_s = 0.05\nheartbeat_s = 0.5\ndead_after_s = 2\n'
-    ))  # fmt: skip
-    env = {**os.environ, "KEEL_CONFIG": str(config), "KEEL_STORE": str(store_path), "PYTHONPATH": str(SRC)}
-    store = open_store(str(store_path))
-    ensure_tables(store)
-    start = math.floor(time.time() / 60) * 60 - 120  # two closed intervals ago
+    ), 120)  # fmt: skip
     spans = [call_span(end=start + 1 + i, output={"text": f"answer {i}"}) for i in range(n)]  # judged one by one
     store.write_spans(spans)
-    store.execute("INSERT INTO keel_eval_online_state (name, watermark) VALUES ('watermark', ?)", [start])
     log = tmp_path / "worker.log"
     worker = _worker(env, log)
     try:
-        deadline = time.monotonic() + 60
-        while len(_rows(store)) < 4:
-            assert time.monotonic() < deadline and worker.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.05)
+        _wait_for_rows(store, 4, worker, log, 60)
         worker.send_signal(signal.SIGKILL)  # mid-job: items running, others queued
         worker.wait(timeout=30)
         killed_at = len(_rows(store))
         assert killed_at < n
         worker = _worker(env, log)  # the same id: DBOS hands it back its pending items at once
-        deadline = time.monotonic() + 90
-        while len(_rows(store)) < n:
-            assert time.monotonic() < deadline and worker.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.1)
+        _wait_for_rows(store, n, worker, log, 90)
         time.sleep(1.0)  # anything run twice would land now
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -432,30 +441,21 @@ def test_keel_serve_scores_sampled_calls_with_its_embedded_worker(tmp_path: Path
     from stubs import free_port
 
     n = 6
-    store_path = tmp_path / "keel.db"
-    config = write_config(tmp_path, (
+    env, store, start = _closed_interval(tmp_path, (
         '[models.judge]\nprovider = "test"\nmodel = "judge"\nscript = ["SCORE: 5"]\n\n'
         '[evals.online]\nsample = 1.0\ninterval_s = 60\nsettle_s = 0\n'
         'scorers = [{type = "format"}, {type = "judge", rubric = "Polite?", model = "judge"}]\n\n'
         '[jobs]\npoll_s = 0.05\n'
-    ))  # fmt: skip
-    env = {**os.environ, "KEEL_CONFIG": str(config), "KEEL_STORE": str(store_path), "PYTHONPATH": str(SRC)}
-    store = open_store(str(store_path))
-    ensure_tables(store)
-    start = math.floor(time.time() / 60) * 60 - 60
+    ), 60)  # fmt: skip
     fmt = {"name": "o", "schema": {"type": "object"}}
     spans = [call_span(end=start + 1 + i, request={"messages": [], "response_format": fmt},
                        output={"text": "{}" if i % 2 else "not json"}) for i in range(n)]  # fmt: skip
     store.write_spans(spans)
-    store.execute("INSERT INTO keel_eval_online_state (name, watermark) VALUES ('watermark', ?)", [start])
     log = tmp_path / "serve.log"
     server = subprocess.Popen([*KEEL, "serve", "--port", str(free_port())], env=env, stdout=log.open("ab"),
                               stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while len(_rows(store)) < 2 * n:
-            assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.1)
+        _wait_for_rows(store, 2 * n, server, log, 60)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
