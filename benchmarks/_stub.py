@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -151,6 +152,31 @@ async def _run_until_stopped(loop: asyncio.AbstractEventLoop, port: int) -> None
     loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not os.read(sys.stdin.fileno(), 1024) else None)
     print(f"READY {port}", flush=True)
     await stop.wait()
+
+
+def package_version(package: str) -> str:
+    """The installed version of `package` for a benchmark's report, "-" when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "-"
+
+
+def stop_group(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM to the process group of `process` (started with start_new_session=True), so a server and its
+    workers shut down gracefully and flush what they hold; SIGKILL after 60 s."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 class StubProcess:

@@ -65,13 +65,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _stub import OK, StubProtocol  # noqa: E402
+from _stub import OK, StubProtocol, package_version  # noqa: E402
 
 HARNESSES = ("keel", "inspect", "promptfoo")
 MODEL = "gpt-4o-mini"
@@ -456,21 +455,14 @@ def table(rows: list[dict[str, Any]], markdown: bool) -> str:
     return "\n".join(lines)
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "-"
-
-
 def machine() -> dict[str, Any]:
     load = os.getloadavg()
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
         "load_average": [round(x, 2) for x in load], "python": platform.python_version(),
         "platform": platform.platform(), "node": _output(["node", "--version"]),
-        "versions": {"keel": _version("keel"), "inspect-ai": _version("inspect-ai"), "promptfoo": PROMPTFOO_VERSION,
-                     "dbos": _version("dbos"), "openai": _version("openai")},
+        "versions": {**{p: package_version(p) for p in ("keel", "inspect-ai", "dbos", "openai")},
+                     "promptfoo": PROMPTFOO_VERSION},
         "git": _output(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"]),
     }  # fmt: skip
 

@@ -46,12 +46,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stub import StubProcess
+from _stub import StubProcess, package_version
 
 MODEL = "gpt-4o-mini"
 FAKE_KEY_ENV = "KEEL_BENCH_OPENAI_KEY"
@@ -484,13 +483,6 @@ def tracing_checks(keel: KeelClient, spans: int) -> tuple[dict[str, Any], list[d
 # --- the machine -------------------------------------------------------------------------
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "-"
-
-
 def machine() -> dict[str, Any]:
     cpu = "?"
     try:
@@ -506,7 +498,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {p: _version(p) for p in ("keel", "openai", "litellm", "httpx", "aiohttp")},
+        "versions": {p: package_version(p) for p in ("keel", "openai", "litellm", "httpx", "aiohttp")},
         "git": _git_head(),
     }
 

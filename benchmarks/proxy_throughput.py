@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stub import StubProcess
+from _stub import StubProcess, package_version, stop_group
 from gateway_overhead import EXPECTED_TEXT, FAKE_KEY, FAKE_KEY_ENV, MESSAGES, MODEL, keel_toml, machine
 
 EXPECTED = EXPECTED_TEXT.encode()
@@ -288,7 +288,7 @@ def loadgen_main(argv: Sequence[str]) -> int:
 
 
 def event_loop_name() -> str:
-    version = _version("uvloop")
+    version = package_version("uvloop")
     return "asyncio" if version == "-" else f"uvloop {version}"
 
 
@@ -431,15 +431,7 @@ class ProxyServer:
         """SIGTERM to its process group (a graceful shutdown flushes keel's spans), then SIGKILL."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_group(self.process)
         self.process = None
 
     def log_tail(self, lines: int = 30) -> str:
@@ -942,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options, args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     meta = machine()
-    meta["versions"].update({p: _version(p) for p in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools")})
+    meta["versions"].update({p: package_version(p) for p in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools")})
     meta["loadgen_loop"] = event_loop_name()
     meta["src_changes"] = _uncommitted("src")  # the server measured is the working tree's
     meta["command"] = " ".join([Path(sys.executable).name, *sys.argv])
@@ -986,15 +978,6 @@ def _uncommitted(path: str) -> list[str]:
         return out.stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return []
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "-"
 
 
 if __name__ == "__main__":

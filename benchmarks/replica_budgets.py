@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _stub import StubProcess  # noqa: E402
+from _stub import StubProcess, stop_group  # noqa: E402
 from gateway_overhead import FAKE_KEY, FAKE_KEY_ENV, MESSAGES, MODEL, machine  # noqa: E402
 
 ADMIN = "sk-bench-admin-000000000000000000"
@@ -103,13 +102,7 @@ class Replica:
         raise RuntimeError(f"replica not ready:\n{self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+        stop_group(self.process)
 
 
 def free_port() -> int:
