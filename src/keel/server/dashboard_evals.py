@@ -121,8 +121,9 @@ def evals_router(store_of: Any) -> APIRouter:
         cluster: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
         alpha: Annotated[float, Query(gt=0, lt=1, description="Significance level.")] = 0.05,
     ) -> dict[str, Any]:
-        """Run B against the baseline A: paired deltas with bootstrap intervals, McNemar's exact test, the
-        flipped cases with both outputs and traces, cost and latency deltas; plus both runs' plots' data."""
+        """Run B against the baseline A, as `keel eval compare`: paired deltas with their intervals (Tango's for
+        pass/fail, bootstrap for scores), McNemar's exact test, the flipped cases with both outputs and traces,
+        cost and latency deltas; plus both runs' plots' data."""
         if a == b:
             raise InputError(f"compare two different runs (a and b are both {a!r})")
         return await asyncio.to_thread(compare_report, store_of(request), a, b, cluster, alpha)
